@@ -1,0 +1,308 @@
+"""Typed configuration: YAML recipes and `key=value` overrides mapped onto dataclasses.
+
+Every choice METHOD.md calls "our choice" is a field here, not a constant. Unknown keys and
+ill-typed values are errors that name the key (`rim.errors.ConfigError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rim.errors import ConfigError
+
+METHODS = ("rim", "direct", "cot", "pause", "coconut", "icot")
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # local HF model folder (pretrained weights); None = build from arch/size
+    arch: str = "llama"  # gpt2 | llama | qwen2, for models built from a config
+    size: str = "tiny"  # a name in rim.model.SIZES
+    overrides: dict = field(default_factory=dict)  # extra HF config fields for built models
+    tokenizer: str | None = None  # local tokenizer folder; None = `path`, else built from the data
+    attn_implementation: str = "sdpa"  # sdpa | eager
+    lora_rank: int = 128  # pretrained models only; higher = more capacity and memory
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    lora_targets: str = "all-linear"  # peft target_modules; "all-linear" = attention + MLP
+    full_finetune: bool = False  # pretrained models: train all weights instead of LoRA
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("gpt2", "llama", "qwen2"):
+            raise ConfigError(f"model.arch: {self.arch!r} is not one of gpt2, llama, qwen2")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ConfigError("model.attn_implementation: must be sdpa or eager")
+        if self.lora_rank < 1:
+            raise ConfigError("model.lora_rank: must be >= 1")
+
+
+@dataclass
+class SplitConfig:
+    path: str | None = None  # a data file (format detected, or set `format`)
+    format: str = "auto"  # auto | json | jsonl | icot | gsm8k | gsmhard
+    generator: str | None = None  # a name in rim.data.GENERATORS (instead of path)
+    size: int = 1000  # generated examples
+    seed: int = 0  # generator seed: use different seeds for train, valid and test
+    options: dict = field(default_factory=dict)  # generator options
+    limit: int | None = None  # keep the first N examples
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.generator is None):
+            raise ConfigError("data.<split>: give exactly one of path or generator")
+
+
+@dataclass
+class DataConfig:
+    train: SplitConfig = field(default_factory=lambda: SplitConfig(generator="chain"))
+    valid: SplitConfig = field(default_factory=lambda: SplitConfig(generator="chain", seed=1))
+    test: SplitConfig | None = None
+    max_length: int | None = None  # None = the model's maximum positions
+    too_long: str = "skip"  # skip (and count) | error, for examples over max_length
+
+    def __post_init__(self) -> None:
+        if self.too_long not in ("skip", "error"):
+            raise ConfigError("data.too_long: must be skip or error")
+
+
+@dataclass
+class MemoryConfig:
+    blocks: int = 8  # K, blocks at inference and in stage 2
+    mem_tokens: int = 2  # M, <m> tokens per block (block length M + 2)
+    start_token: str = "<|mem_start|>"
+    mem_token: str = "<|mem|>"
+    end_token: str = "<|mem_end|>"
+
+    def __post_init__(self) -> None:
+        if self.blocks < 1:
+            raise ConfigError("memory.blocks: K must be >= 1")
+        if self.mem_tokens < 1:
+            raise ConfigError("memory.mem_tokens: M must be >= 1")
+
+
+@dataclass
+class CurriculumConfig:
+    schedule: str = "relative"  # relative | absolute | uniform | none (step-weight annealing)
+    stage1_epochs: float | None = 6.0  # paper: 6 epochs of grounding
+    stage1_steps: int | None = None  # or a number of optimizer steps (then set epochs to null)
+    stage2_epochs: float | None = 2.0  # paper: 2 epochs of refinement
+    stage2_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("relative", "absolute", "uniform", "none"):
+            raise ConfigError(
+                "curriculum.schedule: must be one of relative, absolute, uniform, none"
+            )
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4  # paper: searched in [1e-5, 1e-3]; tiny models from scratch like ~1e-3
+    stage2_lr: float | None = None  # RiM stage 2 (paper: lower); None = lr
+    warmup: float = 0.04  # fraction of each stage's steps spent in linear warm-up
+    weight_decay: float = 0.0
+    batch_size: int = 128  # global batch (examples per optimizer step)
+    micro_batch_size: int | None = None  # per forward pass and process; None = batch_size
+    grad_clip: float = 1.0
+    dropout: float | None = None  # None = keep the model's own
+    stage2_dropout: float | None = None  # RiM stage 2 (paper: higher)
+    epochs: float | None = None  # single-stage methods (direct, cot, pause, icot)
+    steps: int | None = None
+    seed: int = 0
+    eval_every: int = 0  # optimizer steps between validations; 0 = at the end of each stage
+    log_every: int = 10
+    save_every: int = 0  # optimizer steps between resumable checkpoints; 0 = stage ends only
+    keep_last: int = 2  # resumable checkpoints kept
+    mixed_precision: str = "no"  # no | bf16 | fp16 (through accelerate autocast)
+    threads: int | None = None  # torch CPU threads; None = torch default
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("train.batch_size: must be >= 1")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError("train.micro_batch_size: must be >= 1")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError("train.warmup: must be in [0, 1)")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError("train.mixed_precision: must be no, bf16 or fp16")
+        if self.lr <= 0:
+            raise ConfigError("train.lr: must be > 0")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64
+    max_new_tokens: int = 32  # answer tokens (CoT methods get cot_max_new_tokens)
+    cot_max_new_tokens: int = 256
+    val_limit: int | None = 256  # validation examples used for checkpoint selection
+    timing_examples: int = 16  # batch-1 runs for the latency medians
+    answer_marker: str = "####"  # separates reasoning from the answer in CoT targets
+
+
+@dataclass
+class CoconutConfig:
+    thoughts_per_step: int = 2  # c: continuous thoughts per replaced step (paper: 2 on GSM8K)
+    max_stage: int = 3  # stages replace 1..max_stage steps
+    stage0: bool = True  # start with CoT SFT (the paper reports both)
+    epochs_per_stage: float | None = 3.0
+    steps_per_stage: int | None = None
+    start_token: str = "<|bot|>"
+    thought_token: str = "<|latent|>"
+    end_token: str = "<|eot|>"
+
+    def __post_init__(self) -> None:
+        if self.thoughts_per_step < 1:
+            raise ConfigError("coconut.thoughts_per_step: must be >= 1")
+        if self.max_stage < 0:
+            raise ConfigError("coconut.max_stage: must be >= 0")
+
+
+@dataclass
+class ICoTConfig:
+    remove_per_epoch: int = 8  # CoT tokens removed from the left per epoch
+    max_remove: int | None = None  # None = all CoT tokens eventually
+
+    def __post_init__(self) -> None:
+        if self.remove_per_epoch < 1:
+            raise ConfigError("icot.remove_per_epoch: must be >= 1")
+
+
+@dataclass
+class Config:
+    method: str = "rim"  # rim | direct | cot | pause | coconut | icot
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    coconut: CoconutConfig = field(default_factory=CoconutConfig)
+    icot: ICoTConfig = field(default_factory=ICoTConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against annotation `tp`; build nested dataclasses; name `key` on error."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not a valid {tp}")
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown config key")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        msg = str(err)
+        if prefix and not msg.startswith(prefix):
+            # nested validators name their own key relative to the section
+            msg = msg.replace("data.<split>", prefix.rstrip("."))
+        raise ConfigError(msg) from None
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to a nested dict in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment}: expected key=value")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (optional), apply overrides, validate once."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping")
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    try:
+        return from_dict(Config, data)
+    except ConfigError as err:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{err}") from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

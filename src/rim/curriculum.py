@@ -1,0 +1,246 @@
+"""Training curricula as pure functions: RiM's two stages and the baselines' schedules.
+
+Stage 1 (grounding) anneals the supervision of each reasoning step away, earliest steps
+first, so the memory blocks learn to hold the reasoning before they must stop spelling it
+out; the answer readout always keeps weight 1. Stage 2 (refinement) supervises only the
+answer, after every block, with weights that grow with the block index (METHOD.md §5).
+Coconut and iCoT (§6) are expressed as the same kind of schedule so that the trainer is a
+plain loop over a list of `Stage`s. No torch here: everything is cheap and unit-testable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from types import MappingProxyType
+from typing import Any
+
+from rim.errors import ConfigError
+
+__all__ = [
+    "SCHEDULES",
+    "Stage",
+    "WarmupConstant",
+    "alpha_weights",
+    "check_schedule",
+    "coconut_stages",
+    "icot_removed",
+    "stage1_weights",
+    "stage_progress",
+    "step_weight",
+    "steps_for",
+    "warmup_constant",
+]
+
+SCHEDULES = ("relative", "absolute", "uniform", "none")
+
+
+def check_schedule(schedule: str) -> str:
+    """Return `schedule` if known, else raise the user-facing ConfigError (for early checks)."""
+    if schedule not in SCHEDULES:
+        raise ConfigError(
+            f"curriculum.schedule: unknown value {schedule!r}; valid: {', '.join(SCHEDULES)}"
+        )
+    return schedule
+
+
+def _check_horizon(T: int, schedule: str, T_max: int | None) -> None:
+    if T < 0:
+        raise ValueError(f"T (number of reasoning steps) must be >= 0, got {T}")
+    if schedule == "absolute" and (T_max is None or T_max < T):
+        raise ValueError(
+            f"schedule 'absolute' needs T_max (the data set's largest T) >= T={T}, got {T_max}"
+        )
+
+
+def _clamp_progress(progress: float) -> float:
+    if math.isnan(progress):
+        raise ValueError("progress is NaN")
+    return min(1.0, max(0.0, float(progress)))
+
+
+def _weight(t: int, horizon: int, p: float, schedule: str) -> float:
+    if schedule == "none":
+        return 1.0
+    if schedule == "uniform":
+        return 1.0 - p
+    # Step t's window is p in [(t-1)/H, t/H]; within it the weight falls linearly 1 -> 0.
+    return min(1.0, max(0.0, t - p * horizon))
+
+
+def step_weight(
+    t: int, T: int, progress: float, schedule: str = "relative", T_max: int | None = None
+) -> float:
+    """Loss weight of the readout that predicts reasoning step `t` (1-based) of a T-step example.
+
+    `relative` gives every example the whole of stage 1 to fade out its own steps (the
+    paper's best); `absolute` uses the data set's T_max, so short examples lose their step
+    supervision early; `uniform` fades all steps together; `none` is the no-annealing
+    ablation. `progress` is clamped to [0, 1].
+    """
+    check_schedule(schedule)
+    _check_horizon(T, schedule, T_max)
+    if not 1 <= t <= T:
+        raise ValueError(f"step t must be in 1..T={T}, got {t}")
+    p = _clamp_progress(progress)
+    horizon = T_max if schedule == "absolute" else T
+    assert horizon is not None  # checked by _check_horizon
+    return _weight(t, horizon, p, schedule)
+
+
+def stage1_weights(
+    T: int, progress: float, schedule: str = "relative", T_max: int | None = None
+) -> list[float]:
+    """The T+1 stage-1 readout weights: steps 1..T, then the answer readout (always 1.0).
+
+    One list per example keeps the layout builder ignorant of schedules.
+
+    >>> stage1_weights(4, 0.125)
+    [0.5, 1.0, 1.0, 1.0, 1.0]
+    >>> stage1_weights(2, 0.375, "absolute", T_max=4)
+    [0.0, 0.5, 1.0]
+    >>> stage1_weights(3, 0.25, "uniform")
+    [0.75, 0.75, 0.75, 1.0]
+    """
+    check_schedule(schedule)
+    _check_horizon(T, schedule, T_max)
+    p = _clamp_progress(progress)
+    horizon = T_max if schedule == "absolute" else T
+    assert horizon is not None  # checked by _check_horizon
+    return [_weight(t, horizon, p, schedule) for t in range(1, T + 1)] + [1.0]
+
+
+def alpha_weights(K: int) -> list[float]:
+    """Stage-2 answer-readout weights alpha_k = 2k / (K(K+1)), k = 1..K.
+
+    They grow linearly so later blocks, which have had more room to reason, dominate the
+    loss, and they sum to 1 so the loss scale does not depend on K.
+    """
+    if K < 1:
+        raise ValueError(f"K (number of memory blocks) must be >= 1, got {K}")
+    denom = K * (K + 1)
+    return [2 * k / denom for k in range(1, K + 1)]
+
+
+@dataclass(frozen=True)
+class WarmupConstant:
+    """LR multiplier for `torch.optim.lr_scheduler.LambdaLR`: linear warm-up, then constant.
+
+    LambdaLR calls it with the number of scheduler steps taken so far (0 for the first
+    optimizer step), so the n-th optimizer step (1-based) runs at n / warmup_steps and step
+    `warmup_steps` is the first at full LR. A class rather than a closure so it pickles and
+    its state survives `LambdaLR.state_dict()` for exact resume.
+    """
+
+    warmup_steps: int
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+    def __call__(self, step: int) -> float:
+        if self.warmup_steps == 0:
+            return 1.0
+        return min(1.0, (max(step, 0) + 1) / self.warmup_steps)
+
+
+def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
+    """Constant LR after a linear warm-up (the paper's recipe); see `WarmupConstant`."""
+    return WarmupConstant(warmup_steps)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One entry of a training plan; the trainer resets optimizer and LR schedule per stage.
+
+    `dropout=None` leaves the model's dropout as it is; `options` carries method-specific
+    settings (e.g. {"kind": "grounding"}, {"thought_steps": 2}, {"removed_tokens": 8}) and is
+    stored as a read-only mapping so a plan cannot be mutated mid-run.
+    """
+
+    name: str
+    index: int
+    steps: int
+    lr: float
+    dropout: float | None = None
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        where = f"stage {self.name!r}"
+        if not self.name:
+            raise ConfigError("stage name must be non-empty")
+        if self.index < 0:
+            raise ConfigError(f"{where}: index must be >= 0, got {self.index}")
+        if self.steps < 1:
+            raise ConfigError(f"{where}: steps must be >= 1, got {self.steps}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"{where}: lr must be a positive number, got {self.lr}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}: dropout must be in [0, 1) or null, got {self.dropout}")
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+
+def steps_for(epochs: float | None, steps: int | None, n_examples: int, batch_size: int) -> int:
+    """Optimizer steps of a stage given either its epochs or its steps (exactly one).
+
+    Epochs are converted with ceil(epochs * n_examples / batch_size), computed on the decimal
+    value of `epochs` so that e.g. 0.1 epochs of 100 examples at batch 10 is 1 step, not 2.
+    """
+    if (epochs is None) == (steps is None):
+        got = "both" if epochs is not None else "neither"
+        raise ConfigError(f"exactly one of epochs, steps must be set for a stage (got {got})")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if steps is not None:
+        if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+            raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+        return int(steps)
+    assert epochs is not None
+    if isinstance(epochs, bool) or not (math.isfinite(epochs) and epochs > 0):
+        raise ConfigError(f"epochs must be a positive number, got {epochs!r}")
+    if n_examples < 1:
+        raise ValueError(f"n_examples must be >= 1 to count steps from epochs, got {n_examples}")
+    exact = Fraction(repr(float(epochs))) * n_examples / batch_size
+    return max(1, math.ceil(exact))
+
+
+def stage_progress(step_in_stage: int, stage_steps: int) -> float:
+    """Stage progress p = step_in_stage / stage_steps, clamped to [0, 1].
+
+    With a 0-based step counter the first step sees p = 0, i.e. full step supervision.
+    """
+    if stage_steps < 1:
+        raise ValueError(f"stage_steps must be >= 1, got {stage_steps}")
+    return min(1.0, max(0.0, step_in_stage / stage_steps))
+
+
+def coconut_stages(max_stage: int, include_stage0: bool) -> list[int]:
+    """Coconut's stages as the number k of leading steps replaced by continuous thoughts.
+
+    Stage 0 is plain CoT SFT; the paper reports Coconut with and without it.
+    """
+    if max_stage < 0:
+        raise ValueError(f"max_stage must be >= 0, got {max_stage}")
+    ks = list(range(0 if include_stage0 else 1, max_stage + 1))
+    if not ks:
+        raise ValueError("coconut plan is empty: max_stage=0 without stage 0")
+    return ks
+
+
+def icot_removed(epoch: float, remove_per_epoch: int, max_tokens: int) -> int:
+    """iCoT-SI: CoT tokens removed from the left at a (fractional) epoch.
+
+    Removal happens in whole-epoch increments, floor(epoch) * remove_per_epoch, capped at
+    max_tokens (the longest CoT), after which training is effectively direct answering.
+    """
+    if math.isnan(epoch) or epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    if remove_per_epoch < 0 or max_tokens < 0:
+        raise ValueError(
+            f"remove_per_epoch and max_tokens must be >= 0, got {remove_per_epoch}, {max_tokens}"
+        )
+    if remove_per_epoch == 0:
+        return 0
+    return min(max_tokens, math.floor(epoch) * remove_per_epoch)

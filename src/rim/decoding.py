@@ -1,0 +1,175 @@
+"""Inference (METHOD.md section 3): one prefill, then greedy decoding with the KV cache.
+
+RiM's prompt is `x ++ m_1..m_K` under plain causal attention, so a stock model's forward
+does it. Any-block answers come from ONE shared prefill: the cache is repeated K times and
+branch k masks out the keys of blocks k+1..K, with position ids continuing after block k;
+the K branches then decode as one batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class Prefill:
+    cache: DynamicCache
+    mask: torch.Tensor  # (N, P) key mask over everything cached so far (1 = visible)
+    logits: torch.Tensor  # (N, V) logits of the first generated token
+    next_pos: torch.Tensor  # (N,) position id of the next token
+    passes: int  # forward passes spent so far (per row)
+
+
+@dataclass
+class Decoded:
+    tokens: list[list[int]]  # generated ids per row, EOS excluded
+    passes: list[int]  # forward passes per row up to its last token
+    token_times: list[float] = field(default_factory=list)  # seconds from start, per step
+    start: float = 0.0
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, P) ids and mask, prompts aligned to the right so every row ends at the same index."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), P, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)  # (N, P)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def prefill(model, prompts: list[list[int]], pad_id: int) -> Prefill:
+    ids, mask = left_pad(prompts, pad_id, _device(model))
+    pos = positions(mask)
+    cache = DynamicCache()
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+    )
+    return Prefill(out.past_key_values, mask, out.logits[:, -1].float(), pos[:, -1] + 1, 1)
+
+
+@torch.no_grad()
+def prefill_blocks(
+    model, questions: list[list[int]], blocks: list[int], block_len: int, pad_id: int
+) -> Prefill:
+    """Prefill `question ++ blocks` once; return K branches per question (row b*K + k-1).
+
+    `blocks` is the K blocks' ids (K * block_len tokens). Branch k sees the question and blocks
+    1..k only; its first answer token comes from the last token of block k.
+    """
+    K = len(blocks) // block_len
+    ids, mask = left_pad([q + blocks for q in questions], pad_id, _device(model))
+    pos = positions(mask)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        past_key_values=DynamicCache(),
+        use_cache=True,
+    )
+    P = ids.shape[1]
+    ends = torch.tensor([P - 1 - (K - k) * block_len for k in range(1, K + 1)], device=ids.device)
+    logits = out.logits[:, ends].float()  # (B, K, V)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(K)
+    branch_mask = mask.repeat_interleave(K, dim=0).clone()  # (B*K, P)
+    for k in range(1, K):  # branch k hides blocks k+1..K
+        branch_mask[k - 1 :: K, ends[k - 1] + 1 :] = 0
+    next_pos = (pos[:, ends] + 1).reshape(-1)  # (B*K,)
+    return Prefill(cache, branch_mask, logits.reshape(-1, logits.shape[-1]), next_pos, 1)
+
+
+@torch.no_grad()
+def greedy(
+    model,
+    state: Prefill,
+    eos_id: int,
+    max_new_tokens: int,
+    clock: Callable[[], float] | None = None,
+    start: float = 0.0,
+) -> Decoded:
+    """Greedy decoding from a prefill until every row has produced EOS or the budget is spent."""
+    N = state.logits.shape[0]
+    device = state.logits.device
+    tokens: list[list[int]] = [[] for _ in range(N)]
+    passes = [state.passes] * N
+    done = [False] * N
+    times: list[float] = []
+    logits, mask, pos, cache = state.logits, state.mask, state.next_pos, state.cache
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1)  # (N,)
+        nxt_list = nxt.tolist()  # also synchronises the device
+        if clock is not None:
+            times.append(clock() - start)
+        for i, t in enumerate(nxt_list):
+            if done[i]:
+                continue
+            passes[i] = state.passes + step
+            if t == eos_id:
+                done[i] = True
+            else:
+                tokens[i].append(t)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones(N, 1, dtype=mask.dtype, device=device)], dim=1)
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=pos[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache, logits, pos = out.past_key_values, out.logits[:, -1].float(), pos + 1
+    return Decoded(tokens, passes, times, start)
+
+
+def wall_clock(device: torch.device) -> Callable[[], float]:
+    """A clock that first waits for the device, so times include queued GPU work."""
+
+    def clock() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return clock
+
+
+@torch.no_grad()
+def decode(
+    method,
+    model,
+    questions: list[str],
+    blocks: int | None = None,
+    all_blocks: bool = False,
+    clock: Callable[[], float] | None = None,
+) -> Decoded:
+    """Answer `questions` with `method`'s prompt: the path `rim eval` and `rim generate` use.
+
+    `blocks` overrides K (block methods); `all_blocks` returns K branches per question
+    (row b*K + k-1 is question b answered after block k) from one shared prefill.
+    """
+    start = clock() if clock is not None else 0.0
+    if all_blocks:
+        if not method.uses_blocks:
+            raise ValueError(f"method {method.name} has no memory blocks")
+        mem = method.mem
+        qs = [list(method.question_ids(q)) for q in questions]
+        state = prefill_blocks(model, qs, mem.blocks(blocks), mem.block_len, method.pad_id)
+    else:
+        state = method.prefill(model, [method.prompt(q, blocks) for q in questions])
+    return greedy(model, state, method.eos_id, method.max_new_tokens(), clock, start)

@@ -1,0 +1,168 @@
+"""Sequence layout and attention mask (METHOD.md section 4): many readouts in one forward pass.
+
+A training sequence is a tree of *segments* laid out left to right. Each segment sees its
+ancestors and itself causally, nothing else; its position ids continue right after its
+parent's last token. For RiM: `x` is the root, block `m_k` hangs under `m_{k-1}`, readout
+`R_k` hangs under `m_k`. So `R_k` sees `x, m_1..m_k` and itself, never another readout or a
+later block, and nothing attends to a readout: exactly the plain causal run of
+`x ++ m_1..m_k ++ R_k`. Direct answering and CoT are the one-readout special case.
+
+A readout with target tokens `t_1..t_n` holds inputs `t_1..t_n`; the parent's last token
+predicts `t_1`, and `t_n` predicts EOS. Each readout's tokens share its weight equally, so
+the loss of a readout is `weight * mean token NLL`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Segment:
+    ids: tuple[int, ...]
+    parent: int = -1  # index of the parent segment; -1 for the root
+    weight: float | None = None  # a readout's loss weight; None = not supervised
+    kind: str = "x"  # x | block | readout | thought: for inspection only
+
+
+@dataclass
+class Packed:
+    """One laid-out training sequence (lists, so it is cheap to build in data loading)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    weights: list[float]
+    position_ids: list[int]
+    segment: list[int]  # segment index of each token
+    ancestors: list[frozenset[int]] = field(default_factory=list)  # per segment, incl. itself
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def pack(segments: list[Segment], eos_id: int) -> Packed:
+    """Lay out `segments` (parents before children) with labels, weights and positions.
+
+    >>> x = Segment((5, 6))
+    >>> blk = Segment((1, 2), parent=0, kind="block")
+    >>> out = Segment((7,), parent=1, weight=1.0, kind="readout")
+    >>> p = pack([x, blk, out], eos_id=0)
+    >>> p.input_ids, p.position_ids
+    ([5, 6, 1, 2, 7], [0, 1, 2, 3, 4])
+    >>> p.labels   # block's last token predicts 7, the readout then predicts EOS
+    [-100, -100, -100, 7, 0]
+    >>> p.weights
+    [0.0, 0.0, 0.0, 0.5, 0.5]
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    weights: list[float] = []
+    position_ids: list[int] = []
+    seg_of: list[int] = []
+    last_index: list[int] = []  # index in the sequence of each segment's last token
+    last_pos: list[int] = []  # position id of each segment's last token
+    ancestors: list[frozenset[int]] = []
+    for s, seg in enumerate(segments):
+        if not seg.ids:
+            raise ValueError(f"segment {s} is empty")
+        if seg.parent >= s:
+            raise ValueError(f"segment {s}: parent {seg.parent} must come before it")
+        start_pos = 0 if seg.parent < 0 else last_pos[seg.parent] + 1
+        anc = frozenset({s}) | (ancestors[seg.parent] if seg.parent >= 0 else frozenset())
+        ancestors.append(anc)
+        first = len(input_ids)
+        input_ids.extend(seg.ids)
+        position_ids.extend(range(start_pos, start_pos + len(seg.ids)))
+        seg_of.extend([s] * len(seg.ids))
+        labels.extend([IGNORE] * len(seg.ids))
+        weights.extend([0.0] * len(seg.ids))
+        if seg.weight is not None:
+            if seg.parent < 0:
+                raise ValueError("the root segment cannot be a readout")
+            w = seg.weight / (len(seg.ids) + 1)
+            targets = list(seg.ids) + [eos_id]
+            pred = [last_index[seg.parent]] + list(range(first, first + len(seg.ids)))
+            for i, t in zip(pred, targets):
+                if labels[i] != IGNORE:
+                    raise ValueError(f"segment {s}: its parent already predicts another readout")
+                labels[i] = t
+                weights[i] = w
+        last_index.append(len(input_ids) - 1)
+        last_pos.append(position_ids[-1])
+    return Packed(input_ids, labels, weights, position_ids, seg_of, ancestors)
+
+
+def allowed(p: Packed) -> torch.Tensor:
+    """Boolean (L, L) matrix: query i may attend key j.
+
+    >>> p = pack([Segment((5,)), Segment((1,), 0), Segment((7,), 1, 1.0), Segment((8,), 0, 1.0)], 0)
+    >>> allowed(p).int().tolist()   # the last readout hangs under x: it sees x, not the block
+    [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]]
+    """
+    n_seg = len(p.ancestors)
+    anc = torch.zeros(n_seg, n_seg, dtype=torch.bool)  # (S, S): row sees column's segment
+    for s, a in enumerate(p.ancestors):
+        anc[s, list(a)] = True
+    seg = torch.tensor(p.segment)
+    L = len(seg)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    return anc[seg[:, None], seg[None, :]] & causal  # (L, L)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, L)
+    labels: torch.Tensor  # (B, L), IGNORE where no loss
+    weights: torch.Tensor  # (B, L) float loss weight per label
+    position_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, 1, L, L) additive float: 0 allowed, dtype-min blocked
+
+    def to(self, device) -> Batch:
+        return Batch(*(t.to(device) for t in vars(self).values()))
+
+
+def collate(items: list[Packed], pad_id: int, dtype: torch.dtype = torch.float32) -> Batch:
+    """Right-pad `items` into a batch with a 4-D additive mask; padded keys are blocked.
+
+    A padded query row sees only itself, so no softmax row is empty.
+
+    >>> b = collate([pack([Segment((5, 6))], 0), pack([Segment((5,))], 0)], pad_id=9)
+    >>> b.input_ids.tolist(), tuple(b.attention_mask.shape)
+    ([[5, 6], [5, 9]], (2, 1, 2, 2))
+    >>> (b.attention_mask[1, 0] == 0).int().tolist()
+    [[1, 0], [0, 1]]
+    """
+    B, L = len(items), max(len(p) for p in items)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    labels = torch.full((B, L), IGNORE, dtype=torch.long)
+    weights = torch.zeros(B, L)
+    position_ids = torch.zeros(B, L, dtype=torch.long)
+    ok = torch.eye(L, dtype=torch.bool).repeat(B, 1, 1)  # (B, L, L)
+    for b, p in enumerate(items):
+        n = len(p)
+        input_ids[b, :n] = torch.tensor(p.input_ids)
+        labels[b, :n] = torch.tensor(p.labels)
+        weights[b, :n] = torch.tensor(p.weights)
+        position_ids[b, :n] = torch.tensor(p.position_ids)
+        ok[b, :n, :n] = allowed(p)
+    mask = torch.zeros(B, 1, L, L, dtype=dtype)
+    mask.masked_fill_(~ok[:, None], torch.finfo(dtype).min)
+    return Batch(input_ids, labels, weights, position_ids, mask)
+
+
+def weighted_loss(logits: torch.Tensor, batch: Batch, num_examples: int) -> torch.Tensor:
+    """Sum over readouts of weight * mean token NLL, divided by `num_examples`.
+
+    Dividing by the global number of examples (not tokens) makes gradient accumulation and
+    multi-process training exact: (batch 8 x accumulation 1) == (batch 1 x accumulation 8).
+    """
+    B, L, V = logits.shape
+    nll = torch.nn.functional.cross_entropy(
+        logits.float().reshape(B * L, V), batch.labels.reshape(B * L), ignore_index=IGNORE,
+        reduction="none",
+    ).reshape(B, L)  # (B, L), 0 where IGNORE
+    return (nll * batch.weights).sum() / num_examples

@@ -1,0 +1,22 @@
+"""Methods by name: `method: rim|direct|cot|pause|coconut|icot` in a recipe picks one."""
+
+from __future__ import annotations
+
+from rim.methods.base import Method
+from rim.methods.cot import CoT
+from rim.methods.direct import Direct
+from rim.methods.pause import Pause
+from rim.methods.rim import RiM
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Direct, CoT, Pause, RiM)}
+
+
+def method_class(name: str) -> type[Method]:
+    from rim.errors import ConfigError
+
+    if name not in METHODS:
+        raise ConfigError(f"method: {name!r} is not one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+__all__ = ["METHODS", "Method", "method_class"]

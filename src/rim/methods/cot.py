@@ -1,0 +1,18 @@
+"""SFT with CoT: question -> steps -> marker -> answer; the steps are generated at inference."""
+
+from __future__ import annotations
+
+from rim.curriculum import Stage
+from rim.data import Example
+from rim.layout import Segment
+from rim.methods.base import Method, readout
+
+
+class CoT(Method):
+    name = "cot"
+    writes_reasoning = True
+
+    def segments(self, ex: Example, stage: Stage, progress: float) -> list[Segment]:
+        x = Segment(self.question_ids(ex.question))
+        target = self.reasoning_ids(ex.steps) + self.answer_ids(ex.answer)
+        return [x, readout(target, 0, 1.0)]

@@ -1,0 +1,16 @@
+"""SFT without CoT ("direct"): question -> answer. The latency floor RiM must match."""
+
+from __future__ import annotations
+
+from rim.curriculum import Stage
+from rim.data import Example
+from rim.layout import Segment
+from rim.methods.base import Method, readout
+
+
+class Direct(Method):
+    name = "direct"
+
+    def segments(self, ex: Example, stage: Stage, progress: float) -> list[Segment]:
+        x = Segment(self.question_ids(ex.question))
+        return [x, readout(self.answer_ids(ex.answer), 0, 1.0)]

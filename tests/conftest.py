@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random-init models built from configs, a locally built tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("RIM_TEST_THREADS", "2")))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def make_setup(method: str = "rim", arch: str = "llama", attn: str = "sdpa", **cfg_over):
+    """(cfg, tokenizer, model, method) for a tiny model on the `chain` task."""
+    from rim.config import Config, ModelConfig
+    from rim.data import generate
+    from rim.memory import memory_tokens
+    from rim.methods import method_class
+    from rim.model import build_model, build_tokenizer, resize_for
+
+    cfg = Config(method=method, model=ModelConfig(arch=arch, size="tiny", attn_implementation=attn))
+    for key, value in cfg_over.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    examples = generate("chain", 50, seed=0)
+    texts = [e.question for e in examples] + [s for e in examples for s in e.steps]
+    texts += [e.answer for e in examples] + [cfg.eval.answer_marker]
+    tok = build_tokenizer(texts)
+    mem = memory_tokens(tok, cfg.memory)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, vocab_size=len(tok), max_positions=512)
+    resize_for(model, tok)
+    model.eval()
+    return cfg, tok, model, method_class(method)(cfg, tok, mem)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("shared/data is not beside the checkout")
+    return SHARED_DATA
