@@ -119,7 +119,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 0  # optimizer steps between resumable checkpoints; 0 = stage ends only
     keep_last: int = 2  # resumable checkpoints kept
-    mixed_precision: str = "no"  # no | bf16 | fp16 (through accelerate autocast)
+    mixed_precision: str = "no"  # no | bf16 (accelerate autocast, fp32 master weights)
     threads: int | None = None  # torch CPU threads; None = torch default
 
     def __post_init__(self) -> None:
@@ -129,8 +129,8 @@ class TrainConfig:
             raise ConfigError("train.micro_batch_size: must be >= 1")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError("train.warmup: must be in [0, 1)")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ConfigError("train.mixed_precision: must be no, bf16 or fp16")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ConfigError("train.mixed_precision: must be no or bf16")
         if self.lr <= 0:
             raise ConfigError("train.lr: must be > 0")
 

@@ -173,3 +173,42 @@ def decode(
     else:
         state = method.prefill(model, [method.prompt(q, blocks) for q in questions])
     return greedy(model, state, method.eos_id, method.max_new_tokens(), clock, start)
+
+
+class Reasoner:
+    """A trained checkpoint ready to answer: `Reasoner.load(dir).generate(["3 + 4"])`."""
+
+    def __init__(self, model, tokenizer, method):
+        self.model, self.tokenizer, self.method = model, tokenizer, method
+
+    @classmethod
+    def load(cls, checkpoint: str, device: str = "cpu") -> Reasoner:
+        from pathlib import Path
+
+        from rim.config import load_config
+        from rim.memory import memory_tokens
+        from rim.methods import method_class
+        from rim.model import load_checkpoint
+
+        model, tok, meta = load_checkpoint(checkpoint, device)
+        cfg = load_config(Path(checkpoint) / "config.yaml")
+        mcls = method_class(meta.get("method", cfg.method))
+        mem = memory_tokens(tok, cfg.memory) if mcls.uses_blocks else None
+        return cls(model, tok, mcls(cfg, tok, mem))
+
+    def generate(
+        self, questions: list[str], blocks: int | None = None, all_blocks: bool = False
+    ) -> list[str] | list[list[str]]:
+        """Greedy answers; with `all_blocks`, a list of K answers (after blocks 1..K) each."""
+        out = decode(self.method, self.model, questions, blocks, all_blocks)
+        texts = self.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+        texts = [t.strip() for t in texts]
+        if not all_blocks:
+            return texts
+        K = len(texts) // len(questions)
+        return [texts[i * K : (i + 1) * K] for i in range(len(questions))]
+
+
+def generate(checkpoint: str, questions: list[str], **kwargs) -> list[str] | list[list[str]]:
+    """One-call API: load `checkpoint` and answer `questions` (see `Reasoner.generate`)."""
+    return Reasoner.load(checkpoint).generate(questions, **kwargs)

@@ -33,6 +33,14 @@ class Method:
         self._question = lru_cache(maxsize=200_000)(self._encode_question)
         self._text = lru_cache(maxsize=200_000)(self._encode_text)
 
+    @classmethod
+    def new_tokens(cls, cfg: Config) -> list[str]:
+        """Special tokens this method adds to the vocabulary (their rows are trained)."""
+        if cls.uses_blocks:
+            m = cfg.memory
+            return [m.start_token, m.mem_token, m.end_token]
+        return []
+
     # ---- tokenisation (segments are tokenised separately, then concatenated) ----
     def _encode_question(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=True)["input_ids"])

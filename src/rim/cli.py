@@ -1,0 +1,172 @@
+"""Command line: rim train | eval | generate | demo | bench | export.
+
+    rim train --config configs/toy/llama_rim.yaml --out runs/x [--set train.lr=1e-3 ...]
+    rim eval --checkpoint runs/x/best --data ../shared/data/prosqa/prosqa_valid.json
+    rim generate --checkpoint runs/x/best --all-blocks "3 + 4 + 2"
+
+Bad input (data, config keys, paths) prints one line `rim: error: ...` and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rim.errors import RimError
+
+
+def _train(args: argparse.Namespace) -> None:
+    from rim.config import load_config
+    from rim.trainer import train
+
+    cfg = load_config(args.config, args.set)
+    if args.resume and args.out is None:
+        args.out = args.resume
+    out = args.out or f"runs/{cfg.method}"
+    result = train(cfg, out, resume=args.resume)
+    print(json.dumps(result))
+
+
+def _load_eval_data(args, cfg):
+    from rim.data import load_split, read_examples
+
+    if args.data:
+        return read_examples(args.data, args.format, limit=args.limit)
+    split = getattr(cfg.data, args.split, None)
+    if split is None:
+        raise RimError(f"--split {args.split}: the checkpoint's recipe has no data.{args.split}")
+    examples = load_split(**vars(split))
+    return examples[: args.limit] if args.limit else examples
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from rim.decoding import Reasoner
+    from rim.evaluation import evaluate, format_table
+
+    r = Reasoner.load(args.checkpoint, args.device)
+    examples = _load_eval_data(args, r.method.cfg)
+    res = evaluate(
+        r.method, r.model, examples, args.batch_size, blocks=args.blocks,
+        timing_examples=args.timing_examples,
+    )
+    fields = [("accuracy", "final acc", ".3f"), ("any_block_accuracy", "any-block acc", ".3f"),
+              ("forward_passes", "passes", ".2f"), ("generated_tokens", "gen tokens", ".2f"),
+              ("ttft_ms", "TTFT ms", ".2f"), ("latency_ms", "latency ms", ".2f")]
+    print(format_table({r.method.name: res}, fields))
+    if "per_block_accuracy" in res:
+        print("per block: " + " ".join(f"{a:.3f}" for a in res["per_block_accuracy"]))
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
+    record = {k: v for k, v in res.items() if k != "predictions"}
+    record |= {"checkpoint": str(args.checkpoint), "data": args.data or args.split}
+    out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from rim.decoding import Reasoner
+
+    r = Reasoner.load(args.checkpoint, args.device)
+    if args.all_blocks and not r.method.uses_blocks:
+        raise RimError(f"--all-blocks: method {r.method.name} has no memory blocks")
+    answers = r.generate(args.questions, blocks=args.blocks, all_blocks=args.all_blocks)
+    for q, a in zip(args.questions, answers):
+        if args.all_blocks:
+            print(q)
+            for k, text in enumerate(a, start=1):
+                print(f"  block {k}: {text}")
+        else:
+            print(a)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from rim.demo import run_demo
+
+    run_demo(args)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from rim.bench import run_bench
+
+    run_bench(args)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from rim.export import export
+
+    export(args.checkpoint, args.out)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rim", description="Reasoning in Memory")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a recipe")
+    t.add_argument("--config", help="YAML recipe (configs/...)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set train.lr=1e-3 (repeatable)")
+    t.add_argument("--out", help="run folder (default runs/<method>)")
+    t.add_argument("--resume", help="continue from a run folder or checkpoint")
+    t.set_defaults(fn=_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--data", help="data file (any supported format)")
+    e.add_argument("--format", default="auto")
+    e.add_argument("--split", default="valid", help="recipe split when --data is not given")
+    e.add_argument("--limit", type=int)
+    e.add_argument("--blocks", type=int, help="memory blocks to use (default K)")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--timing-examples", type=int, default=16)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--out", help="JSON result (default CHECKPOINT/eval.json)")
+    e.set_defaults(fn=_eval)
+
+    g = sub.add_parser("generate", help="answer questions")
+    g.add_argument("--checkpoint", required=True)
+    g.add_argument("questions", nargs="+")
+    g.add_argument("--blocks", type=int, help="memory blocks to use (default K)")
+    g.add_argument("--all-blocks", action="store_true", help="answer after every block")
+    g.add_argument("--device", default="cpu")
+    g.set_defaults(fn=_generate)
+
+    d = sub.add_parser("demo", help="train every method on the toy task, one table")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--seeds", type=int, default=1)
+    d.add_argument("--quick", action="store_true", help="a < 5 minute smoke version")
+    d.add_argument("--methods", default="direct,cot,pause,rim,coconut,icot")
+    d.add_argument("--workers", type=int, default=2, help="parallel training processes")
+    d.set_defaults(fn=_demo)
+
+    b = sub.add_parser("bench", help="latency and training-throughput benchmarks")
+    b.add_argument("kind", choices=["latency", "train"])
+    b.add_argument("--model", default="gpt2")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--dtype", default="float32")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--question-tokens", type=int, default=100)
+    b.add_argument("--cot-tokens", type=int, default=26)
+    b.add_argument("--thoughts", type=int, default=6)
+    b.add_argument("--runs", type=int, default=20)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(fn=_bench)
+
+    x = sub.add_parser("export", help="merge LoRA and write a plain HF model folder")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--out", required=True)
+    x.set_defaults(fn=_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except RimError as err:
+        print(f"rim: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""The training loop: one explicit pass over the method's stage plan.
+
+    rim train --config configs/toy/llama_rim.yaml --out runs/x
+    accelerate launch -m rim train --config ... --out runs/x     # several processes
+
+Each optimizer step consumes one global batch from a seeded example stream (resumable by
+its cursor); every process takes its share, split into micro-batches. The loss is divided by
+the global batch, so accumulation and process count do not change the gradient. At a stage
+switch the optimizer and the LR schedule restart. Validation (never test) picks `best/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from rim.config import Config, save_config
+from rim.curriculum import Stage, stage_progress, warmup_constant
+from rim.data import Example, load_split
+from rim.errors import RimError
+from rim.evaluation import evaluate
+from rim.memory import memory_tokens
+from rim.methods import Method, method_class
+from rim.model import (
+    build_model,
+    build_tokenizer,
+    load_pretrained,
+    load_tokenizer,
+    max_positions,
+    resize_for,
+    save_meta,
+    wrap_lora,
+)
+
+STATE = "trainer_state.json"
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    model: torch.nn.Module
+    tokenizer: object
+    method: Method
+    train: list[Example]
+    valid: list[Example]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build(cfg: Config, log=print) -> Setup:
+    """Data, tokenizer, model and method for `cfg` (no training state)."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    d = cfg.data
+    train = load_split(**vars(d.train))
+    valid = load_split(**vars(d.valid))
+    cls = method_class(cfg.method)
+    new_tokens = cls.new_tokens(cfg)
+    if cfg.model.path is None:
+        if cfg.model.tokenizer:
+            tok = load_tokenizer(cfg.model.tokenizer)
+        else:
+            texts = [e.question for e in train] + [s for e in train for s in e.steps]
+            texts += [e.answer for e in train] + [cfg.eval.answer_marker]
+            tok = build_tokenizer(texts)
+        memory_ids = _add_tokens(tok, new_tokens)
+        model = build_model(cfg.model, vocab_size=len(tok), max_positions=_positions_needed(cfg))
+    else:
+        tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+        memory_ids = _add_tokens(tok, new_tokens)
+        model = load_pretrained(cfg.model)
+    resize_for(model, tok)
+    if cfg.model.path is not None and not cfg.model.full_finetune:
+        model = wrap_lora(model, cfg.model, memory_ids)
+    mem = memory_tokens(tok, cfg.memory) if cls.uses_blocks else None
+    method = cls(cfg, tok, mem)
+    train = _check_lengths(method, model, train, cfg, "data.train")
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"[rim] {cfg.method}: {len(train)} train / {len(valid)} valid examples, "
+        f"{n_params / 1e6:.2f}M trainable parameters")
+    return Setup(cfg, model, tok, method, train, valid)
+
+
+def _add_tokens(tok, strings: list[str]) -> list[int]:
+    from rim.memory import add_special_tokens
+
+    return add_special_tokens(tok, strings) if strings else []
+
+
+def _positions_needed(cfg: Config) -> int:
+    return cfg.data.max_length or 1024
+
+
+def _check_lengths(method: Method, model, examples: list[Example], cfg: Config, key: str):
+    """Drop (and count) or reject examples whose training sequence exceeds the model's limit."""
+    limit = cfg.data.max_length or max_positions(model)
+    if limit is None:
+        return examples
+    stages = method.plan(max(len(examples), 1), _t_max(examples))
+    kept = []
+    for i, ex in enumerate(examples):
+        n = max(method.train_length(ex, s) for s in stages)
+        if n <= limit:
+            kept.append(ex)
+        elif cfg.data.too_long == "error":
+            raise RimError(f"{key}: example {i + 1} needs {n} tokens > max_length {limit}")
+    if len(kept) < len(examples):
+        print(f"[rim] skipped {len(examples) - len(kept)} examples longer than {limit} tokens")
+    if not kept:
+        raise RimError(f"{key}: no example fits in {limit} tokens")
+    return kept
+
+
+def _t_max(examples: list[Example]) -> int:
+    return max((len(e.steps) for e in examples), default=0)
+
+
+class ExampleStream:
+    """Seeded, resumable order: epoch e is permutation(seed + e); `cursor` counts examples."""
+
+    def __init__(self, n: int, seed: int, cursor: int = 0):
+        self.n, self.seed, self.cursor = n, seed, cursor
+        self._epoch, self._perm = -1, None
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        for _ in range(k):
+            epoch, i = divmod(self.cursor, self.n)
+            if epoch != self._epoch:
+                g = torch.Generator().manual_seed(self.seed + epoch)
+                self._perm, self._epoch = torch.randperm(self.n, generator=g).tolist(), epoch
+            out.append(self._perm[i])
+            self.cursor += 1
+        return out
+
+
+def set_dropout(model: torch.nn.Module, p: float | None) -> None:
+    if p is None:
+        return
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+        if hasattr(m, "attention_dropout") and isinstance(m.attention_dropout, float):
+            m.attention_dropout = p
+
+
+def atomic_dir(final: Path, write) -> None:
+    """Write a folder through `write(tmp)` then rename: a crash never leaves half a checkpoint."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(setup: Setup, model, path: Path) -> None:
+    """A loadable checkpoint: weights (or adapter), tokenizer, config.yaml and rim.json."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        setup.tokenizer.save_pretrained(tmp)
+        save_config(setup.cfg, tmp / "config.yaml")
+        adapter = setup.cfg.model.path is not None and not setup.cfg.model.full_finetune
+        meta = setup.method.meta() | {"adapter": adapter, "base_model": setup.cfg.model.path}
+        save_meta(tmp, meta | {"format": 1})
+
+    atomic_dir(path, write)
+
+
+class Trainer:
+    def __init__(self, setup: Setup, out: str | Path, accelerator: Accelerator | None = None):
+        self.s = setup
+        self.cfg = setup.cfg
+        self.out = Path(out)
+        self.acc = accelerator or Accelerator(mixed_precision=self.cfg.train.mixed_precision)
+        self.model = self.acc.prepare_model(setup.model)
+        self.plan = setup.method.plan(len(setup.train), _t_max(setup.train))
+        self.stream = ExampleStream(len(setup.train), self.cfg.train.seed)
+        self.stage_index, self.step_in_stage, self.global_step = 0, 0, 0
+        self.best = -1.0
+        self.optimizer = self.scheduler = None
+        self.main = self.acc.is_main_process
+
+    # ---- state ----
+    def _new_optimizer(self, stage: Stage) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=self.cfg.train.weight_decay)
+        warm = int(self.cfg.train.warmup * stage.steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(warm))
+        # plain optimizer: gradient sync is DDP's, accumulation is ours (see `step`)
+        self.optimizer, self.scheduler = opt, sched
+        set_dropout(self.model, stage.dropout)
+
+    def log(self, record: dict) -> None:
+        if self.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ---- one optimizer step ----
+    def step(self, stage: Stage) -> float:
+        t = self.cfg.train
+        idx = self.stream.take(t.batch_size)
+        mine = idx[self.acc.process_index :: self.acc.num_processes]
+        micro = t.micro_batch_size or t.batch_size
+        chunks = [mine[i : i + micro] for i in range(0, len(mine), micro)] or [[]]
+        progress = stage_progress(self.step_in_stage, stage.steps)
+        self.model.train()
+        total = 0.0
+        for j, chunk in enumerate(chunks):
+            examples = [self.s.train[i] for i in chunk]
+            sync = j == len(chunks) - 1
+            ctx = self.acc.no_sync(self.model) if not sync else _null()
+            with ctx, self.acc.autocast():
+                if examples:
+                    loss = self.s.method.loss(
+                        self.model, examples, stage, progress, t.batch_size, self.acc.device
+                    )
+                else:  # an idle process still joins the gradient all-reduce
+                    loss = sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
+                self.acc.backward(loss * self.acc.num_processes)
+            total += loss.detach().float().item()
+        if self.acc.num_processes > 1:
+            total = self.acc.reduce(torch.tensor(total, device=self.acc.device), "sum").item()
+        if not math.isfinite(total):
+            raise RimError(
+                f"train: loss is {total} at {stage.name} step {self.step_in_stage + 1}; "
+                f"last good checkpoint kept in {self.out / 'checkpoints'}"
+            )
+        if t.grad_clip:
+            self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    # ---- the loop ----
+    def fit(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            save_config(self.cfg, self.out / "config.yaml")
+        t0 = time.perf_counter()
+        while self.stage_index < len(self.plan):
+            stage = self.plan[self.stage_index]
+            if self.optimizer is None:
+                self._new_optimizer(stage)
+            self._run_stage(stage)
+            self.stage_index += 1
+            self.step_in_stage = 0
+            self.optimizer = None
+            self.save_resumable()
+        train_s = time.perf_counter() - t0
+        if self.main:
+            save_model(self.s, self.acc.unwrap_model(self.model), self.out / "final")
+            if not (self.out / "best").exists():
+                save_model(self.s, self.acc.unwrap_model(self.model), self.out / "best")
+        self.log({"event": "done", "train_s": train_s, "best_valid_accuracy": self.best})
+        return {"train_s": train_s, "best_valid_accuracy": self.best}
+
+    def _run_stage(self, stage: Stage) -> None:
+        t = self.cfg.train
+        bar = tqdm(
+            total=stage.steps,
+            initial=self.step_in_stage,
+            desc=f"{self.cfg.method}:{stage.name}",
+            disable=not self.main or os.environ.get("RIM_NO_PROGRESS") == "1",
+            dynamic_ncols=True,
+        )
+        tick, seen = time.perf_counter(), 0
+        while self.step_in_stage < stage.steps:
+            loss = self.step(stage)
+            self.step_in_stage += 1
+            self.global_step += 1
+            seen += t.batch_size
+            rate = seen / max(time.perf_counter() - tick, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.0f}")
+            if self.global_step % t.log_every == 0 or self.step_in_stage == stage.steps:
+                self.log({"stage": stage.name, "step": self.global_step,
+                          "stage_step": self.step_in_stage, "loss": loss,
+                          "lr": self.scheduler.get_last_lr()[0], "examples_per_s": rate})
+            last = self.step_in_stage == stage.steps
+            if (t.eval_every and self.global_step % t.eval_every == 0) or last:
+                self.validate(stage)
+            if t.save_every and self.global_step % t.save_every == 0 and not last:
+                self.save_resumable()
+        bar.close()
+
+    def validate(self, stage: Stage) -> float:
+        if not self.main:
+            self.acc.wait_for_everyone()
+            return self.best
+        e = self.cfg.eval
+        valid = self.s.valid[: e.val_limit] if e.val_limit else self.s.valid
+        model = self.acc.unwrap_model(self.model)
+        res = evaluate(self.s.method, model, valid, e.batch_size, all_blocks=False,
+                       timing_examples=0, progress=False)
+        acc = res["accuracy"]
+        self.log({"stage": stage.name, "step": self.global_step, "valid_accuracy": acc,
+                  "valid_token_accuracy": res["token_accuracy"]})
+        if acc >= self.best:  # ties go to the later (more trained) checkpoint
+            self.best = acc
+            save_model(self.s, model, self.out / "best")
+        self.acc.wait_for_everyone()
+        return acc
+
+    # ---- resumable checkpoints (see rim.checkpoint for loading) ----
+    def save_resumable(self) -> None:
+        from rim.checkpoint import save_state
+
+        save_state(self)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train(cfg: Config, out: str | Path, resume: str | Path | None = None) -> dict:
+    """Build, optionally resume, and fit. Returns timing and the best validation accuracy."""
+    setup = build(cfg)
+    trainer = Trainer(setup, out)
+    if resume is not None:
+        from rim.checkpoint import load_state
+
+        load_state(trainer, Path(resume))
+    return trainer.fit()
