@@ -21,12 +21,23 @@ def _train(args: argparse.Namespace) -> None:
     from rim.config import load_config
     from rim.trainer import train
 
-    cfg = load_config(args.config, args.set)
+    config = args.config
+    if args.resume and config is None:  # the run's own recipe, saved with each checkpoint
+        from rim.checkpoint import resume_config_path
+
+        config = resume_config_path(args.resume)
+    cfg = load_config(config, args.set)
     if args.resume and args.out is None:
-        args.out = args.resume
+        args.out = _run_folder(args.resume)
     out = args.out or f"runs/{cfg.method}"
     result = train(cfg, out, resume=args.resume)
     print(json.dumps(result))
+
+
+def _run_folder(resume: str) -> str:
+    """`--resume runs/x/checkpoints/step-N` continues in `runs/x`, like `--resume runs/x`."""
+    p = Path(resume)
+    return str(p.parent.parent) if p.parent.name == "checkpoints" else resume
 
 
 def _load_eval_data(args, cfg):

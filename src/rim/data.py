@@ -356,7 +356,29 @@ def _gen_chain(n: int, rng: random.Random, terms: int = 3, max_value: int = 9) -
     return out
 
 
-GENERATORS: dict[str, Callable[..., list[Example]]] = {"mult": _gen_mult, "chain": _gen_chain}
+def _gen_pick(n: int, rng: random.Random, length: int = 5, first: int = 2, second: int = 4) -> list[Example]:
+    """`7 3 9 1 4`: step = the digit at position `first`, answer = it and the one at `second`.
+
+    Deliberately easy (two positional look-ups), with 10**length distinct questions so
+    held-out examples are really unseen: the pipeline's learning smoke test.
+    """
+    _positive("pick", "length", length)
+    for name, pos in (("first", first), ("second", second)):
+        if not 1 <= pos <= length:
+            raise ConfigError(f"generator 'pick': option {name!r} must be in 1..{length}")
+    out = []
+    for _ in range(n):
+        digits = [rng.randint(0, 9) for _ in range(length)]
+        a, b = digits[first - 1], digits[second - 1]
+        out.append(Example(" ".join(map(str, digits)), (str(a),), f"{a} {b}"))
+    return out
+
+
+GENERATORS: dict[str, Callable[..., list[Example]]] = {
+    "mult": _gen_mult,
+    "chain": _gen_chain,
+    "pick": _gen_pick,
+}
 
 
 def generate(name: str, n: int, seed: int, **options: Any) -> list[Example]:

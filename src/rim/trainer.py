@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm import tqdm
 
 from rim.config import Config, save_config
@@ -173,11 +174,14 @@ def atomic_dir(final: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_model(setup: Setup, model, path: Path) -> None:
-    """A loadable checkpoint: weights (or adapter), tokenizer, config.yaml and rim.json."""
+def save_model(setup: Setup, model, path: Path, state_dict: dict | None = None) -> None:
+    """A loadable checkpoint: weights (or adapter), tokenizer, config.yaml and rim.json.
+
+    `state_dict`: the gathered full weights when the model is sharded (FSDP).
+    """
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         setup.tokenizer.save_pretrained(tmp)
         save_config(setup.cfg, tmp / "config.yaml")
         adapter = setup.cfg.model.path is not None and not setup.cfg.model.full_finetune
@@ -192,7 +196,7 @@ class Trainer:
         self.s = setup
         self.cfg = setup.cfg
         self.out = Path(out)
-        self.acc = accelerator or Accelerator(mixed_precision=self.cfg.train.mixed_precision)
+        self.acc = accelerator or make_accelerator(self.cfg.train.mixed_precision)
         self.model = self.acc.prepare_model(setup.model)
         self.plan = setup.method.plan(len(setup.train), _t_max(setup.train))
         self.stream = ExampleStream(len(setup.train), self.cfg.train.seed)
@@ -200,6 +204,8 @@ class Trainer:
         self.best = -1.0
         self.optimizer = self.scheduler = None
         self.main = self.acc.is_main_process
+        # FSDP shards the weights: forward passes and weight gathering need every process
+        self.sharded = self.acc.distributed_type == DistributedType.FSDP
 
     # ---- state ----
     def _new_optimizer(self, stage: Stage) -> None:
@@ -241,10 +247,14 @@ class Trainer:
             total += loss.detach().float().item()
         if self.acc.num_processes > 1:
             total = self.acc.reduce(torch.tensor(total, device=self.acc.device), "sum").item()
-        if not math.isfinite(total):
+        if not math.isfinite(total):  # raised before the update: no bad weights are kept
+            from rim.checkpoint import find_latest
+
+            good = find_latest(self.out)
             raise RimError(
-                f"train: loss is {total} at {stage.name} step {self.step_in_stage + 1}; "
-                f"last good checkpoint kept in {self.out / 'checkpoints'}"
+                f"train: loss is {total} at step {self.global_step + 1} ({stage.name} step "
+                f"{self.step_in_stage + 1}); stopped, last good checkpoint: "
+                + (str(good) if good else "none written yet (set train.save_every)")
             )
         if t.grad_clip:
             self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip)
@@ -269,10 +279,11 @@ class Trainer:
             self.optimizer = None
             self.save_resumable()
         train_s = time.perf_counter() - t0
+        full = self.acc.get_state_dict(self.model) if self.sharded else None
         if self.main:
-            save_model(self.s, self.acc.unwrap_model(self.model), self.out / "final")
+            save_model(self.s, self.acc.unwrap_model(self.model), self.out / "final", full)
             if not (self.out / "best").exists():
-                save_model(self.s, self.acc.unwrap_model(self.model), self.out / "best")
+                save_model(self.s, self.acc.unwrap_model(self.model), self.out / "best", full)
         self.log({"event": "done", "train_s": train_s, "best_valid_accuracy": self.best})
         return {"train_s": train_s, "best_valid_accuracy": self.best}
 
@@ -306,20 +317,23 @@ class Trainer:
         bar.close()
 
     def validate(self, stage: Stage) -> float:
-        if not self.main:
+        if not self.main and not self.sharded:
             self.acc.wait_for_everyone()
             return self.best
         e = self.cfg.eval
         valid = self.s.valid[: e.val_limit] if e.val_limit else self.s.valid
         model = self.acc.unwrap_model(self.model)
-        res = evaluate(self.s.method, model, valid, e.batch_size, all_blocks=False,
-                       timing_examples=0, progress=False)
+        # sharded: every process decodes the same examples (identical steps) through FSDP
+        res = evaluate(self.s.method, self.model if self.sharded else model, valid,
+                       e.batch_size, all_blocks=False, timing_examples=0, progress=False)
         acc = res["accuracy"]
         self.log({"stage": stage.name, "step": self.global_step, "valid_accuracy": acc,
                   "valid_token_accuracy": res["token_accuracy"]})
         if acc >= self.best:  # ties go to the later (more trained) checkpoint
             self.best = acc
-            save_model(self.s, model, self.out / "best")
+            full = self.acc.get_state_dict(self.model) if self.sharded else None
+            if self.main:
+                save_model(self.s, model, self.out / "best", full)
         self.acc.wait_for_everyone()
         return acc
 
@@ -328,6 +342,19 @@ class Trainer:
         from rim.checkpoint import save_state
 
         save_state(self)
+
+
+def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+    """The Accelerator for `rim train`, launched plainly, by `accelerate launch` or `torchrun`.
+
+    accelerate treats a launch on a machine without GPUs as single-process unless told `cpu`;
+    then each process would train alone and all of them would write the run folder. So a
+    multi-process launch without a GPU runs DDP on CPU over gloo (no NCCL needed).
+    bf16 is autocast with fp32 master weights; the model is never cast for training.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return Accelerator(mixed_precision=mixed_precision, cpu=world > 1 and not gpu)
 
 
 class _null:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from rim.methods.base import Method
+from rim.methods.coconut import Coconut
 from rim.methods.cot import CoT
 from rim.methods.direct import Direct
+from rim.methods.icot import ICoT
 from rim.methods.pause import Pause
 from rim.methods.rim import RiM
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Direct, CoT, Pause, RiM)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Direct, CoT, Pause, RiM, Coconut, ICoT)}
 
 
 def method_class(name: str) -> type[Method]:

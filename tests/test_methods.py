@@ -1,0 +1,245 @@
+"""Baselines iCoT-SI and Coconut: curricula, Coconut's cached thought passes against naive
+no-cache loops, gradients through thoughts, and short end-to-end training runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rim.curriculum import Stage
+from rim.data import Example
+from rim.layout import Segment, collate, pack, weighted_loss
+from rim.methods.base import readout
+from rim.methods.coconut import Coconut
+from rim.methods.icot import ICoT
+
+from .conftest import make_setup
+
+CPU = torch.device("cpu")
+EXAMPLES = [  # different question lengths and numbers of steps (3, 1, 0)
+    Example("9 + 9 - 3 + 1", ("18", "15", "16"), "16"),
+    Example("2 + 3", ("5",), "5"),
+    Example("4 - 4", (), "0"),
+]
+
+
+def stage(k: int = 0, removed: int = 0) -> Stage:
+    return Stage("s", 0, 1, 1e-3, None, {"k": k, "removed": removed})
+
+
+def coconut_setup(arch: str = "llama", attn: str = "sdpa", **over):
+    """make_setup for Coconut: its three tokens are added, as `rim.trainer.build` does."""
+    from rim.memory import add_special_tokens
+    from rim.model import resize_for
+
+    cfg, tok, model, _ = make_setup("cot", arch, attn, **over)
+    cfg.method = "coconut"
+    add_special_tokens(tok, Coconut.new_tokens(cfg))
+    torch.manual_seed(1)
+    resize_for(model, tok)
+    return cfg, tok, model, Coconut(cfg, tok)
+
+
+@pytest.fixture(scope="module")
+def coco():
+    return coconut_setup(coconut__thoughts_per_step=2, coconut__max_stage=2)
+
+
+def tokens(tok, ids) -> list[str]:
+    return tok.convert_ids_to_tokens(list(ids))
+
+
+# ---------------------------------------------------------------- iCoT
+
+
+def test_icot_plan_has_one_stage_per_epoch():
+    cfg, _, _, m = make_setup("icot", train__batch_size=8, train__steps=5)
+    cfg.icot.remove_per_epoch = 3
+    plan = m.plan(16, 3)  # 2 steps per epoch
+    assert [s.steps for s in plan] == [2, 2, 1]
+    assert [s.options["removed"] for s in plan] == [0, 3, 6]
+    assert m.meta()["removed_tokens"] == 6
+    cfg.icot.max_remove = 4
+    cfg.train.steps, cfg.train.epochs = None, 3.0
+    plan = m.plan(16, 3)
+    assert [s.steps for s in plan] == [2, 2, 2]
+    assert [s.options["removed"] for s in plan] == [0, 3, 4]
+    assert [s.index for s in plan] == [0, 1, 2]
+
+
+def test_icot_removes_tokens_from_the_left():
+    cfg, tok, _, m = make_setup("icot")
+    cfg.icot.remove_per_epoch = 3
+    ex = Example("9 + 9 - 3", ("18", "15"), "15")  # CoT tokens: 1 8 1 5
+
+    def target(r: int) -> list[str]:
+        (x, out) = m.segments(ex, stage(removed=r), 0.0)
+        assert tokens(tok, x.ids) == ["<bos>", "9", "+", "9", "-", "3"]
+        return tokens(tok, out.ids)
+
+    assert target(0) == ["1", "8", "1", "5", "#", "#", "#", "#", "1", "5"]
+    assert target(m.removed_at(1)) == ["5", "#", "#", "#", "#", "1", "5"]  # mid-step cut
+    assert target(m.removed_at(2)) == ["#", "#", "#", "#", "1", "5"]  # capped at the CoT
+    assert m.first_answer_index(list(m.target(ex, 0))) == 8  # after the marker
+
+
+# ---------------------------------------------------------------- Coconut: training loss
+
+
+def test_coconut_stage0_is_cot_with_bot_eot(coco):
+    cfg, tok, model, m = coco
+    assert m.plan(16, 3)[0].options["k"] == 0
+    got = m.loss(model, EXAMPLES, stage(0), 0.0, 4, CPU)
+    packed = []
+    for ex in EXAMPLES:
+        prefix, n, target = m.parts(ex, 0)
+        assert n == 0
+        packed.append(pack([Segment(prefix + (m.eot_id,)), readout(target, 0, 1.0)], m.eos_id))
+    batch = collate(packed, m.pad_id)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids).logits
+    assert got.item() == pytest.approx(weighted_loss(logits, batch, 4).item(), abs=1e-5)
+
+
+def naive_thoughts(model, prefix, n: int) -> torch.Tensor:
+    """Re-run the whole growing sequence for every thought: no cache, no padding."""
+    E = model.get_input_embeddings()(torch.tensor([prefix]))  # (1, L, D)
+    for _ in range(n):
+        h = model(inputs_embeds=E, output_hidden_states=True).hidden_states[-1][:, -1:]
+        E = torch.cat([E, h], dim=1)  # (1, L + i + 1, D)
+    return E
+
+
+def naive_loss(model, m: Coconut, ex: Example, k: int) -> torch.Tensor:
+    prefix, n, target = m.parts(ex, k)
+    E = naive_thoughts(model, prefix, n)
+    tail = model.get_input_embeddings()(torch.tensor([(m.eot_id,) + target]))
+    logits = model(inputs_embeds=torch.cat([E, tail], dim=1)).logits[0, -len(target) - 1 :]
+    return F.cross_entropy(logits, torch.tensor(target + (m.eos_id,)))
+
+
+@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("gpt2", "eager")])
+def test_coconut_loss_matches_naive_loop(arch, attn):
+    cfg, _, model, m = coconut_setup(arch, attn, coconut__thoughts_per_step=2)
+    k = 2  # thoughts per row: 4, 2, 0
+    assert [m.parts(ex, k)[1] for ex in EXAMPLES] == [4, 2, 0]
+    got = m.loss(model, EXAMPLES, stage(k), 0.0, 5, CPU)
+    with torch.no_grad():
+        ref = sum(naive_loss(model, m, ex, k) for ex in EXAMPLES) / 5
+    assert got.item() == pytest.approx(ref.item(), abs=1e-4)
+
+
+def test_coconut_gradients_flow_through_thoughts(coco):
+    cfg, _, model, m = coco
+    seen: dict[str, list[torch.Tensor]] = {"q": [], "thoughts": []}
+    h1 = model.get_input_embeddings().register_forward_hook(
+        lambda mod, args, out: seen["q"].append(out)
+    )
+    h2 = model.register_forward_pre_hook(
+        lambda mod, args, kw: seen["thoughts"].append(kw["inputs_embeds"])
+        if kw.get("inputs_embeds") is not None else None,
+        with_kwargs=True,
+    )
+    try:
+        loss = m.loss(model, EXAMPLES[:2], stage(1), 0.0, 2, CPU)
+    finally:
+        h1.remove()
+        h2.remove()
+    q, thoughts = seen["q"][0], seen["thoughts"]  # (B, P, D) question embeddings; (B, 1, D) each
+    assert len(thoughts) == 2 and all(t.requires_grad for t in thoughts)  # none detached
+    for t in thoughts:  # the part of dL/dq that goes through thought t
+        (g,) = torch.autograd.grad(loss, t, retain_graph=True)
+        (through,) = torch.autograd.grad(t, q, grad_outputs=g, retain_graph=True)  # (B, P, D)
+        for b, ex in enumerate(EXAMPLES[:2]):
+            L = len(m.question_ids(ex.question))
+            assert through[b, -L - 1 :].abs().sum(-1).gt(0).all()  # question tokens + <bot>
+    loss2 = m.loss(model, EXAMPLES[:2], stage(1), 0.0, 2, CPU)
+    loss2.backward()
+    assert model.get_input_embeddings().weight.grad[m.bot_id].abs().sum() > 0
+
+
+# ---------------------------------------------------------------- Coconut: inference
+
+
+def test_coconut_decode_matches_naive_greedy(coco):
+    from rim.decoding import decode
+
+    cfg, _, model, m = coco
+    cfg.eval.cot_max_new_tokens = 6
+    n = m.thoughts()
+    assert n == 4
+    qs = [ex.question for ex in EXAMPLES]
+    out = decode(m, model, qs)
+    emb = model.get_input_embeddings()
+    for q, got, passes in zip(qs, out.tokens, out.passes):
+        with torch.no_grad():
+            E = naive_thoughts(model, m.prompt(q), n)
+            E = torch.cat([E, emb(torch.tensor([[m.eot_id]]))], dim=1)
+            ref, steps = [], 0
+            for _ in range(6):
+                nxt = int(model(inputs_embeds=E).logits[0, -1].argmax())
+                steps += 1
+                if nxt == m.eos_id:
+                    break
+                ref.append(nxt)
+                E = torch.cat([E, emb(torch.tensor([[nxt]]))], dim=1)
+        assert got == ref
+        assert passes == 1 + n + 1 + (steps - 1)
+
+
+def test_coconut_works_with_peft():
+    from rim.config import ModelConfig
+    from rim.decoding import decode
+    from rim.model import wrap_lora
+
+    cfg, _, model, m = coconut_setup(coconut__max_stage=1, coconut__thoughts_per_step=1)
+    lora = wrap_lora(model, ModelConfig(lora_rank=4, lora_alpha=8, lora_dropout=0.0),
+                     [m.bot_id, m.thought_id, m.eot_id])
+    loss = m.loss(lora, EXAMPLES[:2], stage(1), 0.0, 2, CPU)
+    loss.backward()
+    assert torch.isfinite(loss)
+    cfg.eval.cot_max_new_tokens = 3
+    assert decode(m, lora, ["2 + 3"]).passes[0] <= 1 + 1 + 1 + 2
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["icot", "coconut"])
+def test_short_training_run_saves_and_loads(method, tmp_path):
+    from rim.config import (
+        CoconutConfig,
+        Config,
+        DataConfig,
+        EvalConfig,
+        ICoTConfig,
+        ModelConfig,
+        SplitConfig,
+        TrainConfig,
+    )
+    from rim.decoding import Reasoner
+    from rim.trainer import Trainer, build
+
+    cfg = Config(
+        method=method,
+        model=ModelConfig(arch="llama", size="tiny"),
+        data=DataConfig(train=SplitConfig(generator="chain", size=16, seed=0),
+                        valid=SplitConfig(generator="chain", size=4, seed=1),
+                        max_length=128),
+        train=TrainConfig(lr=1e-3, batch_size=8, steps=3, log_every=1),
+        eval=EvalConfig(batch_size=4, cot_max_new_tokens=8, val_limit=4),
+        coconut=CoconutConfig(max_stage=1, thoughts_per_step=1, steps_per_stage=1,
+                              epochs_per_stage=None),
+        icot=ICoTConfig(remove_per_epoch=2),
+    )
+    setup = build(cfg, log=lambda *a: None)
+    Trainer(setup, tmp_path).fit()
+    assert (tmp_path / "best").is_dir() and (tmp_path / "final").is_dir()
+    meta = json.loads((tmp_path / "final" / "rim.json").read_text())
+    assert meta["method"] == method
+    answers = Reasoner.load(str(tmp_path / "best")).generate(["3 + 4", "2 - 1"])
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
