@@ -57,6 +57,7 @@ def tokens(tok, ids) -> list[str]:
 
 def test_icot_plan_has_one_stage_per_epoch():
     cfg, _, _, m = make_setup("icot", train__batch_size=8, train__steps=5)
+    assert isinstance(m, ICoT)
     cfg.icot.remove_per_epoch = 3
     plan = m.plan(16, 3)  # 2 steps per epoch
     assert [s.steps for s in plan] == [2, 2, 1]
@@ -99,8 +100,11 @@ def test_coconut_stage0_is_cot_with_bot_eot(coco):
         assert n == 0
         packed.append(pack([Segment(prefix + (m.eot_id,)), readout(target, 0, 1.0)], m.eos_id))
     batch = collate(packed, m.pad_id)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=batch.position_ids).logits
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+    ).logits
     assert got.item() == pytest.approx(weighted_loss(logits, batch, 4).item(), abs=1e-5)
 
 
@@ -139,8 +143,11 @@ def test_coconut_gradients_flow_through_thoughts(coco):
         lambda mod, args, out: seen["q"].append(out)
     )
     h2 = model.register_forward_pre_hook(
-        lambda mod, args, kw: seen["thoughts"].append(kw["inputs_embeds"])
-        if kw.get("inputs_embeds") is not None else None,
+        lambda mod, args, kw: (
+            seen["thoughts"].append(kw["inputs_embeds"])
+            if kw.get("inputs_embeds") is not None
+            else None
+        ),
         with_kwargs=True,
     )
     try:
@@ -196,8 +203,11 @@ def test_coconut_works_with_peft():
     from rim.model import wrap_lora
 
     cfg, _, model, m = coconut_setup(coconut__max_stage=1, coconut__thoughts_per_step=1)
-    lora = wrap_lora(model, ModelConfig(lora_rank=4, lora_alpha=8, lora_dropout=0.0),
-                     [m.bot_id, m.thought_id, m.eot_id])
+    lora = wrap_lora(
+        model,
+        ModelConfig(lora_rank=4, lora_alpha=8, lora_dropout=0.0),
+        [m.bot_id, m.thought_id, m.eot_id],
+    )
     loss = m.loss(lora, EXAMPLES[:2], stage(1), 0.0, 2, CPU)
     loss.backward()
     assert torch.isfinite(loss)
@@ -227,13 +237,16 @@ def test_short_training_run_saves_and_loads(method, tmp_path):
     cfg = Config(
         method=method,
         model=ModelConfig(arch="llama", size="tiny"),
-        data=DataConfig(train=SplitConfig(generator="chain", size=16, seed=0),
-                        valid=SplitConfig(generator="chain", size=4, seed=1),
-                        max_length=128),
+        data=DataConfig(
+            train=SplitConfig(generator="chain", size=16, seed=0),
+            valid=SplitConfig(generator="chain", size=4, seed=1),
+            max_length=128,
+        ),
         train=TrainConfig(lr=1e-3, batch_size=8, steps=3, log_every=1),
         eval=EvalConfig(batch_size=4, cot_max_new_tokens=8, val_limit=4),
-        coconut=CoconutConfig(max_stage=1, thoughts_per_step=1, steps_per_stage=1,
-                              epochs_per_stage=None),
+        coconut=CoconutConfig(
+            max_stage=1, thoughts_per_step=1, steps_per_stage=1, epochs_per_stage=None
+        ),
         icot=ICoTConfig(remove_per_epoch=2),
     )
     setup = build(cfg, log=lambda *a: None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def _train(args: argparse.Namespace) -> None:
         args.out = _run_folder(args.resume)
     out = args.out or f"runs/{cfg.method}"
     result = train(cfg, out, resume=args.resume)
-    print(json.dumps(result))
+    if os.environ.get("RANK", "0") == "0":  # one result line from a multi-process launch
+        print(json.dumps(result))
 
 
 def _run_folder(resume: str) -> str:
@@ -150,16 +152,21 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=2, help="parallel training processes")
     d.set_defaults(fn=_demo)
 
-    b = sub.add_parser("bench", help="latency and training-throughput benchmarks")
-    b.add_argument("kind", choices=["latency", "train"])
-    b.add_argument("--model", default="gpt2")
+    b = sub.add_parser("bench", help="latency, training-throughput and any-block benchmarks")
+    b.add_argument("kind", choices=["latency", "train", "any-block"])
+    b.add_argument("--model", help="gpt2 | llama-1b | llama-3b | tiny | small | base | a model "
+                   "folder (default: gpt2 for latency, small for train, tiny for any-block)")
     b.add_argument("--device", default="cpu")
-    b.add_argument("--dtype", default="float32")
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--question-tokens", type=int, default=100)
+    b.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    b.add_argument("--batch", type=int, help="default 1 (latency), 16 (train), 64 (any-block)")
+    b.add_argument("--question-tokens", type=int, help="default 100 (latency), 60 (train), "
+                   "30 (any-block)")
     b.add_argument("--cot-tokens", type=int, default=26)
-    b.add_argument("--thoughts", type=int, default=6)
-    b.add_argument("--runs", type=int, default=20)
+    b.add_argument("--answer-tokens", type=int, default=3)
+    b.add_argument("--thoughts", type=int, default=6, help="Coconut continuous thoughts")
+    b.add_argument("--runs", type=int, help="timed runs (default 20 latency, 10 train, 7 any-block)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed runs first")
+    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=_bench)
 

@@ -289,21 +289,60 @@ def apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping")
+    return data
+
+
+def merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, recursively for mappings (a new dict; inputs untouched).
+
+    >>> merge({"train": {"lr": 1, "steps": 5}}, {"train": {"lr": 2}})
+    {'train': {'lr': 2, 'steps': 5}}
+    """
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A recipe as a plain dict, with `base: other.yaml` resolved (relative to the file).
+
+    The recipe's keys override its base's, merged recursively, so variants share one base
+    (`configs/demo/<method>.yaml` on `configs/demo/base.yaml`). Bases may nest; cycles are
+    errors.
+    """
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: base: include cycle")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+    parent = read_recipe(path.parent / base, (*_seen, path.resolve()))
+    return merge(parent, data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML recipe (optional), apply overrides, validate once."""
+    """Read a YAML recipe (optional, with its `base:` chain), apply overrides, validate once."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a recipe must be a mapping")
+        data = read_recipe(path)
     for assignment in overrides or []:
         apply_override(data, assignment)
     try:

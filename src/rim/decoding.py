@@ -58,9 +58,10 @@ def prefill(model, prompts: list[list[int]], pad_id: int) -> Prefill:
     pos = positions(mask)
     cache = DynamicCache()
     out = model(
-        input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+        input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+        logits_to_keep=1,  # only the last position's logits: the LM head over P tokens is costly
     )
-    return Prefill(out.past_key_values, mask, out.logits[:, -1].float(), pos[:, -1] + 1, 1)
+    return Prefill(out.cache, mask, out.logits[:, -1].float(), pos[:, -1] + 1, 1)
 
 
 @torch.no_grad()
@@ -75,17 +76,19 @@ def prefill_blocks(
     K = len(blocks) // block_len
     ids, mask = left_pad([q + blocks for q in questions], pad_id, _device(model))
     pos = positions(mask)
+    P = ids.shape[1]
+    ends = torch.tensor([P - 1 - (K - k) * block_len for k in range(1, K + 1)], device=ids.device)
+    keep = (K - 1) * block_len + 1  # logits from block 1's last token on, not over the question
     out = model(
         input_ids=ids,
         attention_mask=mask,
         position_ids=pos,
-        past_key_values=DynamicCache(),
+        cache=DynamicCache(),
         use_cache=True,
+        logits_to_keep=keep,
     )
-    P = ids.shape[1]
-    ends = torch.tensor([P - 1 - (K - k) * block_len for k in range(1, K + 1)], device=ids.device)
-    logits = out.logits[:, ends].float()  # (B, K, V)
-    cache = out.past_key_values
+    logits = out.logits[:, ends - (P - keep)].float()  # (B, K, V)
+    cache = out.cache
     cache.batch_repeat_interleave(K)
     branch_mask = mask.repeat_interleave(K, dim=0).clone()  # (B*K, P)
     for k in range(1, K):  # branch k hides blocks k+1..K
@@ -131,10 +134,10 @@ def greedy(
             input_ids=nxt[:, None],
             attention_mask=mask,
             position_ids=pos[:, None],
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
-        cache, logits, pos = out.past_key_values, out.logits[:, -1].float(), pos + 1
+        cache, logits, pos = out.cache, out.logits[:, -1].float(), pos + 1
     return Decoded(tokens, passes, times, start)
 
 

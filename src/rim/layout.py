@@ -166,3 +166,24 @@ def weighted_loss(logits: torch.Tensor, batch: Batch, num_examples: int) -> torc
         reduction="none",
     ).reshape(B, L)  # (B, L), 0 where IGNORE
     return (nll * batch.weights).sum() / num_examples
+
+
+def render(p: Packed, names: list[str] | None = None) -> str:
+    """ASCII picture of the mask: one row per query token, `#` = may attend.
+
+    >>> x = Segment((5, 6)); m = Segment((1,), 0, kind="block"); r = Segment((7,), 1, 1.0)
+    >>> print(render(pack([x, m, r], 0), ["x", "x", "m1", "R1"]))
+        x  x m1 R1
+    x   #  .  .  .
+    x   #  #  .  .
+    m1  #  #  #  .
+    R1  #  #  #  #
+    """
+    ok = allowed(p)
+    names = names or [str(t) for t in p.input_ids]
+    w = max(len(n) for n in names)
+    lines = [" " * w + " " + " ".join(n.rjust(w) for n in names)]
+    for i, n in enumerate(names):
+        cells = " ".join(("#" if ok[i, j] else ".").rjust(w) for j in range(len(names)))
+        lines.append(n.ljust(w) + " " + cells)
+    return "\n".join(line.rstrip() for line in lines)

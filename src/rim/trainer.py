@@ -367,7 +367,8 @@ class _null:
 
 def train(cfg: Config, out: str | Path, resume: str | Path | None = None) -> dict:
     """Build, optionally resume, and fit. Returns timing and the best validation accuracy."""
-    setup = build(cfg)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # launched processes: one log line
+    setup = build(cfg, log=print if rank0 else lambda *a: None)
     trainer = Trainer(setup, out)
     if resume is not None:
         from rim.checkpoint import load_state

@@ -44,10 +44,16 @@ def think(model, prefixes: list[list[int]], counts: list[int], pad_id: int) -> T
     device = next(model.parameters()).device
     ids, mask = left_pad(prefixes, pad_id, device)  # (B, P), (B, P)
     pos = positions(mask)  # (B, P)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                past_key_values=DynamicCache(), use_cache=True, output_hidden_states=True,
-                logits_to_keep=1)
-    cache, h = out.past_key_values, out.hidden_states[-1][:, -1:]  # h: (B, 1, D)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        cache=DynamicCache(),
+        use_cache=True,
+        output_hidden_states=True,
+        logits_to_keep=1,
+    )
+    cache, h = out.cache, out.hidden_states[-1][:, -1:]  # h: (B, 1, D)
     next_pos = pos[:, -1] + 1  # (B,)
     n = torch.tensor(counts, device=device)  # (B,)
     n_max = max(counts, default=0)
@@ -55,10 +61,16 @@ def think(model, prefixes: list[list[int]], counts: list[int], pad_id: int) -> T
         active = n > i  # (B,) rows still thinking
         emb = torch.where(active[:, None, None], h, torch.zeros_like(h))  # (B, 1, D)
         mask = torch.cat([mask, active.to(mask.dtype)[:, None]], dim=1)  # (B, P + i + 1)
-        out = model(inputs_embeds=emb, attention_mask=mask, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True, output_hidden_states=True,
-                    logits_to_keep=1)
-        cache, h = out.past_key_values, out.hidden_states[-1][:, -1:]  # (B, 1, D)
+        out = model(
+            inputs_embeds=emb,
+            attention_mask=mask,
+            position_ids=next_pos[:, None],
+            cache=cache,
+            use_cache=True,
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
+        cache, h = out.cache, out.hidden_states[-1][:, -1:]  # (B, 1, D)
         next_pos = next_pos + active.to(next_pos.dtype)
     return Thoughts(cache, mask, next_pos, 1 + n_max)
 
@@ -104,8 +116,15 @@ class Coconut(Method):
         x = Segment(prefix + (self.thought_id,) * n + (self.eot_id,))
         return [x, readout(target, 0, 1.0)]
 
-    def loss(self, model, examples: list[Example], stage: Stage, progress: float,
-             num_examples: int, device: torch.device) -> torch.Tensor:
+    def loss(
+        self,
+        model,
+        examples: list[Example],
+        stage: Stage,
+        progress: float,
+        num_examples: int,
+        device: torch.device,
+    ) -> torch.Tensor:
         """Per-example mean target NLL, summed and divided by `num_examples` (as packed methods)."""
         k = int(stage.options.get("k", 0))
         prefixes, counts, targets = zip(*(self.parts(ex, k) for ex in examples))
@@ -124,10 +143,17 @@ class Coconut(Method):
         ids, labels, weights = ids.to(device), labels.to(device), weights.to(device)
         mask = torch.cat([state.mask, tmask.to(device)], dim=1)  # (B, P + n_max + Lt)
         pos = state.next_pos[:, None] + torch.arange(Lt, device=device)  # (B, Lt)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                       past_key_values=state.cache, use_cache=True).logits  # (B, Lt, V)
+        logits = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            cache=state.cache,
+            use_cache=True,
+        ).logits  # (B, Lt, V)
         nll = torch.nn.functional.cross_entropy(
-            logits.float().reshape(B * Lt, -1), labels.reshape(-1), ignore_index=IGNORE,
+            logits.float().reshape(B * Lt, -1),
+            labels.reshape(-1),
+            ignore_index=IGNORE,
             reduction="none",
         ).reshape(B, Lt)  # (B, Lt), 0 where IGNORE
         return (nll * weights).sum() / num_examples
@@ -149,14 +175,20 @@ class Coconut(Method):
         N, device = len(prompts), state.mask.device
         ids = torch.full((N, 1), self.eot_id, dtype=torch.long, device=device)
         mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)  # (N, P+n+1)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=state.next_pos[:, None],
-                    past_key_values=state.cache, use_cache=True)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=state.next_pos[:, None],
+            cache=state.cache,
+            use_cache=True,
+        )
         logits = out.logits[:, -1].float()  # (N, V)
-        return Prefill(out.past_key_values, mask, logits, state.next_pos + 1, state.passes + 1)
+        return Prefill(out.cache, mask, logits, state.next_pos + 1, state.passes + 1)
 
     def meta(self) -> dict:
         c = self.cfg.coconut
         return super().meta() | {
-            "thoughts": self.thoughts(), "thoughts_per_step": c.thoughts_per_step,
+            "thoughts": self.thoughts(),
+            "thoughts_per_step": c.thoughts_per_step,
             "max_stage": c.max_stage,
         }

@@ -34,15 +34,20 @@ class ICoT(Method):
         return icot_removed(epoch, i.remove_per_epoch, cap)
 
     def plan(self, n_train: int, t_max: int) -> list[Stage]:
-        """One stage per epoch (the last one may be partial) with options {"removed": r}."""
+        """One stage per removal count (an epoch each; epochs past the cap merge into one)."""
         t = self.cfg.train
         total = steps_for(t.epochs, t.steps, n_train, t.batch_size)
         per_epoch = max(1, math.ceil(n_train / t.batch_size))
-        stages = []
+        stages: list[Stage] = []
         for e, done in enumerate(range(0, total, per_epoch)):
             steps = min(per_epoch, total - done)
-            opts = {"removed": self.removed_at(e)}
-            stages.append(Stage(f"epoch{e}", e, steps, t.lr, t.dropout, opts))
+            removed = self.removed_at(e)
+            if stages and stages[-1].options["removed"] == removed:  # no new removal: no reset
+                last = stages.pop()
+                steps += last.steps
+                e = last.index
+            opts = {"removed": removed}
+            stages.append(Stage(f"epoch{e}", len(stages), steps, t.lr, t.dropout, opts))
         self.final_removed = stages[-1].options["removed"]
         return stages
 

@@ -1,0 +1,458 @@
+"""`rim demo`: every method on one toy task, one table and two plots (the README's first command).
+
+    rim demo --out runs/demo                      # `make demo`: all methods, 1 seed
+    rim demo --quick --out /tmp/demo_quick        # < 5 minutes on 2 CPU cores, a smoke test
+    rim demo --seeds 3 --methods direct,rim --workers 2
+
+Every method trains from the same data, tokenizer recipe, model size, trainer and evaluator:
+`configs/demo/<method>.yaml`, each on `configs/demo/base.yaml` (the task and all sizes live
+there only). `--quick` applies the overrides in `QUICK` to every recipe. Seed s sets
+`train.seed` (so also the model's initialisation); the data splits never change.
+
+One job = one (method, seed): `python -m rim train` (checkpoint `best/` chosen on the valid
+split), then `python -m rim eval` of `best/` on the test split in the same worker slot, so
+`--workers` jobs run in parallel (one core each); on a GPU they run one after another on it.
+Batch-1 latency (TTFT, full answer) is timed afterwards, one run at a time, so that a
+training neighbour never inflates another method's milliseconds.
+
+Writes to --out: results.json, results.md, accuracy_vs_ttft.png, rim_per_block.png and
+runs/<method>/seed<s>/ (train.log, metrics.jsonl, best/, test_eval.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from rim.errors import RimError
+
+# `--quick`: the same recipes, shrunk (applied after the recipe, before validation).
+QUICK: dict[str, object] = {
+    "model.size": "tiny",
+    "data.train.size": 1000,
+    "data.valid.size": 64,
+    "data.test.size": 200,
+    "train.batch_size": 32,
+    "train.steps": 60,  # direct, cot, pause, icot
+    "train.eval_every": 30,
+    "curriculum.stage1_steps": 40,  # rim: 40 + 20
+    "curriculum.stage2_steps": 20,
+    "coconut.steps_per_stage": 20,  # coconut: 3 stages x 20
+    "eval.val_limit": 64,
+    "eval.timing_examples": 8,
+}
+
+DEFAULT_METHODS = ("direct", "cot", "pause", "rim", "coconut", "icot")
+RESULT_KEYS = ("accuracy", "token_accuracy", "any_block_accuracy", "forward_passes",
+               "generated_tokens", "ttft_ms", "latency_ms", "train_s")
+
+
+def config_dir() -> Path:
+    """configs/demo of the checkout (editable install), else of the working directory."""
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if (root / "configs" / "demo" / "base.yaml").is_file():
+            return root / "configs" / "demo"
+    raise RimError("configs/demo/base.yaml not found (run from the rim checkout)")
+
+
+@dataclass
+class Job:
+    method: str
+    seed: int
+    recipe: Path
+    out: Path
+    sets: list[str]
+    total_steps: int
+    state: str = "queued"  # queued | train | eval | done | failed
+    started: float = 0.0
+    result: dict = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}/s{self.seed}"
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _methods(spec: str) -> list[str]:
+    from rim.config import METHODS as KNOWN
+    from rim.methods import METHODS
+
+    names = list(dict.fromkeys(m.strip() for m in spec.split(",") if m.strip()))
+    if not names:
+        raise RimError("--methods: no method given")
+    unknown = [m for m in names if m not in KNOWN]
+    if unknown:
+        raise RimError(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(KNOWN)})")
+    ready = []
+    for m in names:
+        if m not in METHODS:
+            print(f"[demo] note: method {m} is not registered in rim.methods yet; skipped")
+        elif not (config_dir() / f"{m}.yaml").is_file():
+            print(f"[demo] note: no recipe configs/demo/{m}.yaml; {m} skipped")
+        else:
+            ready.append(m)
+    if not ready:
+        raise RimError("--methods: none of the methods can run")
+    return ready
+
+
+def _total_steps(cfg) -> int:
+    """Optimizer steps of a run (for the progress display only)."""
+    from rim.curriculum import coconut_stages, steps_for
+
+    n, bs, t = cfg.data.train.size, cfg.train.batch_size, cfg.train
+    if cfg.method == "rim":
+        c = cfg.curriculum
+        return steps_for(c.stage1_epochs, c.stage1_steps, n, bs) + steps_for(
+            c.stage2_epochs, c.stage2_steps, n, bs)
+    if cfg.method == "coconut":
+        c = cfg.coconut
+        per = steps_for(c.epochs_per_stage, c.steps_per_stage, n, bs)
+        return per * len(coconut_stages(c.max_stage, c.stage0))
+    return steps_for(t.epochs, t.steps, n, bs)
+
+
+def plan_jobs(methods: list[str], seeds: int, out: Path, sets: list[str]) -> tuple[list[Job], dict]:
+    """One job per (method, seed), every recipe validated before anything starts."""
+    from rim.config import load_config
+
+    jobs, cfgs = [], {}
+    for m in methods:
+        recipe = config_dir() / f"{m}.yaml"
+        cfgs[m] = load_config(recipe, sets)  # a bad override fails here, not in a worker
+        if cfgs[m].method != m:
+            raise RimError(f"{recipe}: method is {cfgs[m].method!r}, expected {m!r}")
+        for s in range(seeds):
+            jobs.append(Job(m, s, recipe, out / "runs" / m / f"seed{s}", sets,
+                            _total_steps(cfgs[m])))
+    return jobs, cfgs
+
+
+# --------------------------------------------------------------------------- running
+
+
+class Runner:
+    """Runs jobs in `workers` threads, each driving its own subprocesses; Ctrl-C stops them."""
+
+    def __init__(self, device: str, eval_batch: int):
+        self.device, self.eval_batch = device, eval_batch
+        self.procs: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.env = os.environ | {"RIM_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
+        if device == "cpu":
+            self.env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def _call(self, cmd: list[str], log: Path) -> int:
+        with open(log, "a") as f:
+            f.write(f"$ {' '.join(cmd)}\n")
+            f.flush()
+            p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env)
+            with self.lock:
+                self.procs.add(p)
+            try:
+                return p.wait()
+            finally:
+                with self.lock:
+                    self.procs.discard(p)
+
+    def run(self, job: Job) -> Job:
+        py = [sys.executable, "-m", "rim"]
+        shutil.rmtree(job.out, ignore_errors=True)  # a rerun never appends to old metrics
+        job.out.mkdir(parents=True)
+        log = job.out / "train.log"
+        job.started, job.state = time.perf_counter(), "train"
+        sets = [*job.sets, f"train.seed={job.seed}", "train.threads=1"]
+        cmd = py + ["train", "--config", str(job.recipe), "--out", str(job.out)]
+        if self._call(cmd + [a for s in sets for a in ("--set", s)], log):
+            return self._fail(job, "training failed", log)
+        job.state = "eval"
+        cmd = py + ["eval", "--checkpoint", str(job.out / "best"), "--split", "test",
+                    "--timing-examples", "0", "--batch-size", str(self.eval_batch),
+                    "--device", self.device, "--out", str(job.out / "test_eval.json")]
+        if self._call(cmd, log):
+            return self._fail(job, "test evaluation failed", log)
+        res = json.loads((job.out / "test_eval.json").read_text())
+        done = [json.loads(x) for x in (job.out / "metrics.jsonl").read_text().splitlines()]
+        done = [r for r in done if r.get("event") == "done"][-1]
+        job.result = res | {"train_s": done["train_s"],
+                            "best_valid_accuracy": done["best_valid_accuracy"],
+                            "job_s": time.perf_counter() - job.started}
+        job.state = "done"
+        return job
+
+    def _fail(self, job: Job, what: str, log: Path) -> Job:
+        tail = log.read_text(errors="replace").strip().splitlines()[-8:]
+        job.state, job.error = "failed", f"{what} (see {log})\n    " + "\n    ".join(tail)
+        return job
+
+    def stop(self) -> None:
+        with self.lock:
+            for p in self.procs:
+                p.terminate()
+
+
+def _last_step(job: Job) -> int:
+    try:
+        lines = (job.out / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    return json.loads(lines[-1]).get("step", 0) if lines else 0
+
+
+def _status(jobs: list[Job]) -> str:
+    now = time.perf_counter()
+    parts = []
+    for j in jobs:
+        if j.state == "train":
+            parts.append(f"{j.name} train {_last_step(j)}/{j.total_steps} {now - j.started:.0f}s")
+        elif j.state == "eval":
+            parts.append(f"{j.name} test eval")
+    return "running: " + (", ".join(parts) or "-")
+
+
+def run_jobs(jobs: list[Job], workers: int, runner: Runner) -> None:
+    quiet = os.environ.get("RIM_NO_PROGRESS") == "1"
+    bar = tqdm(total=len(jobs), desc="demo", unit="job", disable=quiet, dynamic_ncols=True)
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        pending = {pool.submit(runner.run, j) for j in jobs}
+        while pending:
+            finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                j = fut.result()
+                line = (f"[demo] {j.name}: test accuracy {j.result['accuracy']:.3f}, "
+                        f"trained {j.result['train_s']:.0f}s" if j.state == "done"
+                        else f"[demo] {j.name}: {j.error}")
+                (print if quiet else tqdm.write)(line)
+                bar.update(1)
+            bar.set_postfix_str(_status(jobs), refresh=True)
+    except BaseException:
+        for j in jobs:  # queued jobs never start; running ones are terminated
+            j.state = "failed" if j.state != "done" else j.state
+        pool.shutdown(wait=False, cancel_futures=True)
+        runner.stop()
+        raise
+    finally:
+        bar.close()
+    pool.shutdown()
+
+
+def time_jobs(jobs: list[Job], test: list, n: int, device: str) -> None:
+    """Batch-1 TTFT and latency medians of each `best/`, one run at a time (no neighbours)."""
+    import torch
+
+    from rim.decoding import Reasoner
+    from rim.evaluation import latency
+
+    if device == "cpu":
+        torch.set_num_threads(1)  # as in training: one core per process
+    for j in jobs:
+        if j.state != "done":
+            continue
+        r = Reasoner.load(str(j.out / "best"), device)
+        j.result |= latency(r.method, r.model, test[:n], None, r.model.device)
+        j.result["timing_examples"] = min(n, len(test))
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _sd(xs: list[float]) -> float | None:
+    return statistics.stdev(xs) if len(xs) > 1 else None
+
+
+def summarise(jobs: list[Job]) -> dict[str, dict]:
+    """Per method: means over seeds of every result key, s.d. of accuracies, per-seed dicts."""
+    out: dict[str, dict] = {}
+    for m in dict.fromkeys(j.method for j in jobs):
+        runs = [j for j in jobs if j.method == m and j.state == "done"]
+        if not runs:
+            continue
+        seeds = [{"seed": j.seed, "run": str(j.out)}
+                 | {k: v for k, v in j.result.items() if k not in ("checkpoint", "data")}
+                 for j in runs]
+        row: dict = {}
+        for key in RESULT_KEYS:
+            vals = [s[key] for s in seeds if s.get(key) is not None]
+            if vals:
+                row[key] = statistics.fmean(vals)
+        row["accuracy_sd"] = _sd([s["accuracy"] for s in seeds])
+        if "any_block_accuracy" in row:
+            row["any_block_accuracy_sd"] = _sd([s["any_block_accuracy"] for s in seeds])
+        if all("per_block_accuracy" in s for s in seeds):
+            cols = list(zip(*(s["per_block_accuracy"] for s in seeds)))
+            row["per_block_accuracy"] = [statistics.fmean(c) for c in cols]
+            row["per_block_accuracy_sd"] = [_sd(list(c)) for c in cols]
+        row["n_seeds"] = len(seeds)
+        row["seeds"] = seeds
+        out[m] = row
+    return out
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown_table(methods: dict[str, dict]) -> str:
+    head = ("| method | final-block acc (mean ± s.d.) | any-block acc | TTFT ms | latency ms "
+            "| forward passes | generated tokens | train s |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for name, r in methods.items():
+        acc = _fmt(r["accuracy"], ".3f") + (
+            f" ± {r['accuracy_sd']:.3f}" if r.get("accuracy_sd") is not None else "")
+        cells = [name, acc, _fmt(r.get("any_block_accuracy"), ".3f"),
+                 _fmt(r.get("ttft_ms"), ".2f"), _fmt(r.get("latency_ms"), ".2f"),
+                 _fmt(r.get("forward_passes"), ".2f"), _fmt(r.get("generated_tokens"), ".2f"),
+                 _fmt(r.get("train_s"), ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _task_line(task: dict) -> str:
+    opts = ", ".join(f"{k}={v}" for k, v in (task["options"] or {}).items())
+    return (f"{task['generator'] or task['path']}({opts}): train {task['sizes']['train']} / "
+            f"valid {task['sizes']['valid']} / test {task['sizes']['test']} examples")
+
+
+def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
+    c, m = res["config"], res["machine"]
+    notes = [
+        "# rim demo",
+        "",
+        f"Task: {_task_line(res['task'])}. Model: {c['model']}. "
+        f"Seeds: {c['seeds']}" + (" (`--quick`: accuracies are not meaningful)." if c["quick"]
+                                 else "."),
+        "",
+        markdown_table(res["methods"]),
+        "",
+        "Accuracy: exact-match fraction on the test split (a separate generator seed), after "
+        "the last memory block for block methods (any-block: right after at least one block); "
+        "checkpoint chosen on the valid split; mean ± s.d. over seeds. TTFT (time to first "
+        "answer token) and latency (full answer): medians of "
+        f"{c['timing_examples']} batch-1 greedy runs on {m['device']}, one run at a time. "
+        "Forward passes and generated tokens: means per test question. Train s: training "
+        "wall time per run (validation included).",
+        "",
+        f"Machine: {m['summary']}",
+        "",
+        f"Command: `{res['command']}`",
+    ]
+    if res.get("failed"):
+        notes += ["", "Failed runs: " + "; ".join(res["failed"])]
+    notes += [""] + [f"![{p}]({p})" for p in plots]
+    path.write_text("\n".join(notes) + "\n")
+
+
+def machine_info(device: str, workers: int) -> dict:
+    import torch
+    import transformers
+
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu_count": os.cpu_count(),
+        "device": device,
+        "gpu": gpu,
+        "workers": workers,
+        "threads_per_job": 1,
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    where = gpu or f"CPU ({os.cpu_count()} cores, {workers} parallel jobs, 1 thread each)"
+    info["summary"] = (f"{where}; {info['platform']}; Python {info['python']}, torch "
+                       f"{info['torch']}, transformers {info['transformers']}")
+    return info
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _command(args) -> str:
+    cmd = f"rim demo --out {args.out} --seeds {args.seeds} --methods {args.methods}"
+    return cmd + f" --workers {args.workers}" + (" --quick" if args.quick else "")
+
+
+def run_demo(args, overrides: dict | None = None) -> dict:
+    """Train, evaluate and report every method of `args.methods`; returns results.json's dict.
+
+    `overrides`: extra `key: value` recipe overrides applied after `QUICK` (tests shrink
+    the quick demo further with it).
+    """
+    import torch
+
+    if args.seeds < 1 or args.workers < 1:
+        raise RimError("--seeds and --workers must be >= 1")
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    workers = 1 if device == "cuda" else args.workers
+    if workers != args.workers:
+        print(f"[demo] GPU found: jobs run one after another on {device}")
+    over = (QUICK if args.quick else {}) | (overrides or {})
+    sets = [f"{k}={json.dumps(v)}" for k, v in over.items()]
+    methods = _methods(args.methods)
+    jobs, cfgs = plan_jobs(methods, args.seeds, out, sets)
+    base = cfgs[methods[0]]
+    print(f"[demo] {len(jobs)} jobs ({', '.join(methods)} x {args.seeds} seed(s)), "
+          f"{workers} at a time on {device}; logs in {out / 'runs'}/<method>/seed<s>/train.log")
+    machine = machine_info(device, workers)
+    runner = Runner(device, base.eval.batch_size)
+    run_jobs(jobs, workers, runner)
+    from rim.data import load_split
+
+    test = load_split(**vars(base.data.test))
+    time_jobs(jobs, test, base.eval.timing_examples, device)
+    res = assemble(jobs, cfgs, base, args, machine, over)
+    res["wall_s"] = time.perf_counter() - t0
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    from rim.plots import plot_accuracy_vs_ttft, plot_per_block
+
+    plots = [p for p in (plot_accuracy_vs_ttft(res, out / "accuracy_vs_ttft.png"),
+                         plot_per_block(res, out / "rim_per_block.png")) if p]
+    write_markdown(out / "results.md", res, [p.name for p in plots])
+    print("\n" + markdown_table(res["methods"]))
+    print(f"\n[demo] {res['wall_s']:.0f}s; wrote {out / 'results.json'}, {out / 'results.md'}, "
+          + ", ".join(str(p) for p in plots))
+    if res["failed"]:
+        raise RimError(f"{len(res['failed'])} demo run(s) failed: {res['failed'][0]}")
+    return res
+
+
+def assemble(jobs, cfgs, base, args, machine, over) -> dict:
+    d = base.data
+    task = {"generator": d.train.generator, "path": d.train.path, "options": d.train.options,
+            "sizes": {s: getattr(d, s).size for s in ("train", "valid", "test")},
+            "seeds": {s: getattr(d, s).seed for s in ("train", "valid", "test")}}
+    config = {
+        "recipes": {m: str(config_dir() / f"{m}.yaml") for m in cfgs},
+        "overrides": over, "quick": args.quick, "seeds": args.seeds,
+        "model": f"{base.model.arch} {base.model.size}",
+        "timing_examples": min(base.eval.timing_examples, d.test.size),
+        "resolved": {m: c.to_dict() for m, c in cfgs.items()},
+    }
+    return {
+        "methods": summarise(jobs),
+        "task": task,
+        "config": config,
+        "machine": machine,
+        "command": _command(args),
+        "failed": [f"{j.name}: {j.error.splitlines()[0]}" for j in jobs if j.state == "failed"],
+    }
