@@ -268,12 +268,12 @@ def expected_passes(name: str, answer_tokens: int, cot_tokens: int, thoughts: in
 def plain_loop(
     model, prompt: list[int], batch: int, new_tokens: int, clock: Callable[[], float],
     thoughts: int = 0, eot_id: int | None = None,
-) -> list[float]:
+) -> tuple[list[float], list[int]]:
     """The reference: a plain transformers prefill + greedy loop with the KV cache.
 
     No attention mask or position ids (every row is the same prompt). With `eot_id`, Coconut:
     `thoughts` passes feeding the last hidden state back as the input embedding, then `<eot>`.
-    Returns seconds from the start at which each generated token was known.
+    Returns the seconds from the start at which each token was known, and row 0's tokens.
     """
     start = clock()
     device = next(model.parameters()).device
@@ -291,15 +291,15 @@ def plain_loop(
         out = model(input_ids=eot, past_key_values=cache, use_cache=True)
         cache = out.past_key_values
     nxt = out.logits[:, -1].argmax(-1)  # (B,)
-    times = []
+    times, tokens = [], []
     for step in range(new_tokens):
-        nxt.tolist()  # synchronises, as greedy decoding does to check EOS
+        tokens.append(nxt.tolist()[0])  # synchronises, as greedy decoding does to check EOS
         times.append(clock() - start)
         if step == new_tokens - 1:
             break
         out = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
         cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
-    return times
+    return times, tokens
 
 
 def latency_bench(
@@ -342,20 +342,25 @@ def latency_bench(
     first = {n: (cot_tokens if n == "cot" else 0) for n in active}
     S = {n: {k: [] for k in ("ttft", "full", "plain_ttft", "plain_full")} for n in active}
     counts: dict[str, dict] = {}
+    generated: dict[str, list[int]] = {}
+    plain_tokens: dict[str, list[int]] = {}
 
     def ours(name: str, keep: bool) -> None:
         out = decode(meths[name], bm.model, questions, clock=clock)
         if keep:
             S[name]["ttft"].append(out.token_times[first[name]] * 1e3)
             S[name]["full"].append(out.token_times[-1] * 1e3)
-        counts[name] = {"generated_tokens": len(out.tokens[0]), "forward_passes": out.passes[0],
-                        "prompt_tokens": len(meths[name].prompt(q))}
+        counts.setdefault(name, {}).update(
+            generated_tokens=len(out.tokens[0]), forward_passes=out.passes[0],
+            prompt_tokens=len(meths[name].prompt(q)))
+        generated[name] = out.tokens[0]
 
     def reference(name: str, keep: bool) -> None:
         m = meths[name]
         coco = name == "coconut"
-        times = plain_loop(bm.model, m.prompt(q), batch, m.max_new_tokens(), clock,
-                           m.thoughts() if coco else 0, m.eot_id if coco else None)
+        times, tokens = plain_loop(bm.model, m.prompt(q), batch, m.max_new_tokens(), clock,
+                                   m.thoughts() if coco else 0, m.eot_id if coco else None)
+        plain_tokens[name] = tokens
         if keep:
             S[name]["plain_ttft"].append(times[first[name]] * 1e3)
             S[name]["plain_full"].append(times[-1] * 1e3)
@@ -371,8 +376,9 @@ def latency_bench(
                 f"{n} {S[n]['ttft'][-1]:.1f}" for n in active) + " ms TTFT")
 
     med = {n: {k: _median(v) for k, v in S[n].items()} for n in active}
-    ms = {n: med[n]["ttft"] if n in med else None for n in methods}
-    lat = {n: med[n]["full"] if n in med else None for n in methods}
+    keys = list(dict.fromkeys(LATENCY_METHODS + tuple(methods)))  # None where not run
+    ms = {n: med[n]["ttft"] if n in med else None for n in keys}
+    lat = {n: med[n]["full"] if n in med else None for n in keys}
     res = {
         "ms": ms,
         "ratios": _latency_ratios(ms),
@@ -381,14 +387,18 @@ def latency_bench(
         "machine": machine(bm.device),
     }
     if plain:
-        res["plain_ms"] = {n: med[n]["plain_ttft"] if n in med else None for n in methods}
-        res["plain_latency_ms"] = {n: med[n]["plain_full"] if n in med else None for n in methods}
+        res["plain_ms"] = {n: med[n]["plain_ttft"] if n in med else None for n in keys}
+        res["plain_latency_ms"] = {n: med[n]["plain_full"] if n in med else None for n in keys}
         res["overhead"] = {  # ours / plain loop: 1.0 = no overhead
             n: {"ttft": _ratio(med[n]["ttft"], med[n]["plain_ttft"]),
                 "latency": _ratio(med[n]["full"], med[n]["plain_full"])} for n in active
         }
-    res["counts"] = {n: counts[n] | {"expected_forward_passes": expected_passes(
-        n, answer_tokens, cot_tokens, thoughts)} for n in active}
+    for n in active:
+        counts[n]["expected_forward_passes"] = expected_passes(n, answer_tokens, cot_tokens,
+                                                               thoughts)
+        if plain:  # same greedy tokens: the plain loop did the same work
+            counts[n]["same_tokens_as_plain"] = generated[n] == plain_tokens[n]
+    res["counts"] = counts
     res["config"] = {
         "model": bm.name, "arch": bm.arch, "params_m": round(bm.params / 1e6, 1),
         "vocab": bm.model.get_input_embeddings().weight.shape[0], "device": str(bm.device),

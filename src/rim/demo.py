@@ -265,7 +265,7 @@ def time_jobs(jobs: list[Job], test: list, n: int, device: str) -> None:
         if j.state != "done":
             continue
         r = Reasoner.load(str(j.out / "best"), device)
-        j.result |= latency(r.method, r.model, test[:n], None, r.model.device)
+        j.result |= latency(r.method, r.model, test[:n], None, torch.device(device))
         j.result["timing_examples"] = min(n, len(test))
 
 
@@ -381,6 +381,91 @@ def machine_info(device: str, workers: int) -> dict:
     return info
 
 
+# --------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _subtitle(res: dict) -> str:
+    c = res["config"]
+    seeds = f"{c['seeds']} seed" + ("s" if c["seeds"] > 1 else "")
+    quick = ", --quick" if c["quick"] else ""
+    return f"{_task_line(res['task'])}; {c['model']}; {seeds}{quick}; {res['machine']['device']}"
+
+
+def plot_accuracy_vs_ttft(res: dict, path: Path) -> Path | None:
+    """One labelled point per method: TTFT (x) against final-block accuracy (y), s.d. bars."""
+    rows = {m: r for m, r in res["methods"].items() if r.get("ttft_ms")}
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, (m, r) in enumerate(rows.items()):
+        sd = r.get("accuracy_sd") or 0.0
+        ax.errorbar(r["ttft_ms"], r["accuracy"], yerr=sd, fmt="o", ms=8, capsize=4,
+                    color=f"C{i}", label=m)
+        ax.annotate(m, (r["ttft_ms"], r["accuracy"]), textcoords="offset points",
+                    xytext=(7, 6), fontsize=11, color=f"C{i}")
+    xs = [r["ttft_ms"] for r in rows.values()]
+    log = max(xs) / max(min(xs), 1e-9) > 5
+    if log:
+        ax.set_xscale("log")
+        ax.set_xlim(min(xs) / 1.6, max(xs) * 1.8)
+    else:
+        ax.set_xlim(0, max(xs) * 1.25)
+    ax.set_ylim(-0.03, 1.05)
+    scale = ", log scale" if log else ""
+    ax.set_xlabel(f"time to first answer token (ms, median of batch-1 runs{scale})")
+    ax.set_ylabel("final-block accuracy on the test split (fraction)")
+    ax.set_title("Accuracy vs time to first answer token\n" + _subtitle(res), fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_per_block(res: dict, path: Path) -> Path | None:
+    """RiM's accuracy after each memory block k = 1..K (mean ± s.d.), pause and direct beside."""
+    methods = res["methods"]
+    if "per_block_accuracy" not in methods.get("rim", {}):
+        print("[demo] note: rim did not run; no rim_per_block.png")
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, m in enumerate(("rim", "pause")):
+        r = methods.get(m, {})
+        if "per_block_accuracy" not in r:
+            continue
+        y = r["per_block_accuracy"]
+        sd = [s or 0.0 for s in r["per_block_accuracy_sd"]]
+        k = list(range(1, len(y) + 1))
+        ax.errorbar(k, y, yerr=sd, fmt="-o", capsize=4, color=f"C{i}",
+                    ls="-" if m == "rim" else "--", label=f"{m} (mean ± s.d. over seeds)")
+        ax.set_xticks(k)
+    if "direct" in methods:
+        ax.axhline(methods["direct"]["accuracy"], color="gray", ls=":",
+                   label="direct (no blocks)")
+    ax.set_ylim(-0.03, 1.05)
+    ax.set_xlabel("memory blocks before the answer, k (answer decoded after block k)")
+    ax.set_ylabel("accuracy on the test split (fraction)")
+    ax.set_title("Accuracy after each memory block\n" + _subtitle(res), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -423,8 +508,6 @@ def run_demo(args, overrides: dict | None = None) -> dict:
     res = assemble(jobs, cfgs, base, args, machine, over)
     res["wall_s"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(res, indent=2))
-    from rim.plots import plot_accuracy_vs_ttft, plot_per_block
-
     plots = [p for p in (plot_accuracy_vs_ttft(res, out / "accuracy_vs_ttft.png"),
                          plot_per_block(res, out / "rim_per_block.png")) if p]
     write_markdown(out / "results.md", res, [p.name for p in plots])
