@@ -34,6 +34,7 @@ def test_latency_json_schema_and_counts(capsys):
     assert all(v > 0 for v in res["ms"].values())
     assert all(math.isfinite(v) and v > 0 for v in res["ratios"].values())
     assert res["ratios"]["rim/direct"] == pytest.approx(res["ms"]["rim"] / res["ms"]["direct"])
+    assert set(res["paired_ratios"]) == set(res["ratios"])
     assert set(res["plain_ms"]) == methods and set(res["overhead"]) == methods
     c = res["counts"]
     # the configured number of tokens, and sequential passes: prefill + one per further token
@@ -97,7 +98,7 @@ def test_naive_per_readout_loss_equals_packed_loss(tiny):
     s1 = Stage("stage1", 0, 1, 1e-3, None, {"kind": "grounding", "t_max": 4})
     model = tiny.model.eval()
     batches = bench.naive_batches(rim, exs, s1, 0.3)
-    assert len(batches) == 5  # 4 step readouts (some faded at p=0.3 are left out) + answer
+    assert len(batches) == 4  # steps 2-4 and the answer: step 1 has faded out at p = 0.3
     model.zero_grad()
     packed = rim.loss(model, exs, s1, 0.3, 3, tiny.device)
     packed.backward()

@@ -386,12 +386,18 @@ def latency_bench(
         "latency_ratios": _latency_ratios(lat),
         "machine": machine(bm.device),
     }
+    # medians of per-round ratios: the two figures of a pair were timed back to back, so
+    # background load that drifts between rounds cancels out
+    res["paired_ratios"] = {
+        k: _paired(S.get(a, {}).get("ttft"), S.get(b, {}).get("ttft"))
+        for k, (a, b) in RATIOS.items()
+    }
     if plain:
         res["plain_ms"] = {n: med[n]["plain_ttft"] if n in med else None for n in keys}
         res["plain_latency_ms"] = {n: med[n]["plain_full"] if n in med else None for n in keys}
-        res["overhead"] = {  # ours / plain loop: 1.0 = no overhead
-            n: {"ttft": _ratio(med[n]["ttft"], med[n]["plain_ttft"]),
-                "latency": _ratio(med[n]["full"], med[n]["plain_full"])} for n in active
+        res["overhead"] = {  # ours / plain loop, paired per round: 1.0 = no overhead
+            n: {"ttft": _paired(S[n]["ttft"], S[n]["plain_ttft"]),
+                "latency": _paired(S[n]["full"], S[n]["plain_full"])} for n in active
         }
     for n in active:
         counts[n]["expected_forward_passes"] = expected_passes(n, answer_tokens, cot_tokens,
@@ -412,13 +418,19 @@ def latency_bench(
     return res
 
 
+RATIOS = {"rim/direct": ("rim", "direct"), "coconut/rim": ("coconut", "rim"),
+          "cot/rim": ("cot", "rim")}
+
+
 def _latency_ratios(ms: dict) -> dict:
-    g = ms.get
-    return {
-        "rim/direct": _ratio(g("rim"), g("direct")),
-        "coconut/rim": _ratio(g("coconut"), g("rim")),
-        "cot/rim": _ratio(g("cot"), g("rim")),
-    }
+    return {k: _ratio(ms.get(a), ms.get(b)) for k, (a, b) in RATIOS.items()}
+
+
+def _paired(a: list[float] | None, b: list[float] | None) -> float | None:
+    """Median of a[i] / b[i] over rounds i."""
+    if not a or not b:
+        return None
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 # --------------------------------------------------------------------------- training
@@ -727,6 +739,8 @@ def format_latency(res: dict) -> str:
         )
     lines.append("")
     lines.append("TTFT ratios: " + ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in res["ratios"].items()))
+    lines.append("TTFT ratios, paired per round: " + ", ".join(
+        f"{k} {_fmt(v, '.2f')}" for k, v in res["paired_ratios"].items()))
     lines.append("latency ratios: " + ", ".join(
         f"{k} {_fmt(v, '.2f')}" for k, v in res["latency_ratios"].items()))
     if "overhead" in res:
@@ -766,8 +780,6 @@ def format_any_block(res: dict) -> str:
 
 def run_bench(args) -> dict:
     """`rim bench KIND ...` (see `rim.cli`): run, print a table or JSON, return the result."""
-    import sys
-
     kind = args.kind
     d = DEFAULTS[kind]
 
@@ -775,8 +787,18 @@ def run_bench(args) -> dict:
         v = getattr(args, name, None)
         return d.get(name, default) if v is None else v
 
+    threads = torch.get_num_threads()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args, kind, arg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, kind: str, arg: Callable) -> dict:
+    import sys
+
     as_json = getattr(args, "json", False)
 
     def log(msg: str) -> None:

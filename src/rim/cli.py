@@ -180,6 +180,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
+        if getattr(args, "blocks", None) is not None and args.blocks < 1:
+            raise RimError(f"--blocks: K must be >= 1, got {args.blocks}")
         args.fn(args)
     except RimError as err:
         print(f"rim: error: {str(err).splitlines()[0]}", file=sys.stderr)

@@ -50,13 +50,22 @@ QUICK: dict[str, object] = {
     "curriculum.stage1_steps": 40,  # rim: 40 + 20
     "curriculum.stage2_steps": 20,
     "coconut.steps_per_stage": 20,  # coconut: 3 stages x 20
+    "train.log_every": 10,  # the progress display reads the step from metrics.jsonl
     "eval.val_limit": 64,
     "eval.timing_examples": 8,
 }
 
 DEFAULT_METHODS = ("direct", "cot", "pause", "rim", "coconut", "icot")
-RESULT_KEYS = ("accuracy", "token_accuracy", "any_block_accuracy", "forward_passes",
-               "generated_tokens", "ttft_ms", "latency_ms", "train_s")
+RESULT_KEYS = (
+    "accuracy",
+    "token_accuracy",
+    "any_block_accuracy",
+    "forward_passes",
+    "generated_tokens",
+    "ttft_ms",
+    "latency_ms",
+    "train_s",
+)
 
 
 def config_dir() -> Path:
@@ -119,7 +128,8 @@ def _total_steps(cfg) -> int:
     if cfg.method == "rim":
         c = cfg.curriculum
         return steps_for(c.stage1_epochs, c.stage1_steps, n, bs) + steps_for(
-            c.stage2_epochs, c.stage2_steps, n, bs)
+            c.stage2_epochs, c.stage2_steps, n, bs
+        )
     if cfg.method == "coconut":
         c = cfg.coconut
         per = steps_for(c.epochs_per_stage, c.steps_per_stage, n, bs)
@@ -137,9 +147,18 @@ def plan_jobs(methods: list[str], seeds: int, out: Path, sets: list[str]) -> tup
         cfgs[m] = load_config(recipe, sets)  # a bad override fails here, not in a worker
         if cfgs[m].method != m:
             raise RimError(f"{recipe}: method is {cfgs[m].method!r}, expected {m!r}")
+        if cfgs[m].data.test is None:
+            raise RimError(f"{recipe}: the demo needs data.test")
+        first = cfgs[methods[0]]
+        for part in ("data", "model"):  # the comparison is only fair on the same task and model
+            if getattr(cfgs[m], part) != getattr(first, part):
+                raise RimError(
+                    f"{recipe}: {part} differs from {methods[0]}.yaml; set it in base.yaml"
+                )
         for s in range(seeds):
-            jobs.append(Job(m, s, recipe, out / "runs" / m / f"seed{s}", sets,
-                            _total_steps(cfgs[m])))
+            jobs.append(
+                Job(m, s, recipe, out / "runs" / m / f"seed{s}", sets, _total_steps(cfgs[m]))
+            )
     return jobs, cfgs
 
 
@@ -153,6 +172,7 @@ class Runner:
         self.device, self.eval_batch = device, eval_batch
         self.procs: set[subprocess.Popen] = set()
         self.lock = threading.Lock()
+        self.stopped = False
         self.env = os.environ | {"RIM_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
         if device == "cpu":
             self.env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -161,8 +181,10 @@ class Runner:
         with open(log, "a") as f:
             f.write(f"$ {' '.join(cmd)}\n")
             f.flush()
-            p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env)
             with self.lock:
+                if self.stopped:
+                    return -1
+                p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env)
                 self.procs.add(p)
             try:
                 return p.wait()
@@ -171,6 +193,13 @@ class Runner:
                     self.procs.discard(p)
 
     def run(self, job: Job) -> Job:
+        try:
+            return self._run(job)
+        except Exception as err:  # one broken run must not stop the others
+            job.state, job.error = "failed", f"{type(err).__name__}: {err}"
+            return job
+
+    def _run(self, job: Job) -> Job:
         py = [sys.executable, "-m", "rim"]
         shutil.rmtree(job.out, ignore_errors=True)  # a rerun never appends to old metrics
         job.out.mkdir(parents=True)
@@ -181,27 +210,43 @@ class Runner:
         if self._call(cmd + [a for s in sets for a in ("--set", s)], log):
             return self._fail(job, "training failed", log)
         job.state = "eval"
-        cmd = py + ["eval", "--checkpoint", str(job.out / "best"), "--split", "test",
-                    "--timing-examples", "0", "--batch-size", str(self.eval_batch),
-                    "--device", self.device, "--out", str(job.out / "test_eval.json")]
+        cmd = py + [
+            "eval",
+            "--checkpoint",
+            str(job.out / "best"),
+            "--split",
+            "test",
+            "--timing-examples",
+            "0",
+            "--batch-size",
+            str(self.eval_batch),
+            "--device",
+            self.device,
+            "--out",
+            str(job.out / "test_eval.json"),
+        ]
         if self._call(cmd, log):
             return self._fail(job, "test evaluation failed", log)
         res = json.loads((job.out / "test_eval.json").read_text())
         done = [json.loads(x) for x in (job.out / "metrics.jsonl").read_text().splitlines()]
         done = [r for r in done if r.get("event") == "done"][-1]
-        job.result = res | {"train_s": done["train_s"],
-                            "best_valid_accuracy": done["best_valid_accuracy"],
-                            "job_s": time.perf_counter() - job.started}
+        job.result = res | {
+            "train_s": done["train_s"],
+            "best_valid_accuracy": done["best_valid_accuracy"],
+            "job_s": time.perf_counter() - job.started,
+        }
         job.state = "done"
         return job
 
     def _fail(self, job: Job, what: str, log: Path) -> Job:
-        tail = log.read_text(errors="replace").strip().splitlines()[-8:]
+        lines = log.read_text(errors="replace").strip().splitlines()
+        tail = [x for x in lines if not x.startswith("$ ")][-8:]  # not the long command
         job.state, job.error = "failed", f"{what} (see {log})\n    " + "\n    ".join(tail)
         return job
 
     def stop(self) -> None:
         with self.lock:
+            self.stopped = True
             for p in self.procs:
                 p.terminate()
 
@@ -209,9 +254,9 @@ class Runner:
 def _last_step(job: Job) -> int:
     try:
         lines = (job.out / "metrics.jsonl").read_text().splitlines()
-    except OSError:
+        return json.loads(lines[-1]).get("step", 0) if lines else 0
+    except (OSError, ValueError):  # not written yet, or a line half written
         return 0
-    return json.loads(lines[-1]).get("step", 0) if lines else 0
 
 
 def _status(jobs: list[Job]) -> str:
@@ -235,30 +280,36 @@ def run_jobs(jobs: list[Job], workers: int, runner: Runner) -> None:
             finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
             for fut in finished:
                 j = fut.result()
-                line = (f"[demo] {j.name}: test accuracy {j.result['accuracy']:.3f}, "
-                        f"trained {j.result['train_s']:.0f}s" if j.state == "done"
-                        else f"[demo] {j.name}: {j.error}")
+                line = (
+                    f"[demo] {j.name}: test accuracy {j.result['accuracy']:.3f}, "
+                    f"trained {j.result['train_s']:.0f}s"
+                    if j.state == "done"
+                    else f"[demo] {j.name}: {j.error}"
+                )
                 (print if quiet else tqdm.write)(line)
                 bar.update(1)
             bar.set_postfix_str(_status(jobs), refresh=True)
-    except BaseException:
-        for j in jobs:  # queued jobs never start; running ones are terminated
-            j.state = "failed" if j.state != "done" else j.state
-        pool.shutdown(wait=False, cancel_futures=True)
-        runner.stop()
-        raise
-    finally:
+    except BaseException as err:
+        pool.shutdown(wait=False, cancel_futures=True)  # queued jobs never start
+        runner.stop()  # running ones are terminated
         bar.close()
+        if isinstance(err, KeyboardInterrupt):
+            print("[demo] interrupted: running jobs stopped, no results written", file=sys.stderr)
+            raise SystemExit(130) from None
+        raise
+    bar.close()
     pool.shutdown()
 
 
 def time_jobs(jobs: list[Job], test: list, n: int, device: str) -> None:
     """Batch-1 TTFT and latency medians of each `best/`, one run at a time (no neighbours)."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from rim.decoding import Reasoner
     from rim.evaluation import latency
 
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would break the table output
     if device == "cpu":
         torch.set_num_threads(1)  # as in training: one core per process
     for j in jobs:
@@ -283,9 +334,11 @@ def summarise(jobs: list[Job]) -> dict[str, dict]:
         runs = [j for j in jobs if j.method == m and j.state == "done"]
         if not runs:
             continue
-        seeds = [{"seed": j.seed, "run": str(j.out)}
-                 | {k: v for k, v in j.result.items() if k not in ("checkpoint", "data")}
-                 for j in runs]
+        seeds = [
+            {"seed": j.seed, "run": str(j.out)}
+            | {k: v for k, v in j.result.items() if k not in ("checkpoint", "data")}
+            for j in runs
+        ]
         row: dict = {}
         for key in RESULT_KEYS:
             vals = [s[key] for s in seeds if s.get(key) is not None]
@@ -309,24 +362,43 @@ def _fmt(v, spec: str) -> str:
 
 
 def markdown_table(methods: dict[str, dict]) -> str:
-    head = ("| method | final-block acc (mean ± s.d.) | any-block acc | TTFT ms | latency ms "
-            "| forward passes | generated tokens | train s |")
+    head = (
+        "| method | final-block acc (mean ± s.d.) | any-block acc | TTFT ms | latency ms "
+        "| forward passes | generated tokens | train s |"
+    )
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     for name, r in methods.items():
         acc = _fmt(r["accuracy"], ".3f") + (
-            f" ± {r['accuracy_sd']:.3f}" if r.get("accuracy_sd") is not None else "")
-        cells = [name, acc, _fmt(r.get("any_block_accuracy"), ".3f"),
-                 _fmt(r.get("ttft_ms"), ".2f"), _fmt(r.get("latency_ms"), ".2f"),
-                 _fmt(r.get("forward_passes"), ".2f"), _fmt(r.get("generated_tokens"), ".2f"),
-                 _fmt(r.get("train_s"), ".0f")]
+            f" ± {r['accuracy_sd']:.3f}" if r.get("accuracy_sd") is not None else ""
+        )
+        cells = [
+            name,
+            acc,
+            _fmt(r.get("any_block_accuracy"), ".3f"),
+            _fmt(r.get("ttft_ms"), ".2f"),
+            _fmt(r.get("latency_ms"), ".2f"),
+            _fmt(r.get("forward_passes"), ".2f"),
+            _fmt(r.get("generated_tokens"), ".2f"),
+            _fmt(r.get("train_s"), ".0f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def _task_line(task: dict) -> str:
     opts = ", ".join(f"{k}={v}" for k, v in (task["options"] or {}).items())
-    return (f"{task['generator'] or task['path']}({opts}): train {task['sizes']['train']} / "
-            f"valid {task['sizes']['valid']} / test {task['sizes']['test']} examples")
+    return (
+        f"{task['generator'] or task['path']}({opts}): train {task['sizes']['train']} / "
+        f"valid {task['sizes']['valid']} / test {task['sizes']['test']} examples"
+    )
+
+
+def _budget(c: dict) -> str:
+    pairs = {(c["steps"][m], c["batch_size"][m]) for m in c["steps"]}
+    if len(pairs) == 1:
+        ((steps, bs),) = pairs
+        return f"every method trains {steps} optimizer steps of {bs} examples"
+    return "; ".join(f"{m} {c['steps'][m]} x {c['batch_size'][m]}" for m in c["steps"])
 
 
 def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
@@ -335,8 +407,9 @@ def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
         "# rim demo",
         "",
         f"Task: {_task_line(res['task'])}. Model: {c['model']}. "
-        f"Seeds: {c['seeds']}" + (" (`--quick`: accuracies are not meaningful)." if c["quick"]
-                                 else "."),
+        f"Seeds: {c['seeds']}"
+        + (" (`--quick`: accuracies are not meaningful)." if c["quick"] else ".")
+        + f" Budget: {_budget(c)}.",
         "",
         markdown_table(res["methods"]),
         "",
@@ -348,7 +421,7 @@ def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
         "Forward passes and generated tokens: means per test question. Train s: training "
         "wall time per run (validation included).",
         "",
-        f"Machine: {m['summary']}",
+        f"Machine: {m['summary']}. Demo wall time: {res['wall_s'] / 60:.1f} min.",
         "",
         f"Command: `{res['command']}`",
     ]
@@ -376,8 +449,10 @@ def machine_info(device: str, workers: int) -> dict:
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     where = gpu or f"CPU ({os.cpu_count()} cores, {workers} parallel jobs, 1 thread each)"
-    info["summary"] = (f"{where}; {info['platform']}; Python {info['python']}, torch "
-                       f"{info['torch']}, transformers {info['transformers']}")
+    info["summary"] = (
+        f"{where}; {info['platform']}; Python {info['python']}, torch "
+        f"{info['torch']}, transformers {info['transformers']}"
+    )
     return info
 
 
@@ -400,34 +475,70 @@ def _subtitle(res: dict) -> str:
     return f"{_task_line(res['task'])}; {c['model']}; {seeds}{quick}; {res['machine']['device']}"
 
 
+def _place_labels(ax, points: list[tuple[str, float, float, str]]) -> None:
+    """Name each point, trying offsets until the label box overlaps no earlier label or point."""
+    fig = ax.figure
+    fig.canvas.draw()
+    px = fig.dpi / 72  # pixels per point
+    xy = [ax.transData.transform((x, y)) for _, x, y, _ in points]
+    taken = [(u - 6 * px, v - 6 * px, u + 6 * px, v + 6 * px) for u, v in xy]  # the markers
+    offsets = [(8, 5), (8, -15), (-8, 5), (-8, -15), (8, 17), (8, -27), (-8, 17), (-8, -27)]
+    for (name, x, y, color), (u, v) in zip(points, xy):
+        w, h = (6.5 * len(name) + 4) * px, 13 * px
+        for dx, dy in offsets:
+            x0 = u + dx * px - (w if dx < 0 else 0)
+            box = (x0, v + dy * px, x0 + w, v + dy * px + h)
+            if not any(
+                box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken
+            ):
+                break
+        taken.append(box)
+        ax.annotate(
+            name,
+            (x, y),
+            textcoords="offset points",
+            xytext=(dx, dy),
+            fontsize=11,
+            color=color,
+            ha="right" if dx < 0 else "left",
+            va="bottom",
+        )
+
+
 def plot_accuracy_vs_ttft(res: dict, path: Path) -> Path | None:
     """One labelled point per method: TTFT (x) against final-block accuracy (y), s.d. bars."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     rows = {m: r for m, r in res["methods"].items() if r.get("ttft_ms")}
     if not rows:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    points = []
     for i, (m, r) in enumerate(rows.items()):
         sd = r.get("accuracy_sd") or 0.0
-        ax.errorbar(r["ttft_ms"], r["accuracy"], yerr=sd, fmt="o", ms=8, capsize=4,
-                    color=f"C{i}", label=m)
-        ax.annotate(m, (r["ttft_ms"], r["accuracy"]), textcoords="offset points",
-                    xytext=(7, 6), fontsize=11, color=f"C{i}")
+        ax.errorbar(r["ttft_ms"], r["accuracy"], yerr=sd, fmt="o", ms=8, capsize=4, color=f"C{i}")
+        points.append((m, r["ttft_ms"], r["accuracy"], f"C{i}"))
     xs = [r["ttft_ms"] for r in rows.values()]
     log = max(xs) / max(min(xs), 1e-9) > 5
     if log:
         ax.set_xscale("log")
-        ax.set_xlim(min(xs) / 1.6, max(xs) * 1.8)
+        ax.set_xlim(min(xs) / 1.6, max(xs) * 2.5)
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     else:
-        ax.set_xlim(0, max(xs) * 1.25)
+        ax.set_xlim(0, max(xs) * 1.3)
     ax.set_ylim(-0.03, 1.05)
     scale = ", log scale" if log else ""
     ax.set_xlabel(f"time to first answer token (ms, median of batch-1 runs{scale})")
     ax.set_ylabel("final-block accuracy on the test split (fraction)")
-    ax.set_title("Accuracy vs time to first answer token\n" + _subtitle(res), fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
+    seeds = res["config"]["seeds"]
+    bars = "error bars: ± s.d. over seeds" if seeds > 1 else "1 seed: no error bars"
+    ax.set_title(f"Accuracy vs time to first answer token ({bars})\n" + _subtitle(res), fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
     fig.tight_layout()
+    _place_labels(ax, points)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -437,7 +548,7 @@ def plot_per_block(res: dict, path: Path) -> Path | None:
     """RiM's accuracy after each memory block k = 1..K (mean ± s.d.), pause and direct beside."""
     methods = res["methods"]
     if "per_block_accuracy" not in methods.get("rim", {}):
-        print("[demo] note: rim did not run; no rim_per_block.png")
+        print("[demo] note: no RiM results, so no rim_per_block.png")
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
@@ -448,18 +559,29 @@ def plot_per_block(res: dict, path: Path) -> Path | None:
         y = r["per_block_accuracy"]
         sd = [s or 0.0 for s in r["per_block_accuracy_sd"]]
         k = list(range(1, len(y) + 1))
-        ax.errorbar(k, y, yerr=sd, fmt="-o", capsize=4, color=f"C{i}",
-                    ls="-" if m == "rim" else "--", label=f"{m} (mean ± s.d. over seeds)")
+        n = r["n_seeds"]
+        what = f"mean ± s.d. over {n} seeds" if n > 1 else "1 seed"
+        ax.errorbar(
+            k,
+            y,
+            yerr=sd,
+            fmt="o",
+            capsize=4,
+            color=f"C{i}",
+            ls="-" if m == "rim" else "--",
+            label=f"{m} ({what})",
+        )
         ax.set_xticks(k)
     if "direct" in methods:
-        ax.axhline(methods["direct"]["accuracy"], color="gray", ls=":",
-                   label="direct (no blocks)")
+        ax.axhline(methods["direct"]["accuracy"], color="gray", ls=":", label="direct (no blocks)")
     ax.set_ylim(-0.03, 1.05)
     ax.set_xlabel("memory blocks before the answer, k (answer decoded after block k)")
     ax.set_ylabel("accuracy on the test split (fraction)")
-    ax.set_title("Accuracy after each memory block\n" + _subtitle(res), fontsize=10)
+    ax.set_title(
+        "RiM: accuracy of the answer decoded after memory block k\n" + _subtitle(res), fontsize=10
+    )
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
+    ax.legend(loc="best", fontsize=9, framealpha=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -496,8 +618,10 @@ def run_demo(args, overrides: dict | None = None) -> dict:
     methods = _methods(args.methods)
     jobs, cfgs = plan_jobs(methods, args.seeds, out, sets)
     base = cfgs[methods[0]]
-    print(f"[demo] {len(jobs)} jobs ({', '.join(methods)} x {args.seeds} seed(s)), "
-          f"{workers} at a time on {device}; logs in {out / 'runs'}/<method>/seed<s>/train.log")
+    print(
+        f"[demo] {len(jobs)} jobs ({', '.join(methods)} x {args.seeds} seed(s)), "
+        f"{workers} at a time on {device}; logs in {out / 'runs'}/<method>/seed<s>/train.log"
+    )
     machine = machine_info(device, workers)
     runner = Runner(device, base.eval.batch_size)
     run_jobs(jobs, workers, runner)
@@ -508,12 +632,20 @@ def run_demo(args, overrides: dict | None = None) -> dict:
     res = assemble(jobs, cfgs, base, args, machine, over)
     res["wall_s"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(res, indent=2))
-    plots = [p for p in (plot_accuracy_vs_ttft(res, out / "accuracy_vs_ttft.png"),
-                         plot_per_block(res, out / "rim_per_block.png")) if p]
+    for old in ("accuracy_vs_ttft.png", "rim_per_block.png"):  # never leave a stale plot
+        (out / old).unlink(missing_ok=True)
+    plots = [
+        p
+        for p in (
+            plot_accuracy_vs_ttft(res, out / "accuracy_vs_ttft.png"),
+            plot_per_block(res, out / "rim_per_block.png"),
+        )
+        if p
+    ]
     write_markdown(out / "results.md", res, [p.name for p in plots])
     print("\n" + markdown_table(res["methods"]))
-    print(f"\n[demo] {res['wall_s']:.0f}s; wrote {out / 'results.json'}, {out / 'results.md'}, "
-          + ", ".join(str(p) for p in plots))
+    written = [out / "results.json", out / "results.md", *plots]
+    print(f"\n[demo] {res['wall_s']:.0f}s; wrote " + ", ".join(map(str, written)))
     if res["failed"]:
         raise RimError(f"{len(res['failed'])} demo run(s) failed: {res['failed'][0]}")
     return res
@@ -521,14 +653,22 @@ def run_demo(args, overrides: dict | None = None) -> dict:
 
 def assemble(jobs, cfgs, base, args, machine, over) -> dict:
     d = base.data
-    task = {"generator": d.train.generator, "path": d.train.path, "options": d.train.options,
-            "sizes": {s: getattr(d, s).size for s in ("train", "valid", "test")},
-            "seeds": {s: getattr(d, s).seed for s in ("train", "valid", "test")}}
+    task = {
+        "generator": d.train.generator,
+        "path": d.train.path,
+        "options": d.train.options,
+        "sizes": {s: getattr(d, s).size for s in ("train", "valid", "test")},
+        "seeds": {s: getattr(d, s).seed for s in ("train", "valid", "test")},
+    }
     config = {
         "recipes": {m: str(config_dir() / f"{m}.yaml") for m in cfgs},
-        "overrides": over, "quick": args.quick, "seeds": args.seeds,
+        "overrides": over,
+        "quick": args.quick,
+        "seeds": args.seeds,
         "model": f"{base.model.arch} {base.model.size}",
         "timing_examples": min(base.eval.timing_examples, d.test.size),
+        "steps": {m: _total_steps(c) for m, c in cfgs.items()},
+        "batch_size": {m: c.train.batch_size for m, c in cfgs.items()},
         "resolved": {m: c.to_dict() for m, c in cfgs.items()},
     }
     return {

@@ -111,15 +111,19 @@ def build_tokenizer(texts: Iterable[str], extra_tokens: Iterable[str] = ()) -> P
     return fast
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, key: str = "model.tokenizer"):
+    """A local tokenizer; `key` is the config key that named `path` (for error messages)."""
     if not Path(path).exists():
-        raise RimError(f"model.tokenizer: {path}: no such tokenizer folder")
+        raise RimError(f"{key}: {path}: no such tokenizer folder")
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:
-        raise RimError(f"model.tokenizer: {path}: cannot load a tokenizer ({err})") from None
+        raise RimError(f"{key}: {path}: cannot load a tokenizer ({err})") from None
     if tok.eos_token_id is None:
-        raise RimError(f"model.tokenizer: {path}: the tokenizer has no eos token")
+        raise RimError(
+            f"{key}: {path}: the tokenizer has no eos token (needed to end answers; "
+            "a missing pad token is fine, eos pads)"
+        )
     if tok.pad_token_id is None:
         # a common case (GPT-2, Llama): pad with eos; padded keys are masked anyway
         tok.pad_token = tok.eos_token

@@ -83,7 +83,10 @@ def build(cfg: Config, log=print) -> Setup:
         memory_ids = _add_tokens(tok, new_tokens)
         model = build_model(cfg.model, vocab_size=len(tok), max_positions=_positions_needed(cfg))
     else:
-        tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+        if not Path(cfg.model.path).is_dir():  # before the tokenizer, which defaults to it
+            raise RimError(f"model.path: {cfg.model.path}: no such model folder")
+        key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
+        tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, key)
         memory_ids = _add_tokens(tok, new_tokens)
         model = load_pretrained(cfg.model)
     resize_for(model, tok)
@@ -247,17 +250,19 @@ class Trainer:
             total += loss.detach().float().item()
         if self.acc.num_processes > 1:
             total = self.acc.reduce(torch.tensor(total, device=self.acc.device), "sum").item()
-        if not math.isfinite(total):  # raised before the update: no bad weights are kept
-            from rim.checkpoint import find_latest
+        # the norm is also the overflow check (a finite loss can still give inf gradients)
+        norm = self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
+        norm = float(norm) if norm is not None else 0.0
+        if not (math.isfinite(total) and math.isfinite(norm)):  # before the update: the
+            from rim.checkpoint import find_latest  # weights and checkpoints stay good
 
             good = find_latest(self.out)
             raise RimError(
-                f"train: loss is {total} at step {self.global_step + 1} ({stage.name} step "
-                f"{self.step_in_stage + 1}); stopped, last good checkpoint: "
+                f"train: non-finite loss or gradient (loss {total}, gradient norm {norm}) "
+                f"at step {self.global_step + 1} ({stage.name} step {self.step_in_stage + 1});"
+                " stopped, last good checkpoint: "
                 + (str(good) if good else "none written yet (set train.save_every)")
             )
-        if t.grad_clip:
-            self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
