@@ -14,10 +14,12 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/gpu_check}
 LIMIT=${LIMIT:-290}  # seconds; whatever finished is still summarised
 export RIM_NO_PROGRESS=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # works from a checkout without install
 if [ "${DEVICE:-cuda}" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
-rm -rf "$OUT" && mkdir -p "$OUT"
+mkdir -p "$OUT"
+rm -rf "$OUT"/latency_*.json "$OUT/train_bench.json" "$OUT/train_run.json" "$OUT/train_run"
 status=0
 timeout "$LIMIT" "$PY" benchmarks/gpu_check.py --out "$OUT" \
   --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" \

@@ -241,6 +241,18 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+def busy_note(device: torch.device) -> list[str]:
+    """A warning when other processes share the CPU (timings are then noisy)."""
+    try:
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:
+        return []
+    if load <= 0.75 * cores:
+        return []
+    hint = "; threads > 1 suffer most (try --threads 1)" if device.type == "cpu" else ""
+    return [f"machine busy: load average {load:.1f} on {cores} cores, timings are noisy{hint}"]
+
+
 def _rotate(items: list, r: int) -> list:
     r %= max(len(items), 1)
     return items[r:] + items[:r]
@@ -414,7 +426,7 @@ def latency_bench(
         "mem_tokens": mem_tokens, "runs": runs, "warmup": warmup,
         "ms": "median time to first answer token", "latency_ms": "median full-answer latency",
     }
-    res["notes"] = notes
+    res["notes"] = notes + busy_note(bm.device)
     return res
 
 
@@ -650,7 +662,7 @@ def train_bench(
             "runs": runs, "warmup": warmup, "step": "zero_grad + forward + backward + AdamW",
             "memory": how, "registered_methods": list(METHODS),
         },
-        "notes": notes,
+        "notes": notes + busy_note(dev),
     }
 
 
@@ -706,6 +718,7 @@ def any_block_bench(
             "answer_tokens": answer_tokens, "blocks": blocks, "mem_tokens": mem_tokens,
             "runs": runs, "warmup": warmup, "path": "rim.evaluation.evaluate",
         },
+        "notes": busy_note(bm.device),
     }
 
 
@@ -775,7 +788,8 @@ def format_any_block(res: dict) -> str:
     c = res["config"]
     return (f"any-block: {c['model']} {c['device']}, {c['examples']} questions at batch "
             f"{c['batch']}, K={c['blocks']}: final {_fmt(res['ms']['final'])} ms, any "
-            f"{_fmt(res['ms']['any'])} ms, any/final {_fmt(res['ratios']['any/final'], '.2f')}")
+            f"{_fmt(res['ms']['any'])} ms, any/final {_fmt(res['ratios']['any/final'], '.2f')}"
+            + "".join(f"\nnote: {n}" for n in res["notes"]))
 
 
 def run_bench(args) -> dict:

@@ -121,10 +121,12 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 0  # optimizer steps between resumable checkpoints; 0 = stage ends only
     keep_last: int = 2  # resumable checkpoints kept
-    mixed_precision: str = "no"  # no | bf16 (accelerate autocast, fp32 master weights)
+    mixed_precision: str | bool = "no"  # no | bf16 (accelerate autocast, fp32 master weights)
     threads: int | None = None  # torch CPU threads; None = torch default
 
     def __post_init__(self) -> None:
+        if self.mixed_precision is False:  # YAML reads a bare `no` as false
+            self.mixed_precision = "no"
         if self.batch_size < 1:
             raise ConfigError("train.batch_size: must be >= 1")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:

@@ -301,8 +301,15 @@ def run_jobs(jobs: list[Job], workers: int, runner: Runner) -> None:
     pool.shutdown()
 
 
+TIMING_ROUNDS = 3
+
+
 def time_jobs(jobs: list[Job], test: list, n: int, device: str) -> None:
-    """Batch-1 TTFT and latency medians of each `best/`, one run at a time (no neighbours)."""
+    """Batch-1 TTFT and latency of each `best/`, one run at a time (no training neighbours).
+
+    Methods are timed in interleaved rounds and each gets the median of its round medians,
+    so a burst of load from elsewhere on the machine does not land on one method only.
+    """
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -312,11 +319,17 @@ def time_jobs(jobs: list[Job], test: list, n: int, device: str) -> None:
     hf_logging.disable_progress_bar()  # "Loading weights" bars would break the table output
     if device == "cpu":
         torch.set_num_threads(1)  # as in training: one core per process
-    for j in jobs:
-        if j.state != "done":
-            continue
-        r = Reasoner.load(str(j.out / "best"), device)
-        j.result |= latency(r.method, r.model, test[:n], None, torch.device(device))
+    done = [j for j in jobs if j.state == "done"]
+    models = {j.name: Reasoner.load(str(j.out / "best"), device) for j in done}
+    rounds: dict[str, list[dict]] = {j.name: [] for j in done}
+    for _ in range(TIMING_ROUNDS):
+        for j in done:
+            r = models[j.name]
+            rounds[j.name].append(latency(r.method, r.model, test[:n], None, torch.device(device)))
+    for j in done:
+        for key in ("ttft_ms", "latency_ms"):
+            vals = [t[key] for t in rounds[j.name] if t[key] is not None]
+            j.result[key] = statistics.median(vals) if vals else None
         j.result["timing_examples"] = min(n, len(test))
 
 
@@ -417,7 +430,8 @@ def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
         "the last memory block for block methods (any-block: right after at least one block); "
         "checkpoint chosen on the valid split; mean ± s.d. over seeds. TTFT (time to first "
         "answer token) and latency (full answer): medians of "
-        f"{c['timing_examples']} batch-1 greedy runs on {m['device']}, one run at a time. "
+        f"{c['timing_examples']} batch-1 greedy runs on {m['device']} (median of "
+        f"{TIMING_ROUNDS} interleaved rounds), one process at a time. "
         "Forward passes and generated tokens: means per test question. Train s: training "
         "wall time per run (validation included).",
         "",
@@ -667,6 +681,7 @@ def assemble(jobs, cfgs, base, args, machine, over) -> dict:
         "seeds": args.seeds,
         "model": f"{base.model.arch} {base.model.size}",
         "timing_examples": min(base.eval.timing_examples, d.test.size),
+        "timing_rounds": TIMING_ROUNDS,
         "steps": {m: _total_steps(c) for m, c in cfgs.items()},
         "batch_size": {m: c.train.batch_size for m, c in cfgs.items()},
         "resolved": {m: c.to_dict() for m, c in cfgs.items()},

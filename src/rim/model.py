@@ -166,6 +166,7 @@ def wrap_lora(model, cfg: ModelConfig, new_token_ids: list[int]):
         target_modules=cfg.lora_targets,
         trainable_token_indices=sorted(set(new_token_ids)),
         task_type="CAUSAL_LM",
+        fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 uses Conv1D layers
     )
     return get_peft_model(model, lora)
 

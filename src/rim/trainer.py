@@ -1,7 +1,8 @@
 """The training loop: one explicit pass over the method's stage plan.
 
     rim train --config configs/toy/llama_rim.yaml --out runs/x
-    accelerate launch -m rim train --config ... --out runs/x     # several processes
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m rim train --config ... --out runs/x
+    rim train --resume runs/x                                     # after a crash: exact resume
 
 Each optimizer step consumes one global batch from a seeded example stream (resumable by
 its cursor); every process takes its share, split into micro-batches. The loss is divided by
@@ -184,7 +185,9 @@ def save_model(setup: Setup, model, path: Path, state_dict: dict | None = None) 
     """
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, state_dict=state_dict)
+        extra = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+        # the adapter's trainable-token rows hold the new embeddings; the rest is the base's
+        model.save_pretrained(tmp, state_dict=state_dict, **extra)
         setup.tokenizer.save_pretrained(tmp)
         save_config(setup.cfg, tmp / "config.yaml")
         adapter = setup.cfg.model.path is not None and not setup.cfg.model.full_finetune
