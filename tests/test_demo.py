@@ -226,3 +226,12 @@ def test_demo_rejects_unknown_methods(tmp_path):
     args = parser().parse_args(["demo", "--out", str(tmp_path), "--methods", "direct,nope"])
     with pytest.raises(RimError, match="unknown nope"):
         run_demo(args)
+
+
+def test_demo_skips_a_method_not_registered_yet(monkeypatch, capsys):
+    import rim.methods
+    from rim.demo import _methods
+
+    monkeypatch.delitem(rim.methods.METHODS, "icot")
+    assert _methods("direct, icot,direct") == ["direct"]
+    assert "icot is not registered" in capsys.readouterr().out

@@ -497,12 +497,17 @@ def _place_labels(ax, points: list[tuple[str, float, float, str]]) -> None:
     xy = [ax.transData.transform((x, y)) for _, x, y, _ in points]
     taken = [(u - 6 * px, v - 6 * px, u + 6 * px, v + 6 * px) for u, v in xy]  # the markers
     offsets = [(8, 5), (8, -15), (-8, 5), (-8, -15), (8, 17), (8, -27), (-8, 17), (-8, -27)]
+    offsets += [(8, 29), (-8, 29), (8, 41), (-8, 41)]
+    frame = ax.get_window_extent()
     for (name, x, y, color), (u, v) in zip(points, xy):
         w, h = (6.5 * len(name) + 4) * px, 13 * px
         for dx, dy in offsets:
             x0 = u + dx * px - (w if dx < 0 else 0)
             box = (x0, v + dy * px, x0 + w, v + dy * px + h)
-            if not any(
+            inside = (
+                frame.x0 <= box[0] and box[2] <= frame.x1 and frame.y0 <= box[1] <= frame.y1 - h
+            )
+            if inside and not any(
                 box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken
             ):
                 break
@@ -543,7 +548,7 @@ def plot_accuracy_vs_ttft(res: dict, path: Path) -> Path | None:
         ax.xaxis.set_minor_formatter(NullFormatter())
     else:
         ax.set_xlim(0, max(xs) * 1.3)
-    ax.set_ylim(-0.03, 1.05)
+    ax.set_ylim(-0.1, 1.05)  # room for names under points at 0
     scale = ", log scale" if log else ""
     ax.set_xlabel(f"time to first answer token (ms, median of batch-1 runs{scale})")
     ax.set_ylabel("final-block accuracy on the test split (fraction)")

@@ -337,7 +337,9 @@ class Trainer:
         acc = res["accuracy"]
         self.log({"stage": stage.name, "step": self.global_step, "valid_accuracy": acc,
                   "valid_token_accuracy": res["token_accuracy"]})
-        if acc >= self.best:  # ties go to the later (more trained) checkpoint
+        # only the last stage trains what inference runs (RiM stage 2, Coconut's final number of
+        # thoughts, iCoT's full removal), so only it may provide best/; ties go to the later one
+        if stage.index == len(self.plan) - 1 and acc >= self.best:
             self.best = acc
             full = self.acc.get_state_dict(self.model) if self.sharded else None
             if self.main:
