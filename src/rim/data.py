@@ -374,7 +374,39 @@ def _gen_pick(n: int, rng: random.Random, length: int = 5, first: int = 2, secon
     return out
 
 
+_NUMBER_WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen"
+).split()
+
+
+def _gen_pairsum(
+    n: int, rng: random.Random, pairs: int = 8, low: int = 4, high: int = 14
+) -> list[Example]:
+    """`6 + 6 , 0 + 4 , ... ; above twelve`: how many pair sums exceed the final threshold?
+
+    The demo's toy task (docs/toy_task.md). Steps: one flag per pair (`yes` if x + y > t),
+    each computable from the question in parallel, which is the width memory blocks add;
+    answer: the count. The threshold comes last, as a word (its own token), so question
+    positions cannot precompute the flags: a direct answer must compare every sum with it at
+    one position. A pair is 4 tokens, like a memory block with M = 2.
+    """
+    _positive("pairsum", "pairs", pairs)
+    if not 0 <= low <= high <= 18:
+        raise ConfigError("generator 'pairsum': options need 0 <= low <= high <= 18")
+    out = []
+    for _ in range(n):
+        xy = [(rng.randrange(10), rng.randrange(10)) for _ in range(pairs)]
+        t = rng.randint(low, high)
+        flags = [x + y > t for x, y in xy]
+        question = " ".join(f"{x} + {y} ," for x, y in xy) + f" ; above {_NUMBER_WORDS[t]}"
+        steps = tuple("yes" if f else "no" for f in flags)
+        out.append(Example(question, steps, str(sum(flags))))
+    return out
+
+
 GENERATORS: dict[str, Callable[..., list[Example]]] = {
+    "pairsum": _gen_pairsum,
     "mult": _gen_mult,
     "chain": _gen_chain,
     "pick": _gen_pick,
