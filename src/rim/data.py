@@ -381,7 +381,7 @@ _NUMBER_WORDS = (
 
 
 def _gen_pairsum(
-    n: int, rng: random.Random, pairs: int = 8, low: int = 4, high: int = 14
+    n: int, rng: random.Random, pairs: int = 8, low: int = 7, high: int = 11
 ) -> list[Example]:
     """`6 + 6 , 0 + 4 , ... ; above twelve`: how many pair sums exceed the final threshold?
 
