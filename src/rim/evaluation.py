@@ -79,7 +79,8 @@ def evaluate(
     for lo in bar:
         chunk = examples[lo : lo + batch_size]
         out = decode(method, model, [e.question for e in chunk], blocks, all_blocks)
-        texts = [normalize(t, marker) for t in _texts(tok, out.tokens)]
+        answers = [method.answer_tokens(t) for t in out.tokens]
+        texts = [normalize(t, marker) for t in _texts(tok, answers)]
         if all_blocks:
             for b in range(len(chunk)):
                 for k in range(K):

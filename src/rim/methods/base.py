@@ -110,6 +110,20 @@ class Method:
 
         return prefill(model, prompts, self.pad_id)
 
+    def answer_tokens(self, generated: list[int]) -> list[int]:
+        """The answer part of `generated`: after the marker for CoT-like methods (none = no answer).
+
+        Split on token ids, not text: a tokenizer may decode the marker differently (`# # # #`).
+        """
+        if not self.writes_reasoning:
+            return generated
+        marker = list(self.text_ids(self.marker))
+        n = len(marker)
+        for i in range(len(generated) - n, -1, -1):  # the last marker wins
+            if generated[i : i + n] == marker:
+                return generated[i + n :]
+        return []
+
     def first_answer_index(self, generated: list[int]) -> int:
         """Index of the first answer token in `generated` (for time to first answer token)."""
         if not self.writes_reasoning:
