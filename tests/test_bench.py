@@ -23,9 +23,29 @@ def tiny():
 def test_latency_json_schema_and_counts(capsys):
     from rim.cli import main
 
-    main(["bench", "latency", "--model", "tiny", "--runs", "2", "--warmup", "1",
-          "--question-tokens", str(Q), "--cot-tokens", str(COT), "--answer-tokens", str(ANS),
-          "--thoughts", str(THOUGHTS), "--threads", "1", "--json"])
+    main(
+        [
+            "bench",
+            "latency",
+            "--model",
+            "tiny",
+            "--runs",
+            "2",
+            "--warmup",
+            "1",
+            "--question-tokens",
+            str(Q),
+            "--cot-tokens",
+            str(COT),
+            "--answer-tokens",
+            str(ANS),
+            "--thoughts",
+            str(THOUGHTS),
+            "--threads",
+            "1",
+            "--json",
+        ]
+    )
     res = json.loads(capsys.readouterr().out)
     methods = {"direct", "rim", "coconut", "cot"}
     assert set(res["ms"]) == methods and set(res["latency_ms"]) == methods
@@ -53,9 +73,18 @@ def test_latency_json_schema_and_counts(capsys):
 
 
 def test_latency_batch_and_cot_ttft_index(tiny):
-    res = bench.latency_bench(tiny, batch=3, question_tokens=Q, cot_tokens=COT,
-                              answer_tokens=2, thoughts=3, runs=1, warmup=0,
-                              methods=("direct", "cot"), plain=False)
+    res = bench.latency_bench(
+        tiny,
+        batch=3,
+        question_tokens=Q,
+        cot_tokens=COT,
+        answer_tokens=2,
+        thoughts=3,
+        runs=1,
+        warmup=0,
+        methods=("direct", "cot"),
+        plain=False,
+    )
     assert res["counts"]["cot"]["generated_tokens"] == COT + 2
     assert res["ms"]["rim"] is None and res["ratios"]["cot/rim"] is None
     # CoT's first answer token comes after its reasoning tokens
@@ -68,8 +97,9 @@ def test_missing_method_is_skipped_with_a_note(tiny, monkeypatch):
 
     reduced = {k: v for k, v in methods.METHODS.items() if k != "coconut"}
     monkeypatch.setattr(methods, "METHODS", reduced)
-    res = bench.latency_bench(tiny, question_tokens=Q, cot_tokens=2, answer_tokens=1, runs=1,
-                              warmup=0, plain=False)
+    res = bench.latency_bench(
+        tiny, question_tokens=Q, cot_tokens=2, answer_tokens=1, runs=1, warmup=0, plain=False
+    )
     assert res["ms"]["coconut"] is None and res["ratios"]["coconut/rim"] is None
     assert any("coconut" in n for n in res["notes"])
 
@@ -112,8 +142,16 @@ def test_naive_per_readout_loss_equals_packed_loss(tiny):
 
 
 def test_train_bench_returns_three_entries(tiny):
-    res = bench.train_bench(tiny, batch=2, question_tokens=20, steps_per_example=3,
-                            step_tokens=4, thoughts=2, runs=1, warmup=1)
+    res = bench.train_bench(
+        tiny,
+        batch=2,
+        question_tokens=20,
+        steps_per_example=3,
+        step_tokens=4,
+        thoughts=2,
+        runs=1,
+        warmup=1,
+    )
     names = {"rim_packed", "rim_naive", "coconut"}
     assert set(res["examples_per_s"]) == names
     assert all(res["examples_per_s"][n] > 0 for n in names)
@@ -126,8 +164,9 @@ def test_train_bench_returns_three_entries(tiny):
 
 
 def test_any_block_ratio_is_finite(tiny):
-    res = bench.any_block_bench(tiny, batch=8, examples=8, question_tokens=10, blocks=3,
-                                runs=1, warmup=0)
+    res = bench.any_block_bench(
+        tiny, batch=8, examples=8, question_tokens=10, blocks=3, runs=1, warmup=0
+    )
     assert math.isfinite(res["ratios"]["any/final"]) and res["ratios"]["any/final"] > 0
 
 
@@ -142,8 +181,9 @@ def test_prefill_blocks_branches_match_final_block_prefill(tiny):
     for k in range(1, K + 1):
         alone = prefill(tiny.model, [q + mem.blocks(k) for q in qs], m.pad_id)
         for b in range(len(qs)):
-            torch.testing.assert_close(shared.logits[b * K + k - 1], alone.logits[b],
-                                       atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                shared.logits[b * K + k - 1], alone.logits[b], atol=1e-4, rtol=1e-4
+            )
     texts = [bench.question_text(tiny.tokenizer, n, seed=n) for n in (4, 9)]
     any_out = decode(m, tiny.model, texts, all_blocks=True)
     for k in range(1, K + 1):

@@ -29,8 +29,12 @@ RECIPE = {
         "valid": {"generator": "chain", "size": 8, "seed": 1},
     },
     "memory": {"blocks": 3, "mem_tokens": 2},
-    "curriculum": {"stage1_epochs": None, "stage1_steps": 3, "stage2_epochs": None,
-                   "stage2_steps": 2},
+    "curriculum": {
+        "stage1_epochs": None,
+        "stage1_steps": 3,
+        "stage2_epochs": None,
+        "stage2_steps": 2,
+    },
     "train": {"lr": 2.0e-3, "batch_size": 8, "log_every": 1, "threads": 1},
     "eval": {"max_new_tokens": 4, "val_limit": 8, "batch_size": 8},
 }
@@ -72,10 +76,18 @@ def fails(capsys, *args: str) -> str:
 
 DATA_CASES = {
     # name: (file name, content, expected message after "rim: error: <path>")
-    "bad_json": ("train.jsonl", '{"question": "1 + 2", "steps": ["3"], "answer": "3"}\n'
-                 '{"question": "2 + 2", "steps": [], "answer": "4"\n', ":2: invalid JSON"),
-    "missing_answer": ("train.jsonl", '{"question": "1 + 2", "steps": ["3"], "answer": "3"}\n'
-                       '{"question": "2 + 2", "steps": []}\n', ":2: missing key 'answer'"),
+    "bad_json": (
+        "train.jsonl",
+        '{"question": "1 + 2", "steps": ["3"], "answer": "3"}\n'
+        '{"question": "2 + 2", "steps": [], "answer": "4"\n',
+        ":2: invalid JSON",
+    ),
+    "missing_answer": (
+        "train.jsonl",
+        '{"question": "1 + 2", "steps": ["3"], "answer": "3"}\n'
+        '{"question": "2 + 2", "steps": []}\n',
+        ":2: missing key 'answer'",
+    ),
     "empty_question": ("train.txt", "1 + 2||3 #### 3\n   ||4 #### 4\n", ":2: empty question"),
     "missing_bars": ("train.txt", "1 + 2||3 #### 3\n1 + 1 2 #### 2\n", ":2: missing '||'"),
     "missing_hashes": ("train.txt", "1 + 2||3 #### 3\n1 + 1|| 2 2\n", ":2: missing '####'"),
@@ -92,7 +104,8 @@ def test_malformed_data_names_file_and_line(tmp_path: Path, capsys, case: str) -
     out = tmp_path / "run"
     line = fails(capsys, "train", "--config", str(cfg), "--out", str(out))
     assert line == f"rim: error: {data}{expected}" or line.startswith(
-        f"rim: error: {data}{expected}")
+        f"rim: error: {data}{expected}"
+    )
     assert not out.exists()
 
 
@@ -141,7 +154,8 @@ def test_invalid_yaml_names_the_line(tmp_path: Path, capsys) -> None:
 
 def test_generate_rejects_zero_blocks(capsys) -> None:
     assert "--blocks: K must be >= 1" in fails(
-        capsys, "generate", "--checkpoint", "nowhere", "--blocks", "0", "1 + 2")
+        capsys, "generate", "--checkpoint", "nowhere", "--blocks", "0", "1 + 2"
+    )
 
 
 # ------------------------------------------------------------------ lengths
@@ -157,8 +171,9 @@ def _lengths_data(tmp_path: Path) -> Path:
 
 def test_too_long_error(tmp_path: Path, capsys) -> None:
     data = _lengths_data(tmp_path)
-    cfg = write_recipe(tmp_path, data={"train": {"path": str(data)}, "max_length": 40,
-                                        "too_long": "error"})
+    cfg = write_recipe(
+        tmp_path, data={"train": {"path": str(data)}, "max_length": 40, "too_long": "error"}
+    )
     line = fails(capsys, "train", "--config", str(cfg), "--out", str(tmp_path / "run"))
     assert "data.train: example 3 needs" in line and "> max_length 40" in line
     assert not (tmp_path / "run").exists()
@@ -166,8 +181,11 @@ def test_too_long_error(tmp_path: Path, capsys) -> None:
 
 def test_too_long_skip_counts(tmp_path: Path, capsys) -> None:
     data = _lengths_data(tmp_path)
-    cfg = write_recipe(tmp_path, data={"train": {"path": str(data)}, "max_length": 40},
-                       curriculum={"stage1_steps": 1, "stage2_steps": 1})
+    cfg = write_recipe(
+        tmp_path,
+        data={"train": {"path": str(data)}, "max_length": 40},
+        curriculum={"stage1_steps": 1, "stage2_steps": 1},
+    )
     rim_main("train", "--config", str(cfg), "--out", str(tmp_path / "run"))
     out = capsys.readouterr().out
     assert "skipped 1 examples longer than 40 tokens" in out
@@ -177,7 +195,8 @@ def test_too_long_skip_counts(tmp_path: Path, capsys) -> None:
 def test_nothing_fits(tmp_path: Path, capsys) -> None:
     cfg = write_recipe(tmp_path, data={"max_length": 5})
     assert "data.train: no example fits in 5 tokens" in fails(
-        capsys, "train", "--config", str(cfg), "--out", str(tmp_path / "run"))
+        capsys, "train", "--config", str(cfg), "--out", str(tmp_path / "run")
+    )
 
 
 # ------------------------------------------------------------------ paths and tokenizers
@@ -194,24 +213,40 @@ def _tokenizer(folder: Path, pad: bool, eos: bool) -> Path:
         kw["pad_token"] = "<pad>"
     if eos:
         kw["eos_token"] = "<eos>"
-    PreTrainedTokenizerFast(tokenizer_object=words.backend_tokenizer, **kw).save_pretrained(
-        folder)
+    PreTrainedTokenizerFast(tokenizer_object=words.backend_tokenizer, **kw).save_pretrained(folder)
     return folder
 
 
 def test_missing_model_and_tokenizer_paths(tmp_path: Path, capsys) -> None:
     cfg = write_recipe(tmp_path)
     out = tmp_path / "run"
-    line = fails(capsys, "train", "--config", str(cfg), "--out", str(out),
-                 "--set", f"model.path={tmp_path / 'no-model'}")
+    line = fails(
+        capsys,
+        "train",
+        "--config",
+        str(cfg),
+        "--out",
+        str(out),
+        "--set",
+        f"model.path={tmp_path / 'no-model'}",
+    )
     assert line.endswith(f"model.path: {tmp_path / 'no-model'}: no such model folder")
-    line = fails(capsys, "train", "--config", str(cfg), "--out", str(out),
-                 "--set", f"model.tokenizer={tmp_path / 'no-tok'}")
+    line = fails(
+        capsys,
+        "train",
+        "--config",
+        str(cfg),
+        "--out",
+        str(out),
+        "--set",
+        f"model.tokenizer={tmp_path / 'no-tok'}",
+    )
     assert line.endswith(f"model.tokenizer: {tmp_path / 'no-tok'}: no such tokenizer folder")
     empty = tmp_path / "empty"
     empty.mkdir()
-    line = fails(capsys, "train", "--config", str(cfg), "--out", str(out),
-                 "--set", f"model.path={empty}")
+    line = fails(
+        capsys, "train", "--config", str(cfg), "--out", str(out), "--set", f"model.path={empty}"
+    )
     assert f"model.path: {empty}: cannot load" in line
     assert not out.exists()
 
@@ -228,8 +263,12 @@ def test_tokenizer_without_pad_uses_eos_and_without_eos_fails(tmp_path: Path, ca
     assert not (tmp_path / "run").exists()
     # training with the eos-padded tokenizer works (also covered with a pretrained model in
     # tests/test_export.py::test_export_lora_merges_and_answers_like_rim_generate)
-    cfg = write_recipe(tmp_path, "ok.yaml", model={"tokenizer": str(tmp_path / "no-pad")},
-                       curriculum={"stage1_steps": 1, "stage2_steps": 1})
+    cfg = write_recipe(
+        tmp_path,
+        "ok.yaml",
+        model={"tokenizer": str(tmp_path / "no-pad")},
+        curriculum={"stage1_steps": 1, "stage2_steps": 1},
+    )
     rim_main("train", "--config", str(cfg), "--out", str(tmp_path / "ok"))
     assert (tmp_path / "ok" / "final" / "rim.json").is_file()
 
@@ -282,15 +321,28 @@ def test_nan_loss_stops_names_step_and_keeps_last_good_checkpoint(tmp_path: Path
 
 # ------------------------------------------------------------------ readers never crash
 
-_PIECES = list('ab1 +-|#{}":[],\\\n\t') + ["||", "####", '"question"', '"answer"',
-                                            '"steps"', '"input"', '"target"', "\u00e9"]
+_PIECES = list('ab1 +-|#{}":[],\\\n\t') + [
+    "||",
+    "####",
+    '"question"',
+    '"answer"',
+    '"steps"',
+    '"input"',
+    '"target"',
+    "\u00e9",
+]
 _LINE = st.lists(st.sampled_from(_PIECES), max_size=16).map("".join)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-          HealthCheck.function_scoped_fixture])
-@given(lines=st.lists(_LINE, min_size=1, max_size=4), suffix=st.sampled_from([".txt", ".jsonl",
-                                                                             ".json"]))
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    lines=st.lists(_LINE, min_size=1, max_size=4),
+    suffix=st.sampled_from([".txt", ".jsonl", ".json"]),
+)
 def test_readers_fail_only_with_a_located_data_error(tmp_path: Path, lines, suffix) -> None:
     """Any file content: examples with non-empty question and answer, or a DataError whose
     message starts with the path (and a line or record number when one is at fault)."""
@@ -321,14 +373,31 @@ def test_real_command_line(tmp_path: Path) -> None:
     bad_data = write_recipe(tmp_path, "data.yaml", data={"train": {"path": str(data)}})
     bad_key = write_recipe(tmp_path, "key.yaml", memory={"blockz": 4})
     env = dict(os.environ, RIM_NO_PROGRESS="1", HF_HUB_OFFLINE="1")
-    procs = [subprocess.Popen([sys.executable, "-m", "rim", "train", "--config", str(cfg),
-                               "--out", str(tmp_path / cfg.stem)],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-             for cfg in (bad_data, bad_key)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "rim",
+                "train",
+                "--config",
+                str(cfg),
+                "--out",
+                str(tmp_path / cfg.stem),
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for cfg in (bad_data, bad_key)
+    ]
     results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
-    expected = [f"rim: error: {data}:2: missing '||'",
-                f"rim: error: {bad_key}: memory.blockz: unknown config key"]
+    expected = [
+        f"rim: error: {data}:2: missing '||'",
+        f"rim: error: {bad_key}: memory.blockz: unknown config key",
+    ]
     for (out, err, code), want in zip(results, expected):
         assert code == 2
         assert err.strip().splitlines() == [want]

@@ -24,8 +24,12 @@ RECIPE = {
         "valid": {"generator": "chain", "size": 16, "seed": 1},
     },
     "memory": {"blocks": 3, "mem_tokens": 2},
-    "curriculum": {"stage1_epochs": None, "stage1_steps": 6, "stage2_epochs": None,
-                   "stage2_steps": 4},
+    "curriculum": {
+        "stage1_epochs": None,
+        "stage1_steps": 6,
+        "stage2_epochs": None,
+        "stage2_steps": 4,
+    },
     "train": {"lr": 2.0e-3, "batch_size": 8, "log_every": 5, "threads": 1},
     "eval": {"max_new_tokens": 6, "val_limit": 16, "batch_size": 16},
 }
@@ -47,8 +51,12 @@ def make_base(folder: Path) -> tuple[Path, int]:
 
     ex = generate("chain", 200, seed=0)
     words = build_tokenizer([e.question for e in ex] + [s for e in ex for s in e.steps])
-    tok = PreTrainedTokenizerFast(tokenizer_object=words.backend_tokenizer, bos_token="<bos>",
-                                  eos_token="<eos>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=words.backend_tokenizer,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+    )
     assert tok.pad_token is None
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="llama", size="tiny"), len(tok), max_positions=128)
@@ -68,9 +76,21 @@ def runs(tmp_path_factory) -> dict:
     recipe.write_text(yaml.safe_dump(RECIPE))
     base, vocab = make_base(root / "base")
     rim_main("train", "--config", str(recipe), "--out", str(root / "scratch"))
-    rim_main("train", "--config", str(recipe), "--out", str(root / "lora"),
-             "--set", f"model.path={base}", "--set", "model.lora_rank=4",
-             "--set", "model.lora_alpha=8", "--set", "train.lr=1e-4")  # answers not yet all EOS
+    rim_main(
+        "train",
+        "--config",
+        str(recipe),
+        "--out",
+        str(root / "lora"),
+        "--set",
+        f"model.path={base}",
+        "--set",
+        "model.lora_rank=4",
+        "--set",
+        "model.lora_alpha=8",
+        "--set",
+        "train.lr=1e-4",
+    )  # answers not yet all EOS
     return {"root": root, "base": base, "vocab": vocab}
 
 
@@ -96,11 +116,15 @@ def plain_transformers(folder: Path) -> dict:
         res["prompts"].append(enc["input_ids"][0].tolist())
         res["tokens"].append([t for t in new if t != tok.eos_token_id])
     tok.padding_side = "left"  # a server batches: left padding gives the same tokens
-    enc = tok([meta["prompt_template"].format(question=q) for q in QUESTIONS],
-              return_tensors="pt", padding=True)
+    enc = tok(
+        [meta["prompt_template"].format(question=q) for q in QUESTIONS],
+        return_tensors="pt",
+        padding=True,
+    )
     out = model.generate(**enc)[:, enc["input_ids"].shape[1] :].tolist()
-    res["batched"] = [[t for t in row if t not in (tok.eos_token_id, tok.pad_token_id)]
-                      for row in out]
+    res["batched"] = [
+        [t for t in row if t not in (tok.eos_token_id, tok.pad_token_id)] for row in out
+    ]
     return res
 
 
@@ -109,8 +133,14 @@ def check_export(checkpoint: Path, out: Path, capsys) -> tuple[object, object]:
 
     rim_main("export", "--checkpoint", str(checkpoint), "--out", str(out))
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "rim.json",
-            "generation_config.json", "prompt_template.txt"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "rim.json",
+        "generation_config.json",
+        "prompt_template.txt",
+    } <= names
     assert not any(n.startswith("adapter") for n in names)  # merged, not an adapter
     meta = json.loads((out / "rim.json").read_text())
     assert (meta["blocks"], meta["mem_tokens"], meta["method"]) == (3, 2, "rim")
@@ -159,8 +189,7 @@ def test_pretrained_training_changes_only_new_token_rows(runs, tmp_path) -> None
     from rim.trainer import Trainer, build
 
     recipe = runs["root"] / "recipe.yaml"
-    cfg = load_config(recipe, [f"model.path={runs['base']}", "model.lora_rank=4",
-                               "train.lr=0.05"])
+    cfg = load_config(recipe, [f"model.path={runs['base']}", "model.lora_rank=4", "train.lr=0.05"])
     setup = build(cfg, log=lambda *a: None)
     model = setup.model
     V, H = len(setup.tokenizer), model.config.hidden_size
@@ -174,8 +203,11 @@ def test_pretrained_training_changes_only_new_token_rows(runs, tmp_path) -> None
 
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-    assert lora and all(not p.requires_grad for n, p in model.named_parameters()
-                        if "embed_tokens.token_adapter.base_layer" in n)
+    assert lora and all(
+        not p.requires_grad
+        for n, p in model.named_parameters()
+        if "embed_tokens.token_adapter.base_layer" in n
+    )
     emb0, out0 = rows()
     tr = Trainer(setup, tmp_path / "run")
     stage = tr.plan[0]

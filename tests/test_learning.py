@@ -23,9 +23,22 @@ def _rim(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pick") / "run"
-    r = _rim("train", "--config", str(RECIPE), "--out", str(out),
-             "--set", "curriculum.stage1_steps=70", "--set", "curriculum.stage2_steps=40",
-             "--set", "data.train.size=2000", "--set", "train.threads=2", cwd=ROOT)
+    r = _rim(
+        "train",
+        "--config",
+        str(RECIPE),
+        "--out",
+        str(out),
+        "--set",
+        "curriculum.stage1_steps=70",
+        "--set",
+        "curriculum.stage2_steps=40",
+        "--set",
+        "data.train.size=2000",
+        "--set",
+        "train.threads=2",
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return out
 
@@ -36,8 +49,18 @@ def test_rim_reaches_90_percent_on_held_out_examples(trained):
     stages = [r["stage"] for r in records if "loss" in r]
     assert stages[0] == "stage1" and stages[-1] == "stage2"  # both stages ran, in order
     out = trained / "test_eval.json"
-    r = _rim("eval", "--checkpoint", str(trained / "best"), "--split", "test",
-             "--timing-examples", "4", "--out", str(out), cwd=ROOT)
+    r = _rim(
+        "eval",
+        "--checkpoint",
+        str(trained / "best"),
+        "--split",
+        "test",
+        "--timing-examples",
+        "4",
+        "--out",
+        str(out),
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res["n"] == 512  # the recipe's test split: seed 2, never seen in training
@@ -51,15 +74,15 @@ def test_rim_reaches_90_percent_on_held_out_examples(trained):
 
 @pytest.mark.slow
 def test_generate_all_blocks_from_the_cli(trained):
-    r = _rim("generate", "--checkpoint", str(trained / "best"), "--all-blocks", "7 3 9 1 4",
-             cwd=ROOT)
+    r = _rim(
+        "generate", "--checkpoint", str(trained / "best"), "--all-blocks", "7 3 9 1 4", cwd=ROOT
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
     assert lines[0] == "7 3 9 1 4"
     assert [line.split(":")[0].strip() for line in lines[1:]] == ["block 1", "block 2"]
     assert lines[-1].split(":", 1)[1].strip() == "3 1"  # digits 2 and 4
-    r = _rim("generate", "--checkpoint", str(trained / "best"), "5 0 2 8 6", "1 9 9 4 4",
-             cwd=ROOT)
+    r = _rim("generate", "--checkpoint", str(trained / "best"), "5 0 2 8 6", "1 9 9 4 4", cwd=ROOT)
     assert r.stdout.split() == ["0", "8", "9", "4"]
 
 

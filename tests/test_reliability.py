@@ -33,8 +33,12 @@ BASE = {
         "valid": {"generator": "chain", "size": 16, "seed": 1},
     },
     "memory": {"blocks": 3, "mem_tokens": 2},
-    "curriculum": {"stage1_epochs": None, "stage1_steps": 6, "stage2_epochs": None,
-                   "stage2_steps": 4},
+    "curriculum": {
+        "stage1_epochs": None,
+        "stage1_steps": 6,
+        "stage2_epochs": None,
+        "stage2_steps": 4,
+    },
     "train": {"lr": 2.0e-3, "batch_size": 8, "log_every": 1, "threads": 1},
     "eval": {"max_new_tokens": 4, "val_limit": 16, "batch_size": 16},
 }
@@ -99,12 +103,27 @@ def test_two_process_accelerate_matches_one_process(tmp_path: Path, monkeypatch,
     gives the loss of a plain 1-process `rim train` with the same global batch."""
     one = recipe(tmp_path, "one.yaml")
     two = recipe(tmp_path, "two.yaml", train={"micro_batch_size": 2})
-    launch = [sys.executable, "-m", "accelerate.commands.launch",
-              "--config_file", str(ROOT / "configs/accelerate/ddp.yaml"),
-              "--num_processes", "2", "--main_process_port", str(free_port()),
-              "-m", "rim", "train", "--config", str(two), "--out", str(tmp_path / "two")]
-    p2 = subprocess.Popen(launch, cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs/accelerate/ddp.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "rim",
+        "train",
+        "--config",
+        str(two),
+        "--out",
+        str(tmp_path / "two"),
+    ]
+    p2 = subprocess.Popen(
+        launch, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     monkeypatch.setenv("RIM_NO_PROGRESS", "1")
     rim_main("train", "--config", str(one), "--out", str(tmp_path / "one"))  # meanwhile
     out2 = finish(p2, timeout=110)
@@ -134,8 +153,9 @@ def _latest_state(run: Path) -> dict | None:
 
 
 @pytest.mark.slow
-def test_sigkill_in_stage1_then_resume_equals_uninterrupted_run(tmp_path: Path,
-                                                               monkeypatch) -> None:
+def test_sigkill_in_stage1_then_resume_equals_uninterrupted_run(
+    tmp_path: Path, monkeypatch
+) -> None:
     """SIGKILL mid stage 1, `rim train --resume RUN`: same final weights, best/ and metrics."""
     cfg = recipe(
         tmp_path,
@@ -143,9 +163,14 @@ def test_sigkill_in_stage1_then_resume_equals_uninterrupted_run(tmp_path: Path,
         train={"save_every": 5, "keep_last": 2, "dropout": 0.1, "eval_every": 10},
     )
     run = tmp_path / "run"
-    victim = subprocess.Popen(rim_cmd("train", "--config", str(cfg), "--out", str(run)),
-                              cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    victim = subprocess.Popen(
+        rim_cmd("train", "--config", str(cfg), "--out", str(run)),
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 90
     while not (run / "checkpoints" / "step-00000005").is_dir():
         assert victim.poll() is None, "the run ended before it could be killed"
@@ -298,10 +323,16 @@ def rim_method():
 
 
 @settings(max_examples=40, deadline=None)
-@given(question=_TEXT, steps=st.lists(_TEXT, max_size=5), answer=_TEXT,
-       progress=st.floats(0, 1), refine=st.booleans())
-def test_any_example_gives_a_method_md_mask(rim_method, question, steps, answer, progress,
-                                            refine) -> None:
+@given(
+    question=_TEXT,
+    steps=st.lists(_TEXT, max_size=5),
+    answer=_TEXT,
+    progress=st.floats(0, 1),
+    refine=st.booleans(),
+)
+def test_any_example_gives_a_method_md_mask(
+    rim_method, question, steps, answer, progress, refine
+) -> None:
     """Through RiM's own segment builder (tests/test_layout.py checks raw segment trees):
     R_k sees x, m_1..m_k and itself causally; its positions are those of the plain causal
     run `x ++ m_1..m_k ++ R_k`; nothing sees a readout; blocks see x and earlier blocks."""
@@ -332,4 +363,5 @@ def test_any_example_gives_a_method_md_mask(rim_method, question, steps, answer,
             first = seg.index(s)
             expect = n_x + sg.parent * block_len
             assert p.position_ids[first : first + len(sg.ids)] == list(
-                range(expect, expect + len(sg.ids)))
+                range(expect, expect + len(sg.ids))
+            )

@@ -19,10 +19,10 @@ def _cfg(**train) -> Config:
             train=SplitConfig(generator="chain", size=64, seed=0),
             valid=SplitConfig(generator="chain", size=8, seed=1),
         ),
-        curriculum=CurriculumConfig(stage1_epochs=None, stage1_steps=3, stage2_epochs=None,
-                                    stage2_steps=2),
-        train=TrainConfig(**({"lr": 1e-3, "batch_size": 8, "warmup": 0.5, "log_every": 1}
-                             | train)),
+        curriculum=CurriculumConfig(
+            stage1_epochs=None, stage1_steps=3, stage2_epochs=None, stage2_steps=2
+        ),
+        train=TrainConfig(**({"lr": 1e-3, "batch_size": 8, "warmup": 0.5, "log_every": 1} | train)),
     )
 
 

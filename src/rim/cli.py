@@ -61,12 +61,21 @@ def _eval(args: argparse.Namespace) -> None:
     r = Reasoner.load(args.checkpoint, args.device)
     examples = _load_eval_data(args, r.method.cfg)
     res = evaluate(
-        r.method, r.model, examples, args.batch_size, blocks=args.blocks,
+        r.method,
+        r.model,
+        examples,
+        args.batch_size,
+        blocks=args.blocks,
         timing_examples=args.timing_examples,
     )
-    fields = [("accuracy", "final acc", ".3f"), ("any_block_accuracy", "any-block acc", ".3f"),
-              ("forward_passes", "passes", ".2f"), ("generated_tokens", "gen tokens", ".2f"),
-              ("ttft_ms", "TTFT ms", ".2f"), ("latency_ms", "latency ms", ".2f")]
+    fields = [
+        ("accuracy", "final acc", ".3f"),
+        ("any_block_accuracy", "any-block acc", ".3f"),
+        ("forward_passes", "passes", ".2f"),
+        ("generated_tokens", "gen tokens", ".2f"),
+        ("ttft_ms", "TTFT ms", ".2f"),
+        ("latency_ms", "latency ms", ".2f"),
+    ]
     print(format_table({r.method.name: res}, fields))
     if "per_block_accuracy" in res:
         print("per block: " + " ".join(f"{a:.3f}" for a in res["per_block_accuracy"]))
@@ -117,8 +126,13 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a recipe")
     t.add_argument("--config", help="YAML recipe (configs/...)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, e.g. --set train.lr=1e-3 (repeatable)")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set train.lr=1e-3 (repeatable)",
+    )
     t.add_argument("--out", help="run folder (default runs/<method>)")
     t.add_argument("--resume", help="continue from a run folder or checkpoint")
     t.set_defaults(fn=_train)
@@ -154,17 +168,23 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="latency, training-throughput and any-block benchmarks")
     b.add_argument("kind", choices=["latency", "train", "any-block"])
-    b.add_argument("--model", help="gpt2 | llama-1b | llama-3b | tiny | small | base | a model "
-                   "folder (default: gpt2 for latency, small for train, tiny for any-block)")
+    b.add_argument(
+        "--model",
+        help="gpt2 | llama-1b | llama-3b | tiny | small | base | a model "
+        "folder (default: gpt2 for latency, small for train, tiny for any-block)",
+    )
     b.add_argument("--device", default="cpu")
     b.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     b.add_argument("--batch", type=int, help="default 1 (latency), 16 (train), 64 (any-block)")
-    b.add_argument("--question-tokens", type=int, help="default 100 (latency), 60 (train), "
-                   "30 (any-block)")
+    b.add_argument(
+        "--question-tokens", type=int, help="default 100 (latency), 60 (train), 30 (any-block)"
+    )
     b.add_argument("--cot-tokens", type=int, default=26)
     b.add_argument("--answer-tokens", type=int, default=3)
     b.add_argument("--thoughts", type=int, default=6, help="Coconut continuous thoughts")
-    b.add_argument("--runs", type=int, help="timed runs (default 20 latency, 10 train, 7 any-block)")
+    b.add_argument(
+        "--runs", type=int, help="timed runs (default 20 latency, 10 train, 7 any-block)"
+    )
     b.add_argument("--warmup", type=int, default=2, help="untimed runs first")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     b.add_argument("--json", action="store_true")

@@ -24,7 +24,9 @@ METHODS = ("rim", "direct", "cot", "pause", "coconut", "icot")
 
 @dataclass
 class ModelConfig:
-    path: str | None = None  # local HF model folder (pretrained weights); None = build from arch/size
+    path: str | None = (
+        None  # local HF model folder (pretrained weights); None = build from arch/size
+    )
     arch: str = "llama"  # gpt2 | llama | qwen2, for models built from a config
     size: str = "tiny"  # a name in rim.model.SIZES
     overrides: dict = field(default_factory=dict)  # extra HF config fields for built models

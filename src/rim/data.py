@@ -356,7 +356,9 @@ def _gen_chain(n: int, rng: random.Random, terms: int = 3, max_value: int = 9) -
     return out
 
 
-def _gen_pick(n: int, rng: random.Random, length: int = 5, first: int = 2, second: int = 4) -> list[Example]:
+def _gen_pick(
+    n: int, rng: random.Random, length: int = 5, first: int = 2, second: int = 4
+) -> list[Example]:
     """`7 3 9 1 4`: step = the digit at position `first`, answer = it and the one at `second`.
 
     Deliberately easy (two positional look-ups), with 10**length distinct questions so

@@ -58,7 +58,11 @@ def prefill(model, prompts: list[list[int]], pad_id: int) -> Prefill:
     pos = positions(mask)
     cache = DynamicCache()
     out = model(
-        input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        cache=cache,
+        use_cache=True,
         logits_to_keep=1,  # only the last position's logits: the LM head over P tokens is costly
     )
     return Prefill(out.cache, mask, out.logits[:, -1].float(), pos[:, -1] + 1, 1)

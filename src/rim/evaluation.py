@@ -6,6 +6,7 @@ separate batch-1 runs of the same code path (`rim.decoding.decode`), device-sync
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 
@@ -75,7 +76,12 @@ def evaluate(
     ]
     per_block = [[] for _ in range(K)] if all_blocks else []
     finals, passes, gen_tokens = [], [], []
-    bar = tqdm(range(0, len(examples), batch_size), desc="eval", disable=not progress, leave=False)
+    bar = tqdm(
+        range(0, len(examples), batch_size),
+        desc="eval",
+        disable=not progress or os.environ.get("RIM_NO_PROGRESS") == "1",
+        leave=False,
+    )
     for lo in bar:
         chunk = examples[lo : lo + batch_size]
         out = decode(method, model, [e.question for e in chunk], blocks, all_blocks)
@@ -104,9 +110,9 @@ def evaluate(
     if all_blocks:
         hits = [[p == g for p, g in zip(col, golds)] for col in per_block]
         result["per_block_accuracy"] = [sum(h) / max(len(examples), 1) for h in hits]
-        result["any_block_accuracy"] = sum(any(h[i] for h in hits) for i in range(len(golds))) / max(
-            len(golds), 1
-        )
+        result["any_block_accuracy"] = sum(
+            any(h[i] for h in hits) for i in range(len(golds))
+        ) / max(len(golds), 1)
     result.update(latency(method, model, examples[:timing_examples], blocks, device))
     result["predictions"] = finals
     return result

@@ -150,7 +150,9 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_dir(out, write)
     if not exact:
-        print("[rim] warning: the text template does not tokenize exactly like training; "
-              "serve by token ids (rim.json prompt_suffix_ids)")
+        print(
+            "[rim] warning: the text template does not tokenize exactly like training; "
+            "serve by token ids (rim.json prompt_suffix_ids)"
+        )
     print(f"[rim] exported {method.name} to {out}; prompt: {template}")
     return out

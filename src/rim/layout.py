@@ -162,7 +162,9 @@ def weighted_loss(logits: torch.Tensor, batch: Batch, num_examples: int) -> torc
     """
     B, L, V = logits.shape
     nll = torch.nn.functional.cross_entropy(
-        logits.float().reshape(B * L, V), batch.labels.reshape(B * L), ignore_index=IGNORE,
+        logits.float().reshape(B * L, V),
+        batch.labels.reshape(B * L),
+        ignore_index=IGNORE,
         reduction="none",
     ).reshape(B, L)  # (B, L), 0 where IGNORE
     return (nll * batch.weights).sum() / num_examples

@@ -71,7 +71,9 @@ def build_config(arch: str, size: str, vocab_size: int, max_positions: int, **ov
 _WORD = re.compile(r"\d|[^\w\s]|[^\d\W]+")
 
 
-def build_tokenizer(texts: Iterable[str], extra_tokens: Iterable[str] = ()) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    texts: Iterable[str], extra_tokens: Iterable[str] = ()
+) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over `texts`: single digits, punctuation and words are tokens.
 
     Digits are split so numbers never fall out of the vocabulary.

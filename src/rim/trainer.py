@@ -97,8 +97,10 @@ def build(cfg: Config, log=print) -> Setup:
     method = cls(cfg, tok, mem)
     train = _check_lengths(method, model, train, cfg, "data.train")
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"[rim] {cfg.method}: {len(train)} train / {len(valid)} valid examples, "
-        f"{n_params / 1e6:.2f}M trainable parameters")
+    log(
+        f"[rim] {cfg.method}: {len(train)} train / {len(valid)} valid examples, "
+        f"{n_params / 1e6:.2f}M trainable parameters"
+    )
     return Setup(cfg, model, tok, method, train, valid)
 
 
@@ -314,9 +316,16 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.0f}")
             if self.global_step % t.log_every == 0 or self.step_in_stage == stage.steps:
-                self.log({"stage": stage.name, "step": self.global_step,
-                          "stage_step": self.step_in_stage, "loss": loss,
-                          "lr": self.scheduler.get_last_lr()[0], "examples_per_s": rate})
+                self.log(
+                    {
+                        "stage": stage.name,
+                        "step": self.global_step,
+                        "stage_step": self.step_in_stage,
+                        "loss": loss,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "examples_per_s": rate,
+                    }
+                )
             last = self.step_in_stage == stage.steps
             if (t.eval_every and self.global_step % t.eval_every == 0) or last:
                 self.validate(stage)
@@ -332,11 +341,24 @@ class Trainer:
         valid = self.s.valid[: e.val_limit] if e.val_limit else self.s.valid
         model = self.acc.unwrap_model(self.model)
         # sharded: every process decodes the same examples (identical steps) through FSDP
-        res = evaluate(self.s.method, self.model if self.sharded else model, valid,
-                       e.batch_size, all_blocks=False, timing_examples=0, progress=False)
+        res = evaluate(
+            self.s.method,
+            self.model if self.sharded else model,
+            valid,
+            e.batch_size,
+            all_blocks=False,
+            timing_examples=0,
+            progress=False,
+        )
         acc = res["accuracy"]
-        self.log({"stage": stage.name, "step": self.global_step, "valid_accuracy": acc,
-                  "valid_token_accuracy": res["token_accuracy"]})
+        self.log(
+            {
+                "stage": stage.name,
+                "step": self.global_step,
+                "valid_accuracy": acc,
+                "valid_token_accuracy": res["token_accuracy"],
+            }
+        )
         # only the last stage trains what inference runs (RiM stage 2, Coconut's final number of
         # thoughts, iCoT's full removal), so only it may provide best/; ties go to the later one
         if stage.index == len(self.plan) - 1 and acc >= self.best:

@@ -150,6 +150,4 @@ def readout(ids: tuple[int, ...], parent: int, weight: float) -> Segment:
 
 def block_chain(mem: MemoryTokens, k: int, first_parent: int = 0) -> list[Segment]:
     """k memory blocks, each under the previous one (block 1 under `first_parent`)."""
-    return [
-        Segment(tuple(mem.block()), parent=first_parent + i, kind="block") for i in range(k)
-    ]
+    return [Segment(tuple(mem.block()), parent=first_parent + i, kind="block") for i in range(k)]
