@@ -1,9 +1,9 @@
 """Inference (METHOD.md section 3): one prefill, then greedy decoding with the KV cache.
 
 RiM's prompt is `x ++ m_1..m_K` under plain causal attention, so a stock model's forward
-does it. Any-block answers come from ONE shared prefill: the cache is repeated K times and
-branch k masks out the keys of blocks k+1..K, with position ids continuing after block k;
-the K branches then decode as one batch.
+does it. Any-block answers come from ONE shared prefill and one shared cache: every step
+appends the next token of all K branches, and a 4-D mask lets branch k see only the question,
+blocks 1..k and its own tokens, with position ids continuing after block k.
 """
 
 from __future__ import annotations
@@ -69,19 +69,30 @@ def prefill(model, prompts: list[list[int]], pad_id: int) -> Prefill:
 
 
 @torch.no_grad()
-def prefill_blocks(
-    model, questions: list[list[int]], blocks: list[int], block_len: int, pad_id: int
-) -> Prefill:
-    """Prefill `question ++ blocks` once; return K branches per question (row b*K + k-1).
+def all_blocks_greedy(
+    model,
+    questions: list[list[int]],
+    blocks: list[int],
+    block_len: int,
+    pad_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    clock: Callable[[], float] | None = None,
+    start: float = 0.0,
+) -> Decoded:
+    """The answer after every block from one prefill and ONE shared KV cache (row b*K + k-1).
 
-    `blocks` is the K blocks' ids (K * block_len tokens). Branch k sees the question and blocks
-    1..k only; its first answer token comes from the last token of block k.
+    Training's packed layout, at inference: each decoding step appends K tokens per question
+    (the next token of every branch) and a 4-D mask lets branch k see the question, blocks
+    1..k and its own earlier tokens only, with positions continuing after block k. Branch k's
+    first token comes from block k's last token in the prefill. No cache is copied.
     """
+    device, dtype = _device(model), next(model.parameters()).dtype
     K = len(blocks) // block_len
-    ids, mask = left_pad([q + blocks for q in questions], pad_id, _device(model))
+    ids, mask = left_pad([q + blocks for q in questions], pad_id, device)
     pos = positions(mask)
-    P = ids.shape[1]
-    ends = torch.tensor([P - 1 - (K - k) * block_len for k in range(1, K + 1)], device=ids.device)
+    B, P = ids.shape
+    ends = torch.tensor([P - 1 - (K - k) * block_len for k in range(1, K + 1)], device=device)
     keep = (K - 1) * block_len + 1  # logits from block 1's last token on, not over the question
     out = model(
         input_ids=ids,
@@ -91,14 +102,59 @@ def prefill_blocks(
         use_cache=True,
         logits_to_keep=keep,
     )
-    logits = out.logits[:, ends - (P - keep)].float()  # (B, K, V)
-    cache = out.cache
-    cache.batch_repeat_interleave(K)
-    branch_mask = mask.repeat_interleave(K, dim=0).clone()  # (B*K, P)
-    for k in range(1, K):  # branch k hides blocks k+1..K
-        branch_mask[k - 1 :: K, ends[k - 1] + 1 :] = 0
-    next_pos = (pos[:, ends] + 1).reshape(-1)  # (B*K,)
-    return Prefill(cache, branch_mask, logits.reshape(-1, logits.shape[-1]), next_pos, 1)
+    logits, cache = out.logits[:, ends - (P - keep)].float(), out.cache  # (B, K, V)
+    cols = torch.arange(P, device=device)
+    seen = mask.bool()[:, None, :] & (cols[None, None, :] <= ends[None, :, None])  # (B, K, P)
+    own = torch.eye(K, dtype=torch.bool, device=device).expand(B, K, K)  # branch k sees its own
+    next_pos = pos[:, ends] + 1  # (B, K)
+    track = _Tracker(B * K, 1, eos_id)
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1)  # (B, K)
+        track.record(nxt.reshape(-1).tolist(), step, clock, start)
+        if track.finished or step == max_new_tokens - 1:
+            break
+        seen = torch.cat([seen, own], dim=-1)  # (B, K, P + (step + 1) K)
+        mask4 = torch.zeros(seen.shape, dtype=dtype, device=device)
+        mask4.masked_fill_(~seen, torch.finfo(dtype).min)
+        out = model(
+            input_ids=nxt,
+            attention_mask=mask4[:, None],  # (B, 1, K, kv)
+            position_ids=next_pos,
+            cache=cache,
+            use_cache=True,
+        )
+        cache, logits, next_pos = out.cache, out.logits.float(), next_pos + 1
+    return track.result(start)
+
+
+class _Tracker:
+    """Per-row bookkeeping of greedy decoding: tokens until EOS, forward passes, step times."""
+
+    def __init__(self, rows: int, base_passes: int, eos_id: int):
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.passes = [base_passes] * rows
+        self.done = [False] * rows
+        self.times: list[float] = []
+        self.base, self.eos = base_passes, eos_id
+
+    def record(self, nxt: list[int], step: int, clock, start: float) -> None:
+        if clock is not None:
+            self.times.append(clock() - start)
+        for i, t in enumerate(nxt):
+            if self.done[i]:
+                continue
+            self.passes[i] = self.base + step
+            if t == self.eos:
+                self.done[i] = True
+            else:
+                self.tokens[i].append(t)
+
+    @property
+    def finished(self) -> bool:
+        return all(self.done)
+
+    def result(self, start: float) -> Decoded:
+        return Decoded(self.tokens, self.passes, self.times, start)
 
 
 @torch.no_grad()
@@ -113,25 +169,12 @@ def greedy(
     """Greedy decoding from a prefill until every row has produced EOS or the budget is spent."""
     N = state.logits.shape[0]
     device = state.logits.device
-    tokens: list[list[int]] = [[] for _ in range(N)]
-    passes = [state.passes] * N
-    done = [False] * N
-    times: list[float] = []
+    track = _Tracker(N, state.passes, eos_id)
     logits, mask, pos, cache = state.logits, state.mask, state.next_pos, state.cache
     for step in range(max_new_tokens):
         nxt = logits.argmax(-1)  # (N,)
-        nxt_list = nxt.tolist()  # also synchronises the device
-        if clock is not None:
-            times.append(clock() - start)
-        for i, t in enumerate(nxt_list):
-            if done[i]:
-                continue
-            passes[i] = state.passes + step
-            if t == eos_id:
-                done[i] = True
-            else:
-                tokens[i].append(t)
-        if all(done) or step == max_new_tokens - 1:
+        track.record(nxt.tolist(), step, clock, start)  # .tolist() synchronises the device
+        if track.finished or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones(N, 1, dtype=mask.dtype, device=device)], dim=1)
         out = model(
@@ -142,7 +185,7 @@ def greedy(
             use_cache=True,
         )
         cache, logits, pos = out.cache, out.logits[:, -1].float(), pos + 1
-    return Decoded(tokens, passes, times, start)
+    return track.result(start)
 
 
 def wall_clock(device: torch.device) -> Callable[[], float]:
@@ -176,9 +219,11 @@ def decode(
             raise ValueError(f"method {method.name} has no memory blocks")
         mem = method.mem
         qs = [list(method.question_ids(q)) for q in questions]
-        state = prefill_blocks(model, qs, mem.blocks(blocks), mem.block_len, method.pad_id)
-    else:
-        state = method.prefill(model, [method.prompt(q, blocks) for q in questions])
+        return all_blocks_greedy(
+            model, qs, mem.blocks(blocks), mem.block_len, method.pad_id, method.eos_id,
+            method.max_new_tokens(), clock, start,
+        )  # fmt: skip
+    state = method.prefill(model, [method.prompt(q, blocks) for q in questions])
     return greedy(model, state, method.eos_id, method.max_new_tokens(), clock, start)
 
 
