@@ -13,6 +13,26 @@ torch.set_num_threads(int(os.environ.get("RIM_TEST_THREADS", "2")))
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+# A tiny RiM recipe (as a YAML mapping) for subprocess and CLI tests.
+TINY_RECIPE = {
+    "method": "rim",
+    "model": {"arch": "llama", "size": "tiny"},
+    "data": {
+        "train": {"generator": "chain", "size": 64, "seed": 0},
+        "valid": {"generator": "chain", "size": 16, "seed": 1},
+    },
+    "memory": {"blocks": 3, "mem_tokens": 2},
+    "curriculum": {
+        "stage1_epochs": None,
+        "stage1_steps": 6,
+        "stage2_epochs": None,
+        "stage2_steps": 4,
+    },
+    "train": {"lr": 2.0e-3, "batch_size": 8, "log_every": 1, "threads": 1},
+    "eval": {"max_new_tokens": 4, "val_limit": 16, "batch_size": 16},
+}
+
+
 def make_setup(method: str = "rim", arch: str = "llama", attn: str = "sdpa", **cfg_over):
     """(cfg, tokenizer, model, method) for a tiny model on the `chain` task."""
     from rim.config import Config, ModelConfig

@@ -6,6 +6,7 @@ embeddings (METHOD.md section 2).
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -14,25 +15,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from .conftest import TINY_RECIPE
+
 QUESTIONS = ["3 + 4 - 2", "9 - 1 + 5", "0 + 0 + 7", "8 - 8 + 1", "5 + 5 - 3", "2 + 9 + 9"]
 
-RECIPE = {
-    "method": "rim",
-    "model": {"arch": "llama", "size": "tiny"},
-    "data": {
-        "train": {"generator": "chain", "size": 64, "seed": 0},
-        "valid": {"generator": "chain", "size": 16, "seed": 1},
-    },
-    "memory": {"blocks": 3, "mem_tokens": 2},
-    "curriculum": {
-        "stage1_epochs": None,
-        "stage1_steps": 6,
-        "stage2_epochs": None,
-        "stage2_steps": 4,
-    },
-    "train": {"lr": 2.0e-3, "batch_size": 8, "log_every": 5, "threads": 1},
-    "eval": {"max_new_tokens": 6, "val_limit": 16, "batch_size": 16},
-}
+RECIPE = copy.deepcopy(TINY_RECIPE)
+RECIPE["train"]["log_every"] = 5
+RECIPE["eval"]["max_new_tokens"] = 6
 
 
 def rim_main(*args: str) -> None:

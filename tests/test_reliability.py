@@ -23,25 +23,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+from .conftest import TINY_RECIPE
+
 ROOT = Path(__file__).resolve().parents[1]
 
-BASE = {
-    "method": "rim",
-    "model": {"arch": "llama", "size": "tiny"},
-    "data": {
-        "train": {"generator": "chain", "size": 64, "seed": 0},
-        "valid": {"generator": "chain", "size": 16, "seed": 1},
-    },
-    "memory": {"blocks": 3, "mem_tokens": 2},
-    "curriculum": {
-        "stage1_epochs": None,
-        "stage1_steps": 6,
-        "stage2_epochs": None,
-        "stage2_steps": 4,
-    },
-    "train": {"lr": 2.0e-3, "batch_size": 8, "log_every": 1, "threads": 1},
-    "eval": {"max_new_tokens": 4, "val_limit": 16, "batch_size": 16},
-}
+BASE = TINY_RECIPE
 TIMING = ("examples_per_s", "train_s")
 
 
