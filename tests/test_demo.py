@@ -160,7 +160,7 @@ def test_demo_writes_results_json(demo):
     assert all(0.0 <= a <= 1.0 for a in rim["per_block_accuracy"])
     assert rim["any_block_accuracy"] >= rim["accuracy"] - 1e-9
     assert "per_block_accuracy" not in direct and "any_block_accuracy" not in direct
-    assert res["task"]["generator"] == "chain"
+    assert res["task"]["generator"] == "pairsum"  # the task of configs/demo/base.yaml
     assert res["task"]["sizes"]["test"] == TINY["data.test.size"]
     assert res["task"]["seeds"]["test"] not in (
         res["task"]["seeds"]["train"],
