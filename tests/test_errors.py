@@ -8,6 +8,7 @@ Most cases call the CLI entry point in this process (`rim.cli.main`, the code `r
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -21,23 +22,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-RECIPE = {
-    "method": "rim",
-    "model": {"arch": "llama", "size": "tiny"},
-    "data": {
-        "train": {"generator": "chain", "size": 32, "seed": 0},
-        "valid": {"generator": "chain", "size": 8, "seed": 1},
-    },
-    "memory": {"blocks": 3, "mem_tokens": 2},
-    "curriculum": {
-        "stage1_epochs": None,
-        "stage1_steps": 3,
-        "stage2_epochs": None,
-        "stage2_steps": 2,
-    },
-    "train": {"lr": 2.0e-3, "batch_size": 8, "log_every": 1, "threads": 1},
-    "eval": {"max_new_tokens": 4, "val_limit": 8, "batch_size": 8},
-}
+# the shared tiny recipe, smaller still: these runs only need to start (or fail) quickly
+from .conftest import TINY_RECIPE
+
+RECIPE = copy.deepcopy(TINY_RECIPE)
+RECIPE["data"]["train"]["size"], RECIPE["data"]["valid"]["size"] = 32, 8
+RECIPE["curriculum"]["stage1_steps"], RECIPE["curriculum"]["stage2_steps"] = 3, 2
+RECIPE["eval"]["val_limit"], RECIPE["eval"]["batch_size"] = 8, 8
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,6 @@ import os
 import re
 import statistics
 
-import torch
 from tqdm import tqdm
 
 from rim.data import Example
@@ -146,8 +145,3 @@ def format_table(rows: dict[str, dict], fields: list[tuple[str, str, str]]) -> s
             cells.append("-" if v is None else format(v, fmt) if fmt else str(v))
         lines.append("| " + " | ".join([name] + cells) + " |")
     return "\n".join(lines)
-
-
-def set_eval_seed(seed: int = 0) -> None:
-    """Greedy decoding is deterministic; seed anyway so dropout-free eval is reproducible."""
-    torch.manual_seed(seed)

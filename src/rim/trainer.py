@@ -45,8 +45,6 @@ from rim.model import (
     wrap_lora,
 )
 
-STATE = "trainer_state.json"
-
 
 @dataclass
 class Setup:
