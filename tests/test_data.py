@@ -190,10 +190,34 @@ def test_chain_values() -> None:
         assert set(e.question) <= set("0123456789+- ")
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    pairs=st.sampled_from([2, 4, 6, 8, 12]),
+    group=st.sampled_from([1, 2]),
+)
+def test_pairsum_values(seed: int, pairs: int, group: int) -> None:
+    """Flags are x + y > t in pair order, `per_step` of them a step; the answer counts them."""
+    words = "zero one two three four five six seven eight nine ten eleven twelve".split()
+    for e, flat in zip(
+        generate("pairsum", 5, seed, pairs=pairs, per_step=group),
+        generate("pairsum", 5, seed, pairs=pairs),
+    ):
+        body, threshold = e.question.split(" ; above ")
+        t = words.index(threshold)
+        sums = [int(p.split(" + ")[0]) + int(p.split(" + ")[1]) for p in body.split(" ,")[:-1]]
+        flags = ["yes" if s > t else "no" for s in sums]
+        assert len(sums) == pairs and e.answer == str(flags.count("yes"))
+        assert len(e.steps) == pairs // group and " ".join(e.steps).split() == flags
+        assert (flat.question, flat.answer) == (e.question, e.answer)  # grouping changes steps only
+
+
 @pytest.mark.parametrize(
     ("name", "options", "needle"),
     [
         ("nope", {}, "nope"),
+        ("pairsum", {"pairs": 6, "per_step": 4}, "multiple of per_step"),
+        ("pairsum", {"low": 9, "high": 3}, "low <= high"),
         ("mult", {"digitz": 3}, "digitz"),
         ("mult", {"digits": 0}, "digits"),
         ("mult", {"steps": "some"}, "steps"),

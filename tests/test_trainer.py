@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
-from rim.config import Config, CurriculumConfig, DataConfig, ModelConfig, SplitConfig, TrainConfig
+from rim.config import (
+    Config,
+    ConfigError,
+    CurriculumConfig,
+    DataConfig,
+    ModelConfig,
+    SplitConfig,
+    TrainConfig,
+)
 from rim.trainer import ExampleStream, Trainer, build
 
 
@@ -58,6 +67,21 @@ def test_stage_switch_resets_optimizer_and_warmup(tmp_path):
     assert (tmp_path / "run" / "best" / "rim.json").is_file()
     meta = json.loads((tmp_path / "run" / "best" / "rim.json").read_text())
     assert meta["blocks"] == 8 and meta["mem_tokens"] == 2
+
+
+def test_cosine_schedule_decays_within_each_stage(tmp_path):
+    cfg = _cfg(lr_schedule="cosine", warmup=0.0)
+    cfg.curriculum.stage1_steps, cfg.curriculum.stage2_steps = 4, 4
+    Trainer(build(cfg, log=lambda *_: None), tmp_path / "run").fit()
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for stage in ("stage1", "stage2"):
+        lrs = [r["lr"] for r in recs if r.get("stage") == stage and "lr" in r]
+        # the LR reported after step i is the next step's: cos(pi * i / 4) scaled, reaching 0
+        assert lrs == pytest.approx(
+            [1e-3 * (1 + math.cos(math.pi * i / 4)) / 2 for i in (1, 2, 3, 4)]
+        )
+    with pytest.raises(ConfigError, match="train.lr_schedule"):
+        TrainConfig(lr_schedule="linear")
 
 
 def test_example_stream_is_seeded_and_resumable():

@@ -110,6 +110,7 @@ class TrainConfig:
     lr: float = 1e-4  # paper: searched in [1e-5, 1e-3]; tiny models from scratch like ~1e-3
     stage2_lr: float | None = None  # RiM stage 2 (paper: lower); None = lr
     warmup: float = 0.04  # fraction of each stage's steps spent in linear warm-up
+    lr_schedule: str = "constant"  # after warm-up, per stage: constant (paper) | cosine (to 0)
     weight_decay: float = 0.0
     batch_size: int = 128  # global batch (examples per optimizer step)
     micro_batch_size: int | None = None  # per forward pass and process; None = batch_size
@@ -135,6 +136,8 @@ class TrainConfig:
             raise ConfigError("train.micro_batch_size: must be >= 1")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError("train.warmup: must be in [0, 1)")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError("train.lr_schedule: must be constant or cosine")
         if self.mixed_precision not in ("no", "bf16"):
             raise ConfigError("train.mixed_precision: must be no or bf16")
         if self.lr <= 0:

@@ -383,7 +383,7 @@ _NUMBER_WORDS = (
 
 
 def _gen_pairsum(
-    n: int, rng: random.Random, pairs: int = 8, low: int = 7, high: int = 11
+    n: int, rng: random.Random, pairs: int = 8, low: int = 7, high: int = 11, per_step: int = 1
 ) -> list[Example]:
     """`6 + 6 , 0 + 4 , ... ; above twelve`: how many pair sums exceed the final threshold?
 
@@ -391,9 +391,13 @@ def _gen_pairsum(
     each computable from the question in parallel, which is the width memory blocks add;
     answer: the count. The threshold comes last, as a word (its own token), so question
     positions cannot precompute the flags: a direct answer must compare every sum with it at
-    one position. A pair is 4 tokens, like a memory block with M = 2.
+    one position. `per_step` flags make one step (pairs must divide evenly), so T = pairs /
+    per_step steps need T + 1 memory blocks.
     """
     _positive("pairsum", "pairs", pairs)
+    _positive("pairsum", "per_step", per_step)
+    if pairs % per_step:
+        raise ConfigError("generator 'pairsum': pairs must be a multiple of per_step")
     if not 0 <= low <= high <= 18:
         raise ConfigError("generator 'pairsum': options need 0 <= low <= high <= 18")
     out = []
@@ -402,7 +406,8 @@ def _gen_pairsum(
         t = rng.randint(low, high)
         flags = [x + y > t for x, y in xy]
         question = " ".join(f"{x} + {y} ," for x, y in xy) + f" ; above {_NUMBER_WORDS[t]}"
-        steps = tuple("yes" if f else "no" for f in flags)
+        words = ["yes" if f else "no" for f in flags]
+        steps = tuple(" ".join(words[i : i + per_step]) for i in range(0, pairs, per_step))
         out.append(Example(question, steps, str(sum(flags))))
     return out
 

@@ -26,6 +26,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
 from rim.config import Config, save_config
 from rim.curriculum import Stage, stage_progress, warmup_constant
@@ -218,7 +219,10 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=self.cfg.train.weight_decay)
         warm = int(self.cfg.train.warmup * stage.steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(warm))
+        if self.cfg.train.lr_schedule == "cosine":
+            sched = get_cosine_schedule_with_warmup(opt, warm, stage.steps)
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(warm))
         # plain optimizer: gradient sync is DDP's, accumulation is ours (see `step`)
         self.optimizer, self.scheduler = opt, sched
         set_dropout(self.model, stage.dropout)
