@@ -36,25 +36,32 @@ def _f(v, spec: str = ".1f") -> str:
 
 def summarize(out: Path) -> str:
     """The short table: latency per model shape, train bench, training run."""
-    lines = ["| model | direct ms | RiM ms | Coconut ms | CoT ms | RiM/direct | Coconut/RiM "
-             "| CoT/RiM | worst ours/plain |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | direct ms | RiM ms | Coconut ms | CoT ms | RiM/direct | Coconut/RiM "
+        "| CoT/RiM | worst ours/plain |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for f in sorted(out.glob("latency_*.json")):
         r = json.loads(f.read_text())
         ms, ra = r["ms"], r["ratios"]
-        worst = max((max(o["ttft"] or 0, o["latency"] or 0) for o in r["overhead"].values()),
-                    default=None)
+        worst = max(
+            (max(o["ttft"] or 0, o["latency"] or 0) for o in r["overhead"].values()), default=None
+        )
         cells = [f"{_f(ra[k], '.2f')} {_ok(ra[k], *TARGETS[k])}" for k in TARGETS]
         lines.append(
             f"| {r['config']['model']} | {_f(ms['direct'])} | {_f(ms['rim'])} | "
-            f"{_f(ms['coconut'])} | {_f(ms['cot'])} | " + " | ".join(cells)
+            f"{_f(ms['coconut'])} | {_f(ms['cot'])} | "
+            + " | ".join(cells)
             + f" | {_f(worst, '.2f')} {_ok(worst, '<=', OVERHEAD_MAX)} |"
         )
     if lines[2:]:
         r = json.loads(sorted(out.glob("latency_*.json"))[0].read_text())
         m = r["machine"]
         c = r["config"]
-        lines.append(f"(TTFT medians of {c['runs']} runs, {c['dtype']}, batch {c['batch']}, "
-                     f"{m.get('gpu', m['cpu'])})")
+        lines.append(
+            f"(TTFT medians of {c['runs']} runs, {c['dtype']}, batch {c['batch']}, "
+            f"{m.get('gpu', m['cpu'])})"
+        )
     tb = out / "train_bench.json"
     if tb.is_file():
         r = json.loads(tb.read_text())
@@ -62,15 +69,20 @@ def summarize(out: Path) -> str:
         lines += ["", "| train bench | examples/s | peak MB |", "|---|---|---|"]
         lines += [f"| {n} | {_f(e[n])} | {_f(p[n])} |" for n in e]
         pn = r["ratios"]["packed/naive"]
-        lines.append(f"packed/naive {_f(pn, '.2f')} {_ok(pn, '>=', 3.0)}, packed/coconut "
-                     f"{_f(r['ratios']['packed/coconut'], '.2f')} ({r['config']['model']}, "
-                     f"batch {r['config']['batch']})")
+        lines.append(
+            f"packed/naive {_f(pn, '.2f')} {_ok(pn, '>=', 3.0)}, packed/coconut "
+            f"{_f(r['ratios']['packed/coconut'], '.2f')} ({r['config']['model']}, "
+            f"batch {r['config']['batch']})"
+        )
     tr = out / "train_run.json"
     if tr.is_file():
         r = json.loads(tr.read_text())
-        lines += ["", f"RiM training run: {r['steps']} steps in {_f(r['train_s'])} s "
-                  f"({_f(r['examples_per_s'])} examples/s), best valid accuracy "
-                  f"{_f(r['best_valid_accuracy'], '.3f')}, device {r['device']}"]
+        lines += [
+            "",
+            f"RiM training run: {r['steps']} steps in {_f(r['train_s'])} s "
+            f"({_f(r['examples_per_s'])} examples/s), best valid accuracy "
+            f"{_f(r['best_valid_accuracy'], '.3f')}, device {r['device']}",
+        ]
     return "\n".join(lines)
 
 
@@ -89,17 +101,26 @@ def train_run(out: Path, steps: int, device: str) -> dict:
 
     recipe = Path(__file__).resolve().parents[1] / "configs" / "toy" / "chain_llama_rim.yaml"
     s1 = max(1, steps * 3 // 5)
-    cfg = load_config(recipe, [
-        f"curriculum.stage1_steps={s1}", f"curriculum.stage2_steps={max(1, steps - s1)}",
-        "train.threads=null", "eval.val_limit=128",
-    ])
+    cfg = load_config(
+        recipe,
+        [
+            f"curriculum.stage1_steps={s1}",
+            f"curriculum.stage2_steps={max(1, steps - s1)}",
+            "train.threads=null",
+            "eval.val_limit=128",
+        ],
+    )
     if device == "cpu":
         cfg.train.threads = 1
     t0 = time.perf_counter()
     res = train(cfg, out / "train_run")
     wall = time.perf_counter() - t0
-    return res | {"steps": steps, "wall_s": wall, "device": device,
-                  "examples_per_s": steps * cfg.train.batch_size / max(res["train_s"], 1e-9)}
+    return res | {
+        "steps": steps,
+        "wall_s": wall,
+        "device": device,
+        "examples_per_s": steps * cfg.train.batch_size / max(res["train_s"], 1e-9),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,8 +150,17 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     for m in [s for s in a.models.split(",") if s]:
         log(f"== latency {m} ({time.perf_counter() - t0:.0f} s)")
-        res = latency_bench(m, a.device, a.dtype, batch=1, question_tokens=100, cot_tokens=26,
-                            thoughts=6, runs=a.runs, warmup=3)
+        res = latency_bench(
+            m,
+            a.device,
+            a.dtype,
+            batch=1,
+            question_tokens=100,
+            cot_tokens=26,
+            thoughts=6,
+            runs=a.runs,
+            warmup=3,
+        )
         (out / f"latency_{m}.json").write_text(json.dumps(res, indent=2))
         _free()
     if a.train_runs > 0:

@@ -60,9 +60,12 @@ FAMILY: dict[str, tuple[str, int]] = {
 }
 NEVER = -1  # an EOS id no generated token can equal: generation runs to max_new_tokens
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
 }
 WORDS = ["".join(p) for p in itertools.product(string.ascii_lowercase, repeat=2)]
 DEFAULTS = {  # per bench kind: model, batch, question tokens, timed runs
@@ -278,8 +281,13 @@ def expected_passes(name: str, answer_tokens: int, cot_tokens: int, thoughts: in
 
 @torch.no_grad()
 def plain_loop(
-    model, prompt: list[int], batch: int, new_tokens: int, clock: Callable[[], float],
-    thoughts: int = 0, eot_id: int | None = None,
+    model,
+    prompt: list[int],
+    batch: int,
+    new_tokens: int,
+    clock: Callable[[], float],
+    thoughts: int = 0,
+    eot_id: int | None = None,
 ) -> tuple[list[float], list[int]]:
     """The reference: a plain transformers prefill + greedy loop with the KV cache.
 
@@ -296,8 +304,13 @@ def plain_loop(
     if coconut:
         for _ in range(thoughts):
             h = out.hidden_states[-1][:, -1:]  # (B, 1, D)
-            out = model(inputs_embeds=h, past_key_values=cache, use_cache=True,
-                        logits_to_keep=1, output_hidden_states=True)
+            out = model(
+                inputs_embeds=h,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                output_hidden_states=True,
+            )
             cache = out.past_key_values
         eot = torch.full((batch, 1), eot_id, dtype=torch.long, device=device)
         out = model(input_ids=eot, past_key_values=cache, use_cache=True)
@@ -335,14 +348,23 @@ def latency_bench(
     if runs < 1 or batch < 1 or question_tokens < 2 or answer_tokens < 1:
         raise RimError("bench latency: runs, batch, answer tokens >= 1; question tokens >= 2")
     need = question_tokens + blocks * (mem_tokens + 2) + thoughts + cot_tokens + answer_tokens + 8
-    bm = model if isinstance(model, BenchModel) else load_bench_model(
-        model, device, dtype, max_positions=max(1024, need)
+    bm = (
+        model
+        if isinstance(model, BenchModel)
+        else load_bench_model(model, device, dtype, max_positions=max(1024, need))
     )
     notes: list[str] = []
     active, meths = [], {}
     for name in methods:
-        m = make_method(name, bm.tokenizer, blocks=blocks, mem_tokens=mem_tokens,
-                        answer_tokens=answer_tokens, cot_tokens=cot_tokens, thoughts=thoughts)
+        m = make_method(
+            name,
+            bm.tokenizer,
+            blocks=blocks,
+            mem_tokens=mem_tokens,
+            answer_tokens=answer_tokens,
+            cot_tokens=cot_tokens,
+            thoughts=thoughts,
+        )
         if m is None:
             notes.append(f"{name}: method not registered in rim.methods.METHODS; skipped")
             continue
@@ -363,15 +385,24 @@ def latency_bench(
             S[name]["ttft"].append(out.token_times[first[name]] * 1e3)
             S[name]["full"].append(out.token_times[-1] * 1e3)
         counts.setdefault(name, {}).update(
-            generated_tokens=len(out.tokens[0]), forward_passes=out.passes[0],
-            prompt_tokens=len(meths[name].prompt(q)))
+            generated_tokens=len(out.tokens[0]),
+            forward_passes=out.passes[0],
+            prompt_tokens=len(meths[name].prompt(q)),
+        )
         generated[name] = out.tokens[0]
 
     def reference(name: str, keep: bool) -> None:
         m = meths[name]
         coco = name == "coconut"
-        times, tokens = plain_loop(bm.model, m.prompt(q), batch, m.max_new_tokens(), clock,
-                                   m.thoughts() if coco else 0, m.eot_id if coco else None)
+        times, tokens = plain_loop(
+            bm.model,
+            m.prompt(q),
+            batch,
+            m.max_new_tokens(),
+            clock,
+            m.thoughts() if coco else 0,
+            m.eot_id if coco else None,
+        )
         plain_tokens[name] = tokens
         if keep:
             S[name]["plain_ttft"].append(times[first[name]] * 1e3)
@@ -381,11 +412,14 @@ def latency_bench(
         keep = r >= warmup
         for name in _rotate(active, r):
             pair = [ours, reference] if plain else [ours]
-            for fn in (pair if r % 2 == 0 else pair[::-1]):
+            for fn in pair if r % 2 == 0 else pair[::-1]:
                 fn(name, keep)
         if log and keep:
-            log(f"[bench] run {r - warmup + 1}/{runs}: " + ", ".join(
-                f"{n} {S[n]['ttft'][-1]:.1f}" for n in active) + " ms TTFT")
+            log(
+                f"[bench] run {r - warmup + 1}/{runs}: "
+                + ", ".join(f"{n} {S[n]['ttft'][-1]:.1f}" for n in active)
+                + " ms TTFT"
+            )
 
     med = {n: {k: _median(v) for k, v in S[n].items()} for n in active}
     keys = list(dict.fromkeys(LATENCY_METHODS + tuple(methods)))  # None where not run
@@ -408,30 +442,47 @@ def latency_bench(
         res["plain_ms"] = {n: med[n]["plain_ttft"] if n in med else None for n in keys}
         res["plain_latency_ms"] = {n: med[n]["plain_full"] if n in med else None for n in keys}
         res["overhead"] = {  # ours / plain loop, paired per round: 1.0 = no overhead
-            n: {"ttft": _paired(S[n]["ttft"], S[n]["plain_ttft"]),
-                "latency": _paired(S[n]["full"], S[n]["plain_full"])} for n in active
+            n: {
+                "ttft": _paired(S[n]["ttft"], S[n]["plain_ttft"]),
+                "latency": _paired(S[n]["full"], S[n]["plain_full"]),
+            }
+            for n in active
         }
     for n in active:
-        counts[n]["expected_forward_passes"] = expected_passes(n, answer_tokens, cot_tokens,
-                                                               thoughts)
+        counts[n]["expected_forward_passes"] = expected_passes(
+            n, answer_tokens, cot_tokens, thoughts
+        )
         if plain:  # same greedy tokens: the plain loop did the same work
             counts[n]["same_tokens_as_plain"] = generated[n] == plain_tokens[n]
     res["counts"] = counts
     res["config"] = {
-        "model": bm.name, "arch": bm.arch, "params_m": round(bm.params / 1e6, 1),
-        "vocab": bm.model.get_input_embeddings().weight.shape[0], "device": str(bm.device),
-        "dtype": str(bm.dtype).removeprefix("torch."), "batch": batch,
-        "question_tokens": question_tokens, "cot_tokens": cot_tokens,
-        "answer_tokens": answer_tokens, "thoughts": thoughts, "blocks": blocks,
-        "mem_tokens": mem_tokens, "runs": runs, "warmup": warmup,
-        "ms": "median time to first answer token", "latency_ms": "median full-answer latency",
+        "model": bm.name,
+        "arch": bm.arch,
+        "params_m": round(bm.params / 1e6, 1),
+        "vocab": bm.model.get_input_embeddings().weight.shape[0],
+        "device": str(bm.device),
+        "dtype": str(bm.dtype).removeprefix("torch."),
+        "batch": batch,
+        "question_tokens": question_tokens,
+        "cot_tokens": cot_tokens,
+        "answer_tokens": answer_tokens,
+        "thoughts": thoughts,
+        "blocks": blocks,
+        "mem_tokens": mem_tokens,
+        "runs": runs,
+        "warmup": warmup,
+        "ms": "median time to first answer token",
+        "latency_ms": "median full-answer latency",
     }
     res["notes"] = notes + busy_note(bm.device)
     return res
 
 
-RATIOS = {"rim/direct": ("rim", "direct"), "coconut/rim": ("coconut", "rim"),
-          "cot/rim": ("cot", "rim")}
+RATIOS = {
+    "rim/direct": ("rim", "direct"),
+    "coconut/rim": ("coconut", "rim"),
+    "cot/rim": ("cot", "rim"),
+}
 
 
 def _latency_ratios(ms: dict) -> dict:
@@ -449,8 +500,12 @@ def _paired(a: list[float] | None, b: list[float] | None) -> float | None:
 
 
 def gsm8k_like(
-    n: int, question_tokens: int = 60, steps: int = 4, step_tokens: int = 10,
-    answer_digits: int = 3, seed: int = 0,
+    n: int,
+    question_tokens: int = 60,
+    steps: int = 4,
+    step_tokens: int = 10,
+    answer_digits: int = 3,
+    seed: int = 0,
 ) -> list[Example]:
     """GSM8K-shaped examples of random words: a question, `steps` steps of about
     `step_tokens` words each, a number answer (one token per digit with the word tokenizer)."""
@@ -489,8 +544,12 @@ def naive_batches(method, examples: list[Example], stage: Stage, progress: float
     per_example = [chains(method.segments(ex, stage, progress)) for ex in examples]
     batches = []
     for j in range(max(len(c) for c in per_example)):
-        items = [pack([Segment(ids), readout(r.ids, 0, r.weight)], method.eos_id)
-                 for c in per_example if j < len(c) for ids, r in [c[j]]]
+        items = [
+            pack([Segment(ids), readout(r.ids, 0, r.weight)], method.eos_id)
+            for c in per_example
+            if j < len(c)
+            for ids, r in [c[j]]
+        ]
         L = max(len(p) for p in items)
         ids = torch.full((len(items), L), method.pad_id, dtype=torch.long)
         mask = torch.zeros(len(items), L, dtype=torch.long)
@@ -500,8 +559,9 @@ def naive_batches(method, examples: list[Example], stage: Stage, progress: float
             n = len(p)
             ids[b, :n], mask[b, :n] = torch.tensor(p.input_ids), 1
             labels[b, :n], weights[b, :n] = torch.tensor(p.labels), torch.tensor(p.weights)
-        batches.append(SimpleNamespace(input_ids=ids, attention_mask=mask, labels=labels,
-                                       weights=weights))
+        batches.append(
+            SimpleNamespace(input_ids=ids, attention_mask=mask, labels=labels, weights=weights)
+        )
     return batches
 
 
@@ -510,8 +570,9 @@ def naive_step(method, model, examples, stage, progress, num_examples, device) -
     total = 0.0
     for b in naive_batches(method, examples, stage, progress):
         b = SimpleNamespace(**{k: v.to(device) for k, v in vars(b).items()})
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                       use_cache=False).logits
+        logits = model(
+            input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
+        ).logits
         loss = weighted_loss(logits, b, num_examples)
         loss.backward()
         total += loss.item()
@@ -619,8 +680,10 @@ def train_bench(
             if r >= warmup:
                 times[name].append(dt)
         if log and r >= warmup:
-            log(f"[bench] step {r - warmup + 1}/{runs}: "
-                + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names))
+            log(
+                f"[bench] step {r - warmup + 1}/{runs}: "
+                + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names)
+            )
     peak: dict[str, float | None] = {}
     how = "not measured"
     for name in names:
@@ -632,8 +695,9 @@ def train_bench(
     eps = {n: batch / (ms[n] / 1e3) for n in names}
     lengths = {
         "rim_packed": sum(rim.train_length(ex, s1) for ex in examples),
-        "rim_naive": sum(len(ids) + len(r.ids) for ex in examples
-                         for ids, r in chains(rim.segments(ex, s1, 0.0))),
+        "rim_naive": sum(
+            len(ids) + len(r.ids) for ex in examples for ids, r in chains(rim.segments(ex, s1, 0.0))
+        ),
     }
     if coco is not None:
         lengths["coconut"] = sum(coco.train_length(ex, last) for ex in examples)
@@ -653,14 +717,24 @@ def train_bench(
         "machine": machine(dev),
         "tokens_per_batch": lengths,
         "config": {
-            "model": bm.name, "arch": bm.arch, "params_m": round(bm.params / 1e6, 2),
-            "vocab": bm.model.get_input_embeddings().weight.shape[0], "device": str(dev),
-            "dtype": str(bm.dtype).removeprefix("torch."), "batch": batch,
-            "question_tokens": question_tokens, "steps_per_example": steps_per_example,
-            "step_tokens": step_tokens, "readouts": K, "coconut_thoughts": thoughts,
+            "model": bm.name,
+            "arch": bm.arch,
+            "params_m": round(bm.params / 1e6, 2),
+            "vocab": bm.model.get_input_embeddings().weight.shape[0],
+            "device": str(dev),
+            "dtype": str(bm.dtype).removeprefix("torch."),
+            "batch": batch,
+            "question_tokens": question_tokens,
+            "steps_per_example": steps_per_example,
+            "step_tokens": step_tokens,
+            "readouts": K,
+            "coconut_thoughts": thoughts,
             "coconut_stage": dict(last.options) if coco is not None else None,
-            "runs": runs, "warmup": warmup, "step": "zero_grad + forward + backward + AdamW",
-            "memory": how, "registered_methods": list(METHODS),
+            "runs": runs,
+            "warmup": warmup,
+            "step": "zero_grad + forward + backward + AdamW",
+            "memory": how,
+            "registered_methods": list(METHODS),
         },
         "notes": notes + busy_note(dev),
     }
@@ -689,34 +763,48 @@ def any_block_bench(
     from rim.evaluation import evaluate
 
     bm = model if isinstance(model, BenchModel) else load_bench_model(model, device, dtype)
-    m = make_method("rim", bm.tokenizer, blocks=blocks, mem_tokens=mem_tokens,
-                    answer_tokens=answer_tokens)
+    m = make_method(
+        "rim", bm.tokenizer, blocks=blocks, mem_tokens=mem_tokens, answer_tokens=answer_tokens
+    )
     rng = random.Random(1)
     lo = max(2, question_tokens * 3 // 4)
-    exs = [Example(question_text(bm.tokenizer, rng.randint(lo, question_tokens), seed=i), (), "1")
-           for i in range(examples)]
+    exs = [
+        Example(question_text(bm.tokenizer, rng.randint(lo, question_tokens), seed=i), (), "1")
+        for i in range(examples)
+    ]
     clock = wall_clock(bm.device)
     times: dict[str, list[float]] = {"final": [], "any": []}
     for r in range(warmup + runs):
         for mode in _rotate(["final", "any"], r):
             t0 = clock()
-            evaluate(m, bm.model, exs, batch, all_blocks=mode == "any", timing_examples=0,
-                     progress=False)
+            evaluate(
+                m, bm.model, exs, batch, all_blocks=mode == "any", timing_examples=0, progress=False
+            )
             if r >= warmup:
                 times[mode].append((clock() - t0) * 1e3)
         if log and r >= warmup:
-            log(f"[bench] run {r - warmup + 1}/{runs}: final {times['final'][-1]:.0f} ms, "
-                f"any {times['any'][-1]:.0f} ms")
+            log(
+                f"[bench] run {r - warmup + 1}/{runs}: final {times['final'][-1]:.0f} ms, "
+                f"any {times['any'][-1]:.0f} ms"
+            )
     ms = {k: _median(v) for k, v in times.items()}
     return {
         "ms": ms,
         "ratios": {"any/final": _ratio(ms["any"], ms["final"])},
         "machine": machine(bm.device),
         "config": {
-            "model": bm.name, "device": str(bm.device), "dtype": str(bm.dtype).removeprefix("torch."),
-            "examples": examples, "batch": batch, "question_tokens": [lo, question_tokens],
-            "answer_tokens": answer_tokens, "blocks": blocks, "mem_tokens": mem_tokens,
-            "runs": runs, "warmup": warmup, "path": "rim.evaluation.evaluate",
+            "model": bm.name,
+            "device": str(bm.device),
+            "dtype": str(bm.dtype).removeprefix("torch."),
+            "examples": examples,
+            "batch": batch,
+            "question_tokens": [lo, question_tokens],
+            "answer_tokens": answer_tokens,
+            "blocks": blocks,
+            "mem_tokens": mem_tokens,
+            "runs": runs,
+            "warmup": warmup,
+            "path": "rim.evaluation.evaluate",
         },
         "notes": busy_note(bm.device),
     }
@@ -751,15 +839,25 @@ def format_latency(res: dict) -> str:
             f"{k.get('prompt_tokens', '-')} |"
         )
     lines.append("")
-    lines.append("TTFT ratios: " + ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in res["ratios"].items()))
-    lines.append("TTFT ratios, paired per round: " + ", ".join(
-        f"{k} {_fmt(v, '.2f')}" for k, v in res["paired_ratios"].items()))
-    lines.append("latency ratios: " + ", ".join(
-        f"{k} {_fmt(v, '.2f')}" for k, v in res["latency_ratios"].items()))
+    lines.append(
+        "TTFT ratios: " + ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in res["ratios"].items())
+    )
+    lines.append(
+        "TTFT ratios, paired per round: "
+        + ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in res["paired_ratios"].items())
+    )
+    lines.append(
+        "latency ratios: "
+        + ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in res["latency_ratios"].items())
+    )
     if "overhead" in res:
-        lines.append("ours / plain loop (TTFT, latency): " + ", ".join(
-            f"{n} {_fmt(o['ttft'], '.2f')} {_fmt(o['latency'], '.2f')}"
-            for n, o in res["overhead"].items()))
+        lines.append(
+            "ours / plain loop (TTFT, latency): "
+            + ", ".join(
+                f"{n} {_fmt(o['ttft'], '.2f')} {_fmt(o['latency'], '.2f')}"
+                for n, o in res["overhead"].items()
+            )
+        )
     lines += [f"note: {n}" for n in res["notes"]]
     return "\n".join(lines)
 
@@ -775,8 +873,10 @@ def format_train(res: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for n in res["ms"]:
-        lines.append(f"| {n} | {_fmt(res['ms'][n])} | {_fmt(res['examples_per_s'][n])} | "
-                     f"{_fmt(res['peak_mb'][n])} | {res['tokens_per_batch'].get(n, '-')} |")
+        lines.append(
+            f"| {n} | {_fmt(res['ms'][n])} | {_fmt(res['examples_per_s'][n])} | "
+            f"{_fmt(res['peak_mb'][n])} | {res['tokens_per_batch'].get(n, '-')} |"
+        )
     lines.append("")
     lines.append("ratios: " + ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in res["ratios"].items()))
     lines.append(f"memory: {c['memory']}")
@@ -786,10 +886,12 @@ def format_train(res: dict) -> str:
 
 def format_any_block(res: dict) -> str:
     c = res["config"]
-    return (f"any-block: {c['model']} {c['device']}, {c['examples']} questions at batch "
-            f"{c['batch']}, K={c['blocks']}: final {_fmt(res['ms']['final'])} ms, any "
-            f"{_fmt(res['ms']['any'])} ms, any/final {_fmt(res['ratios']['any/final'], '.2f')}"
-            + "".join(f"\nnote: {n}" for n in res["notes"]))
+    return (
+        f"any-block: {c['model']} {c['device']}, {c['examples']} questions at batch "
+        f"{c['batch']}, K={c['blocks']}: final {_fmt(res['ms']['final'])} ms, any "
+        f"{_fmt(res['ms']['any'])} ms, any/final {_fmt(res['ratios']['any/final'], '.2f')}"
+        + "".join(f"\nnote: {n}" for n in res["notes"])
+    )
 
 
 def run_bench(args) -> dict:
@@ -818,12 +920,23 @@ def _run(args, kind: str, arg: Callable) -> dict:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    common = dict(model=arg("model"), device=arg("device", "cpu"), dtype=arg("dtype", "float32"),
-                  batch=arg("batch"), question_tokens=arg("question_tokens"), runs=arg("runs"),
-                  warmup=arg("warmup", 2), log=log)
+    common = dict(
+        model=arg("model"),
+        device=arg("device", "cpu"),
+        dtype=arg("dtype", "float32"),
+        batch=arg("batch"),
+        question_tokens=arg("question_tokens"),
+        runs=arg("runs"),
+        warmup=arg("warmup", 2),
+        log=log,
+    )
     if kind == "latency":
-        res = latency_bench(cot_tokens=arg("cot_tokens", 26), answer_tokens=arg("answer_tokens", 3),
-                            thoughts=arg("thoughts", 6), **common)
+        res = latency_bench(
+            cot_tokens=arg("cot_tokens", 26),
+            answer_tokens=arg("answer_tokens", 3),
+            thoughts=arg("thoughts", 6),
+            **common,
+        )
         text = format_latency(res)
     elif kind == "train":
         res = train_bench(thoughts=arg("thoughts", 6), **common)
