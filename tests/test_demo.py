@@ -7,6 +7,8 @@ import struct
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rim.config import load_config, read_recipe
 from rim.errors import ConfigError
@@ -235,3 +237,13 @@ def test_demo_skips_a_method_not_registered_yet(monkeypatch, capsys):
     monkeypatch.delitem(rim.methods.METHODS, "icot")
     assert _methods("direct, icot,direct") == ["direct"]
     assert "icot is not registered" in capsys.readouterr().out
+
+
+@settings(max_examples=50, deadline=None)
+@given(y=st.floats(0, 1), sd=st.one_of(st.none(), st.floats(0, 1)))
+def test_error_bars_stay_within_accuracy_range(y: float, sd: float | None) -> None:
+    from rim.plots import _clipped
+
+    below, above = _clipped(y, sd)
+    assert 0 <= below <= (sd or 0) and 0 <= above <= (sd or 0)
+    assert y - below >= 0 and y + above <= 1 + 1e-12

@@ -64,6 +64,12 @@ def _place_labels(ax, points: list[tuple[str, float, float, str]]) -> None:
         )
 
 
+def _clipped(y: float, sd: float | None) -> tuple[float, float]:
+    """(below, above) error-bar lengths of y ± sd, cut at the [0, 1] range of an accuracy."""
+    sd = sd or 0.0
+    return (min(sd, y), min(sd, 1.0 - y))
+
+
 def plot_accuracy_vs_ttft(res: dict, path: Path) -> Path | None:
     """One labelled point per method: TTFT (x) against final-block accuracy (y), s.d. bars."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -75,8 +81,14 @@ def plot_accuracy_vs_ttft(res: dict, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     points = []
     for i, (m, r) in enumerate(rows.items()):
-        sd = r.get("accuracy_sd") or 0.0
-        ax.errorbar(r["ttft_ms"], r["accuracy"], yerr=sd, fmt="o", ms=8, capsize=4, color=f"C{i}")
+        y = r["accuracy"]
+        below, above = _clipped(y, r.get("accuracy_sd"))
+        ax.errorbar(
+            r["ttft_ms"], y, yerr=[[below], [above]], fmt="o", ms=8, capsize=4, color=f"C{i}"
+        )
+        seeds = [s["accuracy"] for s in r.get("seeds", [])]
+        if len(seeds) > 1:  # each seed too: a mean +- s.d. can hide a split (e.g. 0.6, 1, 1)
+            ax.plot([r["ttft_ms"]] * len(seeds), seeds, "x", ms=5, color=f"C{i}", alpha=0.6)
         points.append((m, r["ttft_ms"], r["accuracy"], f"C{i}"))
     xs = [r["ttft_ms"] for r in rows.values()]
     log = max(xs) / max(min(xs), 1e-9) > 5
@@ -93,7 +105,7 @@ def plot_accuracy_vs_ttft(res: dict, path: Path) -> Path | None:
     ax.set_xlabel(f"time to first answer token (ms, median of batch-1 runs{scale})")
     ax.set_ylabel("final-block accuracy on the test split (fraction)")
     seeds = res["config"]["seeds"]
-    bars = "error bars: ± s.d. over seeds" if seeds > 1 else "1 seed: no error bars"
+    bars = "error bars: ± s.d. over seeds, x: each seed" if seeds > 1 else "1 seed: no error bars"
     ax.set_title(f"Accuracy vs time to first answer token ({bars})\n" + _subtitle(res), fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     fig.tight_layout()
@@ -116,10 +128,14 @@ def plot_per_block(res: dict, path: Path) -> Path | None:
         if "per_block_accuracy" not in r:
             continue
         y = r["per_block_accuracy"]
-        sd = [s or 0.0 for s in r["per_block_accuracy_sd"]]
+        sd = [
+            list(c) for c in zip(*(_clipped(a, s) for a, s in zip(y, r["per_block_accuracy_sd"])))
+        ]
         k = list(range(1, len(y) + 1))
+        for seed in r.get("seeds", []) if r["n_seeds"] > 1 else []:
+            ax.plot(k, seed["per_block_accuracy"], color=f"C{i}", lw=0.8, alpha=0.35)
         n = r["n_seeds"]
-        what = f"mean ± s.d. over {n} seeds" if n > 1 else "1 seed"
+        what = f"mean ± s.d. over {n} seeds; thin: each seed" if n > 1 else "1 seed"
         ax.errorbar(
             k,
             y,
