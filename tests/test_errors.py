@@ -211,28 +211,12 @@ def _tokenizer(folder: Path, pad: bool, eos: bool) -> Path:
 def test_missing_model_and_tokenizer_paths(tmp_path: Path, capsys) -> None:
     cfg = write_recipe(tmp_path)
     out = tmp_path / "run"
-    line = fails(
-        capsys,
-        "train",
-        "--config",
-        str(cfg),
-        "--out",
-        str(out),
-        "--set",
-        f"model.path={tmp_path / 'no-model'}",
-    )
-    assert line.endswith(f"model.path: {tmp_path / 'no-model'}: no such model folder")
-    line = fails(
-        capsys,
-        "train",
-        "--config",
-        str(cfg),
-        "--out",
-        str(out),
-        "--set",
-        f"model.tokenizer={tmp_path / 'no-tok'}",
-    )
-    assert line.endswith(f"model.tokenizer: {tmp_path / 'no-tok'}: no such tokenizer folder")
+    for key, what in (("model.path", "model"), ("model.tokenizer", "tokenizer")):
+        missing = tmp_path / f"no-{what}"
+        line = fails(
+            capsys, "train", "--config", str(cfg), "--out", str(out), "--set", f"{key}={missing}"
+        )
+        assert line.endswith(f"{key}: {missing}: no such {what} folder")
     empty = tmp_path / "empty"
     empty.mkdir()
     line = fails(

@@ -86,9 +86,9 @@ def plot_accuracy_vs_ttft(res: dict, path: Path) -> Path | None:
         ax.errorbar(
             r["ttft_ms"], y, yerr=[[below], [above]], fmt="o", ms=8, capsize=4, color=f"C{i}"
         )
-        seeds = [s["accuracy"] for s in r.get("seeds", [])]
-        if len(seeds) > 1:  # each seed too: a mean +- s.d. can hide a split (e.g. 0.6, 1, 1)
-            ax.plot([r["ttft_ms"]] * len(seeds), seeds, "x", ms=5, color=f"C{i}", alpha=0.6)
+        per_seed = [s["accuracy"] for s in r.get("seeds", [])]
+        if len(per_seed) > 1:  # each seed too: a mean +- s.d. can hide a split (e.g. 0.6, 1, 1)
+            ax.plot([r["ttft_ms"]] * len(per_seed), per_seed, "x", ms=5, color=f"C{i}", alpha=0.6)
         points.append((m, r["ttft_ms"], r["accuracy"], f"C{i}"))
     xs = [r["ttft_ms"] for r in rows.values()]
     log = max(xs) / max(min(xs), 1e-9) > 5
@@ -128,13 +128,11 @@ def plot_per_block(res: dict, path: Path) -> Path | None:
         if "per_block_accuracy" not in r:
             continue
         y = r["per_block_accuracy"]
-        sd = [
-            list(c) for c in zip(*(_clipped(a, s) for a, s in zip(y, r["per_block_accuracy_sd"])))
-        ]
+        sd = list(zip(*(_clipped(a, s) for a, s in zip(y, r["per_block_accuracy_sd"]))))
         k = list(range(1, len(y) + 1))
-        for seed in r.get("seeds", []) if r["n_seeds"] > 1 else []:
-            ax.plot(k, seed["per_block_accuracy"], color=f"C{i}", lw=0.8, alpha=0.35)
         n = r["n_seeds"]
+        for seed in r["seeds"] if n > 1 else []:
+            ax.plot(k, seed["per_block_accuracy"], color=f"C{i}", lw=0.8, alpha=0.35)
         what = f"mean ± s.d. over {n} seeds; thin: each seed" if n > 1 else "1 seed"
         ax.errorbar(
             k,
