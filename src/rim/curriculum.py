@@ -155,9 +155,10 @@ def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
 class Stage:
     """One entry of a training plan; the trainer resets optimizer and LR schedule per stage.
 
-    `dropout=None` leaves the model's dropout as it is; `options` carries method-specific
-    settings (e.g. {"kind": "grounding"}, {"thought_steps": 2}, {"removed_tokens": 8}) and is
-    stored as a read-only mapping so a plan cannot be mutated mid-run.
+    `dropout=None` leaves the model's dropout as it is; `warmup=None` uses `train.warmup` (a
+    baseline whose original resets the optimizer without warm-up sets 0.0); `options`
+    carries method-specific settings (e.g. {"kind": "grounding"}, {"k": 2}) and is stored as
+    a read-only mapping so a plan cannot be mutated mid-run.
     """
 
     name: str
@@ -166,6 +167,7 @@ class Stage:
     lr: float
     dropout: float | None = None
     options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    warmup: float | None = None  # fraction of steps in LR warm-up; None = train.warmup
 
     def __post_init__(self) -> None:
         where = f"stage {self.name!r}"
@@ -179,6 +181,8 @@ class Stage:
             raise ConfigError(f"{where}: lr must be a positive number, got {self.lr}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{where}: dropout must be in [0, 1) or null, got {self.dropout}")
+        if self.warmup is not None and not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"{where}: warmup must be in [0, 1) or null, got {self.warmup}")
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
 

@@ -218,7 +218,8 @@ class Trainer:
     def _new_optimizer(self, stage: Stage) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=self.cfg.train.weight_decay)
-        warm = int(self.cfg.train.warmup * stage.steps)
+        frac = self.cfg.train.warmup if stage.warmup is None else stage.warmup
+        warm = int(frac * stage.steps)
         if self.cfg.train.lr_schedule == "cosine":
             sched = get_cosine_schedule_with_warmup(opt, warm, stage.steps)
         else:
