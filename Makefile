@@ -6,10 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint clean
 
+# A usable venv has a pip that runs; a dangling link or a half-made folder is made anew.
 $(STAMP): pyproject.toml
-	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev]"
+	@if ! $(BIN)/python -m pip --version >/dev/null 2>&1; then \
+		echo "setting up $(VENV)"; rm -rf $(VENV) && $(PY) -m venv $(VENV); fi
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)

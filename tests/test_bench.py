@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from rim import bench
 from rim.curriculum import Stage
@@ -138,7 +137,8 @@ def test_naive_per_readout_loss_equals_packed_loss(tiny):
     g_naive = model.get_input_embeddings().weight.grad.clone()
     model.zero_grad()
     assert naive == pytest.approx(packed.item(), rel=1e-5)
-    torch.testing.assert_close(g_naive, g_packed, atol=1e-6, rtol=1e-4)
+    # a relative norm, not per element: near-zero entries carry only rounding noise
+    assert float((g_naive - g_packed).norm() / g_packed.norm()) < 1e-5
 
 
 def test_train_bench_returns_three_entries(tiny):

@@ -247,3 +247,52 @@ def test_error_bars_stay_within_accuracy_range(y: float, sd: float | None) -> No
     below, above = _clipped(y, sd)
     assert 0 <= below <= (sd or 0) and 0 <= above <= (sd or 0)
     assert y - below >= 0 and y + above <= 1 + 1e-12
+
+
+# --------------------------------------------------------------------------- progress in a log
+
+
+class _FakeRunner:
+    """Each job trains, evaluates and finishes after a short sleep (no subprocesses)."""
+
+    def run(self, job):
+        import time
+
+        for state in ("train", "eval"):
+            job.state = state
+            time.sleep(1.3)  # longer than the display's 1 s poll: each state is seen
+        job.state, job.result = "done", {"accuracy": 0.5, "train_s": 1.0}
+        return job
+
+    def stop(self) -> None:
+        pass
+
+
+def test_progress_in_a_log_is_one_line_per_event(tmp_path, capsys, monkeypatch):
+    """Not a terminal (CI, `make demo > log`): no carriage returns, one line per job event,
+    and status lines only as often as `Status` allows (here: every poll, to see them)."""
+    from rim.demo import Job, run_jobs
+    from rim.progress import Status
+
+    monkeypatch.delenv("RIM_NO_PROGRESS", raising=False)
+    jobs = [Job(m, 0, tmp_path / "r.yaml", tmp_path / m, [], 10) for m in ("direct", "rim")]
+    run_jobs(jobs, 1, _FakeRunner(), status=Status(every=0.0))
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "\r" not in text
+    lines = text.splitlines()
+    for name in ("direct/s0", "rim/s0"):
+        assert lines.count(f"[demo] {name}: training") == 1
+        assert lines.count(f"[demo] {name}: test evaluation") == 1
+        assert lines.count(f"[demo] {name}: test accuracy 0.500, trained 1s") == 1
+    status = [ln for ln in lines if "jobs done" in ln]
+    assert status and all(ln.startswith("[demo] ") for ln in status)
+    assert len(lines) == 6 + len(status)
+
+
+def test_status_lines_are_rate_limited():
+    from rim.progress import STATUS_EVERY, Status
+
+    clock = iter([0.0, 1.0, STATUS_EVERY - 0.1, STATUS_EVERY, STATUS_EVERY + 5])
+    s = Status(clock=lambda: next(clock))
+    assert [s.due(), s.due(), s.due(), s.due()] == [False, False, True, False]

@@ -41,13 +41,20 @@ def _losses(out) -> list[float]:
 
 
 def test_accumulation_is_exact(tmp_path):
-    """batch 8 x accumulation 1 == micro-batch 1 x accumulation 8 (same loss trajectory)."""
+    """batch 8 x accumulation 1 == micro-batch 1 x accumulation 8 (same loss trajectory).
+
+    The first loss is computed from identical weights, so only summation order differs;
+    later ones follow AdamW updates, which turn rounding-level gradient differences into
+    CPU-dependent weight differences, so they are compared loosely (the exact invariant,
+    on the accumulated gradient, is tests/test_reliability.py's).
+    """
     runs = []
     for micro in (8, 1):
         setup = build(_cfg(micro_batch_size=micro), log=lambda *_: None)
         Trainer(setup, tmp_path / f"m{micro}").fit()
         runs.append(_losses(tmp_path / f"m{micro}"))
-    assert runs[0] == pytest.approx(runs[1], rel=1e-4)
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6)
+    assert runs[0] == pytest.approx(runs[1], rel=1e-3)
 
 
 def test_stage_switch_resets_optimizer_and_warmup(tmp_path):

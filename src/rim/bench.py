@@ -48,6 +48,7 @@ from rim.data import Example
 from rim.decoding import decode, wall_clock
 from rim.errors import RimError
 from rim.layout import IGNORE, Segment, pack, weighted_loss
+from rim.machine import cpu_model
 from rim.memory import add_special_tokens, memory_tokens
 from rim.methods.base import readout
 
@@ -222,14 +223,8 @@ def question_text(tokenizer, n_tokens: int, seed: int = 0) -> str:
 def machine(device: torch.device) -> dict:
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     info = {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": device.type,

@@ -121,7 +121,10 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from rim import __version__
+
     p = argparse.ArgumentParser(prog="rim", description="Reasoning in Memory")
+    p.add_argument("--version", action="version", version=f"rim {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a recipe")
@@ -138,61 +141,68 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint")
-    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. RUN/best)")
     e.add_argument("--data", help="data file (any supported format)")
-    e.add_argument("--format", default="auto")
+    e.add_argument(
+        "--format", default="auto", help="auto | json | jsonl | icot | gsm8k | gsmhard (--data)"
+    )
     e.add_argument("--split", default="valid", help="recipe split when --data is not given")
-    e.add_argument("--limit", type=int)
+    e.add_argument("--limit", type=int, help="evaluate the first N examples only")
     e.add_argument("--blocks", type=int, help="memory blocks to use (default K)")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--timing-examples", type=int, default=16)
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--batch-size", type=int, default=64, help="questions decoded together")
+    e.add_argument(
+        "--timing-examples",
+        type=int,
+        default=16,
+        help="batch-1 runs timed for TTFT and latency (0: no timing)",
+    )
+    e.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     e.add_argument("--out", help="JSON result (default CHECKPOINT/eval.json)")
     e.set_defaults(fn=_eval)
 
     g = sub.add_parser("generate", help="answer questions")
-    g.add_argument("--checkpoint", required=True)
-    g.add_argument("questions", nargs="+")
+    g.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. RUN/best)")
+    g.add_argument("questions", nargs="+", help="one or more questions (quote each)")
     g.add_argument("--blocks", type=int, help="memory blocks to use (default K)")
     g.add_argument("--all-blocks", action="store_true", help="answer after every block")
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     g.set_defaults(fn=_generate)
 
     d = sub.add_parser("demo", help="train every method on the toy task, one table")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--seeds", type=int, default=1)
+    d.add_argument("--out", default="runs/demo", help="results folder (default runs/demo)")
+    d.add_argument("--seeds", type=int, default=1, help="training seeds per method")
     d.add_argument("--quick", action="store_true", help="a < 5 minute smoke version")
-    d.add_argument("--methods", default="direct,cot,pause,rim,coconut,icot")
+    d.add_argument("--methods", default="direct,cot,pause,rim,coconut,icot", help="comma-separated")
     d.add_argument("--workers", type=int, default=2, help="parallel training processes")
     d.set_defaults(fn=_demo)
 
     b = sub.add_parser("bench", help="latency, training-throughput and any-block benchmarks")
-    b.add_argument("kind", choices=["latency", "train", "any-block"])
+    b.add_argument("kind", choices=["latency", "train", "any-block"], help="what to measure")
     b.add_argument(
         "--model",
         help="gpt2 | llama-1b | llama-3b | tiny | small | base | a model "
         "folder (default: gpt2 for latency, small for train, tiny for any-block)",
     )
-    b.add_argument("--device", default="cpu")
+    b.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     b.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     b.add_argument("--batch", type=int, help="default 1 (latency), 16 (train), 64 (any-block)")
     b.add_argument(
         "--question-tokens", type=int, help="default 100 (latency), 60 (train), 30 (any-block)"
     )
-    b.add_argument("--cot-tokens", type=int, default=26)
-    b.add_argument("--answer-tokens", type=int, default=3)
+    b.add_argument("--cot-tokens", type=int, default=26, help="CoT reasoning tokens generated")
+    b.add_argument("--answer-tokens", type=int, default=3, help="answer tokens generated")
     b.add_argument("--thoughts", type=int, default=6, help="Coconut continuous thoughts")
     b.add_argument(
         "--runs", type=int, help="timed runs (default 20 latency, 10 train, 7 any-block)"
     )
     b.add_argument("--warmup", type=int, default=2, help="untimed runs first")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.set_defaults(fn=_bench)
 
     x = sub.add_parser("export", help="merge LoRA and write a plain HF model folder")
-    x.add_argument("--checkpoint", required=True)
-    x.add_argument("--out", required=True)
+    x.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. RUN/best)")
+    x.add_argument("--out", required=True, help="the folder to write (a plain HF model)")
     x.set_defaults(fn=_export)
     return p
 

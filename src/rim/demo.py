@@ -1,7 +1,7 @@
 """`rim demo`: every method on one toy task, one table and two plots (the README's first command).
 
     rim demo --out runs/demo                      # `make demo`: all methods, 1 seed
-    rim demo --quick --out /tmp/demo_quick        # < 5 minutes on 2 CPU cores, a smoke test
+    rim demo --quick --out runs/demo_quick        # < 5 minutes on 2 CPU cores, a smoke test
     rim demo --seeds 3 --methods direct,rim --workers 2
 
 Every method trains from the same data, tokenizer recipe, model size, trainer and evaluator:
@@ -36,8 +36,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from rim import progress
 from rim.errors import RimError
+from rim.machine import cpu_model
 from rim.plots import plot_accuracy_vs_ttft, plot_per_block, task_line
+from rim.progress import Status
 
 # `--quick`: the same recipes, shrunk (applied after the recipe, before validation).
 QUICK: dict[str, object] = {
@@ -271,25 +274,43 @@ def _status(jobs: list[Job]) -> str:
     return "running: " + (", ".join(parts) or "-")
 
 
-def run_jobs(jobs: list[Job], workers: int, runner: Runner) -> None:
-    quiet = os.environ.get("RIM_NO_PROGRESS") == "1"
-    bar = tqdm(total=len(jobs), desc="demo", unit="job", disable=quiet, dynamic_ncols=True)
+def _finished_line(j: Job) -> str:
+    if j.state == "done":
+        acc, secs = j.result["accuracy"], j.result["train_s"]
+        return f"[demo] {j.name}: test accuracy {acc:.3f}, trained {secs:.0f}s"
+    return f"[demo] {j.name}: {j.error}"
+
+
+_EVENTS = {"train": "training", "eval": "test evaluation"}
+
+
+def run_jobs(jobs: list[Job], workers: int, runner: Runner, status: Status | None = None) -> None:
+    """Run `jobs` in a thread pool: a live bar on a terminal, plain event lines in a log.
+
+    In a log: one line when a job starts training, starts its test evaluation and ends,
+    and a status line at most every `progress.STATUS_EVERY` s (`status`).
+    """
+    bar_on, log_on = progress.live(), progress.enabled() and not progress.live()
+    bar = tqdm(total=len(jobs), desc="demo", unit="job", disable=not bar_on, dynamic_ncols=True)
+    status = status or Status()
+    seen: dict[str, str] = {}
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
         pending = {pool.submit(runner.run, j) for j in jobs}
         while pending:
             finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            for j in jobs:  # state changes seen since the last poll
+                if log_on and j.state in _EVENTS and seen.get(j.name) != j.state:
+                    print(f"[demo] {j.name}: {_EVENTS[j.state]}", flush=True)
+                seen[j.name] = j.state
             for fut in finished:
-                j = fut.result()
-                line = (
-                    f"[demo] {j.name}: test accuracy {j.result['accuracy']:.3f}, "
-                    f"trained {j.result['train_s']:.0f}s"
-                    if j.state == "done"
-                    else f"[demo] {j.name}: {j.error}"
-                )
-                (print if quiet else tqdm.write)(line)
+                (tqdm.write if bar_on else print)(_finished_line(fut.result()))
                 bar.update(1)
-            bar.set_postfix_str(_status(jobs), refresh=True)
+            if bar_on:
+                bar.set_postfix_str(_status(jobs), refresh=True)
+            elif log_on and pending and status.due():
+                done = len(jobs) - len(pending)
+                print(f"[demo] {done}/{len(jobs)} jobs done; {_status(jobs)}", flush=True)
     except BaseException as err:
         pool.shutdown(wait=False, cancel_futures=True)  # queued jobs never start
         runner.stop()  # running ones are terminated
@@ -428,7 +449,9 @@ def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
         "Forward passes and generated tokens: means per test question. Train s: training "
         "wall time per run (validation included).",
         "",
-        f"Machine: {m['summary']}. Demo wall time: {res['wall_s'] / 60:.1f} min.",
+        f"Machine: {m['summary']}. Demo wall time: {res['wall_s'] / 60:.1f} min. "
+        "Training is reproducible on one CPU model, not across models (float summation "
+        "order differs), so accuracies from another CPU differ by run-to-run noise.",
         "",
         f"Command: `{res['command']}`",
     ]
@@ -448,6 +471,7 @@ def machine_info(device: str, workers: int) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "device": device,
         "gpu": gpu,
@@ -455,7 +479,9 @@ def machine_info(device: str, workers: int) -> dict:
         "threads_per_job": 1,
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
-    where = gpu or f"CPU ({os.cpu_count()} cores, {workers} parallel jobs, 1 thread each)"
+    where = gpu or (
+        f"CPU {info['cpu']} ({os.cpu_count()} cores, {workers} parallel jobs, 1 thread each)"
+    )
     info["summary"] = (
         f"{where}; {info['platform']}; Python {info['python']}, torch "
         f"{info['torch']}, transformers {info['transformers']}"
@@ -536,7 +562,8 @@ def assemble(jobs, cfgs, base, args, machine, over) -> dict:
         "seeds": {s: getattr(d, s).seed for s in ("train", "valid", "test")},
     }
     config = {
-        "recipes": {m: str(config_dir() / f"{m}.yaml") for m in cfgs},
+        # relative to the checkout: results carry no path of the machine that wrote them
+        "recipes": {m: f"configs/demo/{m}.yaml" for m in cfgs},
         "overrides": over,
         "quick": args.quick,
         "seeds": args.seeds,

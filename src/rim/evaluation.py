@@ -6,7 +6,6 @@ separate batch-1 runs of the same code path (`rim.decoding.decode`), device-sync
 
 from __future__ import annotations
 
-import os
 import re
 import statistics
 
@@ -14,6 +13,7 @@ from tqdm import tqdm
 
 from rim.data import Example
 from rim.decoding import decode, wall_clock
+from rim.progress import live as live_progress
 
 _NUM = re.compile(r"^[-+]?\d+(?:\.\d+)?$")
 
@@ -78,7 +78,7 @@ def evaluate(
     bar = tqdm(
         range(0, len(examples), batch_size),
         desc="eval",
-        disable=not progress or os.environ.get("RIM_NO_PROGRESS") == "1",
+        disable=not progress or not live_progress(),
         leave=False,
     )
     for lo in bar:

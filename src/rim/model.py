@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -70,17 +70,33 @@ def build_config(arch: str, size: str, vocab_size: int, max_positions: int, **ov
 
 _WORD = re.compile(r"\d|[^\w\s]|[^\d\W]+")
 
+# tokens joined by spaces, then the spaces the pre-tokenizer invented removed again
+_JOIN_SPLIT = decoders.Sequence(
+    [
+        decoders.Replace(Regex("^"), " "),  # a space before every token
+        decoders.Fuse(),
+        decoders.Replace(Regex(r"(?<=\d) (?=\d)"), ""),  # 2 1 -> 21
+        decoders.Replace(Regex(r" (?=[.,!?;:])"), ""),  # apples . -> apples.
+        decoders.Strip(" ", 1, 0),
+    ]
+)
+
 
 def build_tokenizer(
     texts: Iterable[str], extra_tokens: Iterable[str] = ()
 ) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over `texts`: single digits, punctuation and words are tokens.
 
-    Digits are split so numbers never fall out of the vocabulary.
+    Digits are split so numbers never fall out of the vocabulary. Word-level tokens keep no
+    whitespace, so the decoder re-joins what the pre-tokenizer split (digit runs, and
+    punctuation onto the word before it), as the evaluator's `normalize` does: `21` prints
+    as `21`, not `2 1`; digits that were apart in the text (`6 4`) print joined too.
 
     >>> tok = build_tokenizer(["3 + 4 = 7", "12 apples."])
     >>> tok.convert_ids_to_tokens(tok("12 apples.")["input_ids"])
     ['<bos>', '1', '2', 'apples', '.']
+    >>> tok.decode(tok("12 apples. 3 + 4 = 7")["input_ids"], skip_special_tokens=True)
+    '12 apples. 3 + 4 = 7'
     """
     vocab: dict[str, int] = {}
     for tok in list(SPECIALS.values()) + [str(d) for d in range(10)]:
@@ -96,6 +112,7 @@ def build_tokenizer(
             pre_tokenizers.Digits(individual_digits=True),
         ]
     )
+    tok.decoder = _JOIN_SPLIT
     bos = SPECIALS["bos"]
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]

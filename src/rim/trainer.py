@@ -28,6 +28,7 @@ from accelerate.utils import DistributedType
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from rim import progress
 from rim.config import Config, save_config
 from rim.curriculum import Stage, stage_progress, warmup_constant
 from rim.data import Example, load_split
@@ -306,9 +307,11 @@ class Trainer:
             total=stage.steps,
             initial=self.step_in_stage,
             desc=f"{self.cfg.method}:{stage.name}",
-            disable=not self.main or os.environ.get("RIM_NO_PROGRESS") == "1",
+            disable=not self.main or not progress.live(),
             dynamic_ncols=True,
         )
+        logged = self.main and progress.enabled() and not progress.live()
+        status = progress.Status()
         tick, seen = time.perf_counter(), 0
         while self.step_in_stage < stage.steps:
             loss = self.step(stage)
@@ -318,6 +321,12 @@ class Trainer:
             rate = seen / max(time.perf_counter() - tick, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.0f}")
+            if logged and status.due():  # in a log: a line every 30 s, not a redrawn bar
+                print(
+                    f"[rim] {bar.desc} step {self.step_in_stage}/{stage.steps}: "
+                    f"loss {loss:.4f}, {rate:.0f} examples/s",
+                    flush=True,
+                )
             if self.global_step % t.log_every == 0 or self.step_in_stage == stage.steps:
                 self.log(
                     {
