@@ -232,3 +232,18 @@ def test_loss_equals_the_originals_token_mean() -> None:
         cfg.icot.loss = "example"  # rim's per-example mean: a different number
         per_example = m.loss(model, exs, st, 0.2, 4, CPU).item()
     assert not math.isclose(per_example, want.item(), abs_tol=1e-4)
+
+
+def test_demo_step_count_is_the_plans() -> None:
+    """`rim demo` counts steps per method by name: for iCoT it must be the sum of the plan."""
+    from pathlib import Path
+
+    from rim.config import load_config
+    from rim.demo import QUICK, _total_steps
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "demo" / "icot.yaml"
+    for sets in ([], [f"{k}={v}" for k, v in QUICK.items()]):
+        cfg = load_config(recipe, sets)
+        plan = ICoT(cfg, gpt2_like_tokenizer()).plan(cfg.data.train.size, 8)
+        assert sum(s.steps for s in plan) == _total_steps(cfg)
+        assert plan[-1].options["all"] and len(plan) == 9  # 8 flags, then one final stage
