@@ -16,6 +16,7 @@ docs/_baseline_icot.md.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -125,10 +126,19 @@ class ICoT(Method):
         return loss * len(examples) / n_tok
 
     def train_length(self, ex: Example, stage: Stage) -> int:
-        """Tokens at the stage's scheduled removal, no smoothing (which only shortens)."""
+        """Tokens at the stage's scheduled removal, no smoothing (which only shortens).
+
+        Cheap: the length check calls it for every example and each of dozens of stages.
+        """
+        q, cot, answer = self._lengths(ex)
         o = stage.options
-        removed = None if o.get("all") else int(o.get("removed", 0))
-        return len(self.question_ids(ex.question)) + len(self.target(ex, removed))
+        kept = 0 if o.get("all") else max(0, cot - int(o.get("removed", 0)))
+        return q + kept + answer
+
+    @lru_cache(maxsize=4096)  # noqa: B019 (one method per run; examples come in order)
+    def _lengths(self, ex: Example) -> tuple[int, int, int]:
+        q = len(self.question_ids(ex.question))
+        return q, len(self.cot_ids(ex)), len(self.answer_ids(ex.answer))
 
     def meta(self) -> dict:
         removed, every = self.final_removed or (0, False)
