@@ -92,7 +92,10 @@ def test_mult_first_record(data: Path) -> None:
             "0 0 0 2 0 8 7 1",
         ),
         "7 8 0 3 7 8 8 1",
+        step_sep=" + ",  # the CoT text as written keeps its ` + ` (issue 11)
     )
+    line = (data / "4_by_4_mult/test_bigbench.txt").read_text().splitlines()[0]
+    assert ex.cot == line.split("||")[1].split(" #### ")[0]
     assert all(len(e.steps) == 5 for e in read_examples(data / "5_by_5_mult/valid.txt"))
 
 
@@ -347,6 +350,8 @@ def test_step_sep_override(tmp_path: Path) -> None:
     path.write_text("Q||One. Two three. #### 1\n")
     assert read_examples(path)[0].steps == ("One.", "Two three.")
     assert read_examples(path, step_sep=" ")[0].steps == ("One.", "Two", "three.")
+    path.write_text("Q||a ; b #### 1\n")
+    assert read_examples(path, step_sep=" ; ")[0].cot == "a ; b"
     with pytest.raises(ValueError):
         format_icot(Example("a||b", (), "c"))
 
@@ -356,6 +361,9 @@ def test_write_examples_atomic(tmp_path: Path) -> None:
     out = write_examples(exs, tmp_path / "sub" / "o.jsonl")
     assert [p.name for p in out.parent.iterdir()] == ["o.jsonl"]  # no temp file left behind
     assert json.loads(out.read_text().splitlines()[0]).keys() == {"question", "steps", "answer"}
+    mult = generate("mult", 2, 0)
+    assert read_examples(write_examples(mult, tmp_path / "m.jsonl")) == mult  # keeps ` + `
+    assert mult[0].step_sep == " + "
     with pytest.raises(AttributeError):
         write_examples([exs[0], object()], out)  # type: ignore[list-item]
     assert read_examples(out) == exs  # the failed write left the old file intact

@@ -55,36 +55,74 @@ def tokens(tok, ids) -> list[str]:
 # ---------------------------------------------------------------- iCoT
 
 
-def test_icot_plan_has_one_stage_per_epoch():
-    cfg, _, _, m = make_setup("icot", train__batch_size=8, train__steps=5)
+def test_icot_plan_one_stage_per_removed_token():
+    """The original's schedule (tests/test_fidelity_icot.py pins it to its code)."""
+    cfg, _, _, m = make_setup("icot", train__batch_size=8, train__steps=12)
     assert isinstance(m, ICoT)
-    cfg.icot.remove_per_epoch = 3
+    cfg.icot.remove_per_epoch = 1  # 16 examples at batch 8: 2 steps an epoch, 2 per token
+    cfg.icot.remove_all_when_remove_beyond = 4
+    plan = m.plan(16, 3)
+    assert [s.steps for s in plan] == [2, 2, 2, 2, 4]
+    assert [s.options["removed"] for s in plan] == [0, 1, 2, 3, 4]
+    assert [s.options["all"] for s in plan] == [False] * 4 + [True]
+    assert [s.options["start"] for s in plan] == [0, 2, 4, 6, 8]
+    assert [s.index for s in plan] == [0, 1, 2, 3, 4]
+    assert {s.warmup for s in plan} == {0.0}  # the original resets without warm-up
+    assert m.meta()["removed_tokens"] == 4 and m.meta()["removed_all"]
+    cfg.icot.max_remove = 2  # ours: the count freezes, the steps after it are one stage
+    assert [(s.steps, s.options["removed"]) for s in m.plan(16, 3)] == [(2, 0), (2, 1), (8, 2)]
+
+
+def test_icot_epoch_schedule_is_the_old_one():
+    """`icot.schedule: epoch` (+ warmup: null) restores rim's per-epoch removal."""
+    cfg, _, _, m = make_setup("icot", train__batch_size=8, train__steps=5)
+    cfg.icot.schedule, cfg.icot.remove_per_epoch, cfg.icot.warmup = "epoch", 3, None
     plan = m.plan(16, 3)  # 2 steps per epoch
     assert [s.steps for s in plan] == [2, 2, 1]
     assert [s.options["removed"] for s in plan] == [0, 3, 6]
+    assert {s.warmup for s in plan} == {None}
     assert m.meta()["removed_tokens"] == 6
     cfg.icot.max_remove = 4
     cfg.train.steps, cfg.train.epochs = None, 3.0
     plan = m.plan(16, 3)
     assert [s.steps for s in plan] == [2, 2, 2]
     assert [s.options["removed"] for s in plan] == [0, 3, 4]
-    assert [s.index for s in plan] == [0, 1, 2]
 
 
 def test_icot_removes_tokens_from_the_left():
     cfg, tok, _, m = make_setup("icot")
-    cfg.icot.remove_per_epoch = 3
+    cfg.icot.removal_smoothing_lambda = None
     ex = Example("9 + 9 - 3", ("18", "15"), "15")  # CoT tokens: 1 8 1 5
 
-    def target(r: int) -> list[str]:
-        (x, out) = m.segments(ex, stage(removed=r), 0.0)
+    def target(r: int, every: bool = False) -> list[str]:
+        st = Stage("s", 0, 1, 1e-3, None, {"removed": r, "all": every})
+        (x, out) = m.segments(ex, st, 0.0)
         assert tokens(tok, x.ids) == ["<bos>", "9", "+", "9", "-", "3"]
         return tokens(tok, out.ids)
 
     assert target(0) == ["1", "8", "1", "5", "#", "#", "#", "#", "1", "5"]
-    assert target(m.removed_at(1)) == ["5", "#", "#", "#", "#", "1", "5"]  # mid-step cut
-    assert target(m.removed_at(2)) == ["#", "#", "#", "#", "1", "5"]  # capped at the CoT
+    assert target(3) == ["5", "#", "#", "#", "#", "1", "5"]  # mid-step cut
+    assert target(9) == ["#", "#", "#", "#", "1", "5"]  # capped at the CoT
+    assert target(1, every=True) == ["#", "#", "#", "#", "1", "5"]
     assert m.first_answer_index(list(m.target(ex, 0))) == 8  # after the marker
+
+
+def test_icot_smoothing_is_a_function_of_seed_step_and_example():
+    cfg, _, model, m = make_setup("icot", train__batch_size=4)
+    cfg.icot.removal_smoothing_lambda = 0.5  # large offsets, so they show
+    exs = [Example(f"{i} + 1", (str(i + 1), "0", "0", "0", "0", "0"), "0") for i in range(4)]
+    st = Stage("s", 0, 10, 1e-3, None, {"removed": 0, "all": False, "start": 20})
+    a = [m.removal(ex, st, 0.3) for ex in exs]
+    assert a == [m.removal(ex, st, 0.3) for ex in exs]  # no global RNG state
+    steps = [[m.removal(ex, st, k / 10) for k in range(10)] for ex in exs]
+    assert len({tuple(s) for s in steps}) > 1 and max(max(s) for s in steps) > 0
+    # micro-batching leaves the loss unchanged (offsets do not depend on batch position)
+    whole = m.loss(model, exs, st, 0.3, 4, CPU)
+    cfg.icot.loss = "example"
+    whole_ex = m.loss(model, exs, st, 0.3, 4, CPU)
+    halves_ex = m.loss(model, exs[:2], st, 0.3, 4, CPU) + m.loss(model, exs[2:], st, 0.3, 4, CPU)
+    assert whole_ex.item() == pytest.approx(halves_ex.item(), abs=1e-6)
+    assert whole.item() != pytest.approx(whole_ex.item(), abs=1e-6)
 
 
 # ---------------------------------------------------------------- Coconut: training loss

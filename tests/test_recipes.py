@@ -102,11 +102,20 @@ def test_recipe_keeps_the_papers_settings(path):
     assert cfg.model.path.startswith("/path/to/"), "a placeholder the user overrides"
     assert "--set model.path=" in text and "accelerate launch" in text
     m, t = cfg.model, cfg.train
-    assert (m.lora_rank, m.lora_targets, m.full_finetune) == (128, "all-linear", False)
     assert (cfg.memory.blocks, cfg.memory.mem_tokens) == (8, 2)
-    assert (t.batch_size, t.warmup, t.mixed_precision) == (128, 0.04, "bf16")
-    assert t.micro_batch_size and 128 % t.micro_batch_size == 0
-    assert 1e-5 <= t.lr <= 1e-3
+    i = cfg.icot  # every recipe's bases carry the original iCoT-SI schedule
+    assert (i.schedule, i.remove_per_epoch, i.removal_smoothing_lambda) == ("step", 8, 4)
+    assert (i.warmup, i.loss) == (0.0, "token")
+    if cfg.method == "icot" and _family(path) == "gpt2":  # the original's own recipe
+        assert m.full_finetune and (t.lr, t.batch_size, t.micro_batch_size) == (5e-5, 32, None)
+        assert (t.mixed_precision, t.warmup, t.lr_schedule) == ("no", 0.0, "constant")
+        assert (t.weight_decay, t.grad_clip) == (0.01, 1.0)
+        assert i.remove_all_when_remove_beyond is not None  # so the plan has one final stage
+    else:
+        assert (m.lora_rank, m.lora_targets, m.full_finetune) == (128, "all-linear", False)
+        assert (t.batch_size, t.warmup, t.mixed_precision) == (128, 0.04, "bf16")
+        assert t.micro_batch_size and 128 % t.micro_batch_size == 0
+        assert 1e-5 <= t.lr <= 1e-3
     if cfg.method == "rim":
         c = cfg.curriculum
         assert (c.schedule, c.stage1_epochs, c.stage2_epochs) == ("relative", 6, 2)
@@ -122,6 +131,7 @@ def test_recipe_keeps_the_papers_settings(path):
         if cfg.method == "coconut":
             c = cfg.coconut
             assert (c.thoughts_per_step, c.max_stage, c.stage0) == (2, 3, True)
+        assert i.remove_all_when_remove_beyond == 39  # the original's GSM8K command
     if SHARED.is_dir():  # every shipped file a recipe names exists
         for split in (d.train, d.valid, d.test):
             if split.path and split.path.startswith("../shared/"):
@@ -149,7 +159,7 @@ def smoke_overrides(path: Path) -> list[str]:
         "coconut.epochs_per_stage=null",
         "coconut.steps_per_stage=2",
         "train.epochs=null",
-        # 12 examples at batch 4 = 3 steps an epoch: icot's 4 steps span 2 stages (a removal)
+        # 12 examples at batch 4 = 3 steps an epoch: icot's 4 steps remove 1 more token each
         f"train.steps={4 if cfg.method == 'icot' else 3}",
         "train.batch_size=4",
         "train.micro_batch_size=2",  # 2 micro-batches: gradient accumulation runs too

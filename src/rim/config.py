@@ -69,10 +69,14 @@ class DataConfig:
     test: SplitConfig | None = None
     max_length: int | None = None  # None = the model's maximum positions
     too_long: str = "skip"  # skip (and count) | error, for examples over max_length
+    cot_join: str = "source"  # CoT text of cot/icot/coconut: source = as written (Example.cot,
+    # the iCoT multiplication keeps its ` + `); space = steps joined by spaces (rim before 11)
 
     def __post_init__(self) -> None:
         if self.too_long not in ("skip", "error"):
             raise ConfigError("data.too_long: must be skip or error")
+        if self.cot_join not in ("source", "space"):
+            raise ConfigError("data.cot_join: must be source or space")
 
 
 @dataclass
@@ -174,12 +178,44 @@ class CoconutConfig:
 
 @dataclass
 class ICoTConfig:
-    remove_per_epoch: int = 8  # CoT tokens removed from the left per epoch
-    max_remove: int | None = None  # None = all CoT tokens eventually
+    """iCoT-SI as `da03/Internalize_CoT_Step_by_Step` trains it; docs/_baseline_icot.md."""
+
+    schedule: str = "step"  # step: +1 token every round(steps_per_epoch / remove_per_epoch)
+    # optimizer steps, a fresh optimizer at each (the original); epoch: remove_per_epoch tokens
+    # at each epoch boundary (rim before issue 11)
+    remove_per_epoch: float = 8.0  # CoT tokens removed from the left per epoch
+    remove_all_when_remove_beyond: int | None = None  # drop the whole CoT once the removal
+    # reaches this (the original: 39 on GSM8K); None = never (its `inf`)
+    removal_smoothing_lambda: float | None = 4.0  # each example removes k more tokens,
+    # P(k) ~ exp(-lambda k), k < 100 (the original's recipes: 4); None = no smoothing (its inf)
+    remove_start_from: int = 0  # tokens removed from the first step on (the original's flag)
+    max_remove: int | None = None  # ours: never remove more (a CoT tail stays); None = no cap
+    warmup: float | None = 0.0  # LR warm-up fraction after each reset; 0 = none (the original);
+    # None = train.warmup (rim before issue 11)
+    loss: str = "token"  # token: mean NLL over a micro-batch's target tokens (the original);
+    # example: each example's mean token NLL, averaged (rim's other methods)
 
     def __post_init__(self) -> None:
-        if self.remove_per_epoch < 1:
-            raise ConfigError("icot.remove_per_epoch: must be >= 1")
+        if self.schedule not in ("step", "epoch"):
+            raise ConfigError("icot.schedule: must be step or epoch")
+        if not self.remove_per_epoch > 0:
+            raise ConfigError("icot.remove_per_epoch: must be > 0")
+        if (
+            self.remove_all_when_remove_beyond is not None
+            and self.remove_all_when_remove_beyond < 1
+        ):
+            raise ConfigError("icot.remove_all_when_remove_beyond: must be >= 1 or null")
+        lam = self.removal_smoothing_lambda
+        if lam is not None and not lam > 0:
+            raise ConfigError("icot.removal_smoothing_lambda: must be > 0 or null")
+        if self.remove_start_from < 0:
+            raise ConfigError("icot.remove_start_from: must be >= 0")
+        if self.max_remove is not None and self.max_remove < 0:
+            raise ConfigError("icot.max_remove: must be >= 0 or null")
+        if self.warmup is not None and not 0.0 <= self.warmup < 1.0:
+            raise ConfigError("icot.warmup: must be in [0, 1) or null")
+        if self.loss not in ("token", "example"):
+            raise ConfigError("icot.loss: must be token or example")
 
 
 @dataclass

@@ -10,10 +10,12 @@ plain loop over a list of `Stage`s. No torch here: everything is cheap and unit-
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
 
@@ -26,7 +28,12 @@ __all__ = [
     "alpha_weights",
     "check_schedule",
     "coconut_stages",
+    "icot_offset",
+    "icot_offset_probs",
     "icot_removed",
+    "icot_runs",
+    "icot_scheduled",
+    "icot_steps_per_token",
     "stage1_weights",
     "stage_progress",
     "step_weight",
@@ -233,8 +240,8 @@ def coconut_stages(max_stage: int, include_stage0: bool) -> list[int]:
     return ks
 
 
-def icot_removed(epoch: float, remove_per_epoch: int, max_tokens: int) -> int:
-    """iCoT-SI: CoT tokens removed from the left at a (fractional) epoch.
+def icot_removed(epoch: float, remove_per_epoch: float, max_tokens: int) -> int:
+    """iCoT `schedule: epoch` (rim before issue 11): CoT tokens removed at a (fractional) epoch.
 
     Removal happens in whole-epoch increments, floor(epoch) * remove_per_epoch, capped at
     max_tokens (the longest CoT), after which training is effectively direct answering.
@@ -247,4 +254,97 @@ def icot_removed(epoch: float, remove_per_epoch: int, max_tokens: int) -> int:
         )
     if remove_per_epoch == 0:
         return 0
-    return min(max_tokens, math.floor(epoch) * remove_per_epoch)
+    return int(min(max_tokens, math.floor(math.floor(epoch) * remove_per_epoch)))
+
+
+def icot_steps_per_token(steps_per_epoch: int, remove_per_epoch: float) -> int:
+    """Optimizer steps per removed CoT token in the original: round(steps / remove_per_epoch).
+
+    Python's round (halves to even), as `src/train.py`; 0 means one more token every step.
+
+    >>> icot_steps_per_token(10, 4), icot_steps_per_token(30, 4), icot_steps_per_token(10, 30)
+    (2, 8, 0)
+    """
+    if steps_per_epoch < 1 or not remove_per_epoch > 0:
+        raise ValueError(
+            f"need steps_per_epoch >= 1 and remove_per_epoch > 0, got "
+            f"{steps_per_epoch}, {remove_per_epoch}"
+        )
+    return int(round(steps_per_epoch / remove_per_epoch))
+
+
+def icot_scheduled(step: int, steps_per_token: int, start: int = 0) -> int:
+    """Tokens the original schedules for removal at optimizer step `step` (0-based).
+
+    Its counter starts at 0 and is checked before each batch: the first increment comes at
+    step `steps_per_token` (or at step 0 already when steps_per_token is 0).
+    """
+    if steps_per_token == 0:
+        return start + step + 1
+    return start + step // steps_per_token
+
+
+def icot_runs(
+    total: int,
+    steps_per_token: int,
+    start: int = 0,
+    remove_all_beyond: int | None = None,
+    max_remove: int | None = None,
+) -> list[tuple[int, int, bool]]:
+    """(steps, removed, all) for each run of constant removal over `total` optimizer steps.
+
+    Once the scheduled count reaches `remove_all_beyond` the whole CoT goes (all=True) for
+    the rest of training; `max_remove` (ours) freezes the count instead. Either ends the
+    increments, so the remaining steps are one run.
+
+    >>> icot_runs(7, 2, remove_all_beyond=3)
+    [(2, 0, False), (2, 1, False), (2, 2, False), (1, 3, True)]
+    """
+    runs: list[tuple[int, int, bool]] = []
+    s = 0
+    while s < total:
+        r = icot_scheduled(s, steps_per_token, start)
+        if remove_all_beyond is not None and r >= remove_all_beyond:
+            runs.append((total - s, r, True))
+            break
+        if max_remove is not None and r >= max_remove:
+            runs.append((total - s, max_remove, False))
+            break
+        nxt = s + 1 if steps_per_token == 0 else (s // steps_per_token + 1) * steps_per_token
+        runs.append((min(nxt, total) - s, r, False))
+        s = min(nxt, total)
+    return runs
+
+
+def icot_offset_probs(lam: float, truncate: int = 100) -> list[float]:
+    """Removal smoothing: P(k) = (1 - e^-lam) e^(-lam k) for k < truncate, the tail on the last.
+
+    The original's `compute_lambda_distribution` (truncated at 100).
+    """
+    if not lam > 0 or truncate < 1:
+        raise ValueError(f"need lam > 0 and truncate >= 1, got {lam}, {truncate}")
+    p = [(1.0 - math.exp(-lam)) * math.exp(-lam * k) for k in range(truncate)]
+    p[-1] += max(0.0, 1.0 - sum(p))
+    return p
+
+
+def icot_offset(lam: float, seed: int, step: int, key: str) -> int:
+    """A smoothing offset drawn from `icot_offset_probs(lam)`, a pure function of its inputs.
+
+    Seeded by (train seed, optimizer step, example), not by global RNG state, so exact resume,
+    micro-batching and the number of processes leave it unchanged.
+    """
+    digest = hashlib.blake2b(f"{seed}:{step}:{key}".encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "big") / 2.0**64  # uniform in [0, 1)
+    acc = 0.0
+    probs = _offset_probs(lam)
+    for k, p in enumerate(probs):
+        acc += p
+        if u < acc:
+            return k
+    return len(probs) - 1
+
+
+@lru_cache(maxsize=8)
+def _offset_probs(lam: float) -> tuple[float, ...]:
+    return tuple(icot_offset_probs(lam))

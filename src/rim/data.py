@@ -30,11 +30,22 @@ _SENTENCE_END = re.compile(r"(?<=\.)\s+")
 
 @dataclass(frozen=True)
 class Example:
-    """One problem: question text, zero or more reasoning steps, final answer text."""
+    """One problem: question text, zero or more reasoning steps, final answer text.
+
+    `step_sep` is what separates the steps in the source's CoT text, so that CoT-like
+    methods write `step_sep.join(steps)`, the chain as written (the iCoT multiplication
+    files keep their ` + `), while RiM supervises each step on its own.
+    """
 
     question: str
     steps: tuple[str, ...]
     answer: str
+    step_sep: str = " "
+
+    @property
+    def cot(self) -> str:
+        """The CoT text as the source writes it."""
+        return self.step_sep.join(self.steps)
 
     def __post_init__(self) -> None:
         # Accept lists for convenience but store a tuple so examples stay hashable.
@@ -49,10 +60,11 @@ class _Bad(Exception):
 # --------------------------------------------------------------------------- readers
 
 
-def _split_steps(text: str, step_sep: str, question: str) -> tuple[str, ...]:
+def _split_steps(text: str, step_sep: str, question: str) -> tuple[tuple[str, ...], str]:
+    """(steps, the separator that re-joins them into `text`)."""
     text = text.strip()
     if not text:
-        return ()
+        return (), " "
     if step_sep == "auto":
         if _MULT_QUESTION.match(question):
             step_sep = " + "
@@ -61,12 +73,12 @@ def _split_steps(text: str, step_sep: str, question: str) -> tuple[str, ...]:
         else:
             step_sep = "sentence"
     if step_sep == "sentence":
-        parts = _SENTENCE_END.split(text)
+        parts, join = _SENTENCE_END.split(text), " "
     elif not step_sep.strip():
-        parts = text.split()
+        parts, join = text.split(), " "
     else:
-        parts = text.split(step_sep)
-    return tuple(p.strip() for p in parts if p.strip())
+        parts, join = text.split(step_sep), step_sep
+    return tuple(p.strip() for p in parts if p.strip()), join
 
 
 def _parse_icot(line: str, step_sep: str) -> Example:
@@ -77,15 +89,16 @@ def _parse_icot(line: str, step_sep: str) -> Example:
     if cut < 0:
         raise _Bad("missing '####'")
     answer = rest[cut + 4 :].strip()
-    return _checked(question, _split_steps(rest[:cut], step_sep, question), answer)
+    steps, join = _split_steps(rest[:cut], step_sep, question)
+    return _checked(question, steps, answer, join)
 
 
-def _checked(question: str, steps: tuple[str, ...], answer: str) -> Example:
+def _checked(question: str, steps: tuple[str, ...], answer: str, step_sep: str = " ") -> Example:
     if not question.strip():
         raise _Bad("empty question")
     if not answer.strip():
         raise _Bad("empty answer")
-    return Example(question, steps, answer)
+    return Example(question, steps, answer, step_sep)
 
 
 def _get(rec: Any, key: str, kind: type) -> Any:
@@ -104,7 +117,8 @@ def _from_record(rec: Any) -> Example:
     for i, step in enumerate(steps):
         if not isinstance(step, str):
             raise _Bad(f"key 'steps' item {i} must be str, got {type(step).__name__}")
-    return _checked(question, tuple(steps), _get(rec, "answer", str))
+    sep = _get(rec, "step_sep", str) if "step_sep" in rec else " "
+    return _checked(question, tuple(steps), _get(rec, "answer", str), sep)
 
 
 def _from_gsm8k(rec: Any) -> Example:
@@ -195,6 +209,8 @@ def read_examples(
     whitespace; otherwise the steps are natural language (`train_no_aug.txt`) and split into
     sentences after each `. `, keeping the period (abbreviations like "Mr. " split too; accepted).
     Pass `step_sep=" "`, `" + "`, `"sentence"` or any literal separator to force one.
+    Each example keeps the separator it was split on (`Example.step_sep`, one space for
+    whitespace and sentence splits), so `Example.cot` is the CoT text as written.
     """
     where = str(path)
     if format not in FORMATS:
@@ -244,18 +260,22 @@ def read_examples(
 # --------------------------------------------------------------------------- writers
 
 
-def format_icot(ex: Example, step_sep: str = " ") -> str:
-    """One iCoT text line (no newline); use `step_sep=" + "` for multiplication data."""
+def format_icot(ex: Example, step_sep: str | None = None) -> str:
+    """One iCoT text line (no newline); `step_sep=None` = the example's own separator."""
     if "||" in ex.question or any("####" in s for s in (ex.question, *ex.steps, ex.answer)):
         raise ValueError("example text contains the '||' or '####' delimiter")
-    line = f"{ex.question}||{step_sep.join(ex.steps)} #### {ex.answer}"
+    sep = ex.step_sep if step_sep is None else step_sep
+    line = f"{ex.question}||{sep.join(ex.steps)} #### {ex.answer}"
     if "\n" in line or "\r" in line:
         raise ValueError("example text contains a line break")
     return line
 
 
 def write_examples(examples: Iterable[Example], path: str | Path) -> Path:
-    """Write JSONL `{question, steps, answer}` atomically, so readers never see half a file."""
+    """Write JSONL `{question, steps, answer}` atomically, so readers never see half a file.
+
+    A separator other than one space is kept as `step_sep`, so the CoT text round-trips.
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
@@ -263,6 +283,8 @@ def write_examples(examples: Iterable[Example], path: str | Path) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             for ex in examples:
                 rec = {"question": ex.question, "steps": list(ex.steps), "answer": ex.answer}
+                if ex.step_sep != " ":
+                    rec["step_sep"] = ex.step_sep
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         os.replace(tmp, p)
     except BaseException:
@@ -290,7 +312,7 @@ def mult_example(
     Step i is `a * b_i` padded to `digits_a + 1` digits and shifted by i zeros; with
     `steps="full"` every step but the first and last also shows the running sum in `( ... )`.
 
-    >>> format_icot(mult_example(2967, 6361), " + ")[:44]
+    >>> format_icot(mult_example(2967, 6361))[:44]
     '7 6 9 2 * 1 6 3 6||7 6 9 2 0 + 0 2 0 8 7 1 ('
     """
     da = digits_a or len(str(a))
@@ -302,7 +324,8 @@ def mult_example(
         if steps == "full" and 0 < i < db - 1:
             step += f" ( {_digits(a * (b % 10 ** (i + 1)), da + 1 + i)} )"
         out.append(step)
-    return Example(f"{_digits(a, da)} * {_digits(b, db)}", tuple(out), _digits(a * b, da + db))
+    question = f"{_digits(a, da)} * {_digits(b, db)}"
+    return Example(question, tuple(out), _digits(a * b, da + db), " + ")
 
 
 def _positive(gen: str, name: str, value: Any) -> int:

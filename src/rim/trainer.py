@@ -79,6 +79,7 @@ def build(cfg: Config, log=print) -> Setup:
             tok = load_tokenizer(cfg.model.tokenizer)
         else:
             texts = [e.question for e in train] + [s for e in train for s in e.steps]
+            texts += sorted({e.step_sep for e in train})  # the CoT's own ` + ` is a token too
             texts += [e.answer for e in train] + [cfg.eval.answer_marker]
             tok = build_tokenizer(texts)
         memory_ids = _add_tokens(tok, new_tokens)

@@ -60,8 +60,17 @@ class Method:
             return self.text_ids(f"{self.marker} {answer}")
         return self.text_ids(answer)
 
-    def reasoning_ids(self, steps: tuple[str, ...]) -> tuple[int, ...]:
-        return self.text_ids(" ".join(steps)) if steps else ()
+    def reasoning_ids(self, steps: tuple[str, ...], sep: str = " ") -> tuple[int, ...]:
+        return self.text_ids(sep.join(steps)) if steps else ()
+
+    def cot_ids(self, ex: Example, start: int = 0) -> tuple[int, ...]:
+        """Steps `start..` of `ex` as CoT tokens, joined as the source writes them.
+
+        `data.cot_join: space` joins with spaces instead (the iCoT multiplication then loses
+        its ` + ` tokens, which moves every iCoT removal cut point).
+        """
+        sep = ex.step_sep if self.cfg.data.cot_join == "source" else " "
+        return self.reasoning_ids(ex.steps[start:], sep)
 
     # ---- training ----
     def plan(self, n_train: int, t_max: int) -> list[Stage]:

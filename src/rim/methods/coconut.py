@@ -107,7 +107,7 @@ class Coconut(Method):
         """(`x ++ <bot>`, number of thoughts, target) for `ex` at stage k."""
         latent = min(k, len(ex.steps))
         n = self.cfg.coconut.thoughts_per_step * latent
-        target = self.reasoning_ids(ex.steps[latent:]) + self.answer_ids(ex.answer)
+        target = self.cot_ids(ex, latent) + self.answer_ids(ex.answer)
         return self.question_ids(ex.question) + (self.bot_id,), n, target
 
     def segments(self, ex: Example, stage: Stage, progress: float) -> list[Segment]:

@@ -14,5 +14,5 @@ class CoT(Method):
 
     def segments(self, ex: Example, stage: Stage, progress: float) -> list[Segment]:
         x = Segment(self.question_ids(ex.question))
-        target = self.reasoning_ids(ex.steps) + self.answer_ids(ex.answer)
+        target = self.cot_ids(ex) + self.answer_ids(ex.answer)
         return [x, readout(target, 0, 1.0)]

@@ -1,18 +1,34 @@
 """iCoT-SI, stepwise internalisation (Deng et al. 2024; METHOD.md section 6).
 
-CoT SFT whose reasoning tokens are removed from the left a few per epoch, so the model
-gradually learns to do in its hidden states what it used to write out. Each removal is a new
-stage: the paper resets the optimizer whenever tokens are removed, which the trainer does at
-every stage switch. At inference the model writes whatever reasoning it still has before the
-answer marker, so nothing beyond the question is needed in the prompt.
+CoT SFT whose reasoning tokens are removed from the left, so the model gradually learns to
+do in its hidden states what it used to write out. As in the authors' code
+(`da03/Internalize_CoT_Step_by_Step`, `src/train.py`): one more token every
+round(steps_per_epoch / remove_per_epoch) optimizer steps, a fresh AdamW without warm-up at
+each increment (each increment is a `Stage`: the trainer resets at every stage switch),
+removal smoothing (each example removes k more tokens, P(k) ~ exp(-lambda k)), the whole CoT
+dropped once the count reaches `remove_all_when_remove_beyond`, and the loss averaged over a
+batch's target tokens. The steps after full removal are one final stage, the only one that
+may provide `best/`. At inference the model writes whatever reasoning it still has before
+the answer marker. Differences and the keys that restore the old behaviour:
+docs/_baseline_icot.md.
 """
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
+
+import torch
 
 from rim.config import Config
-from rim.curriculum import Stage, icot_removed, steps_for
+from rim.curriculum import (
+    Stage,
+    icot_offset,
+    icot_removed,
+    icot_runs,
+    icot_steps_per_token,
+    steps_for,
+)
 from rim.data import Example
 from rim.layout import Segment
 from rim.memory import MemoryTokens
@@ -25,40 +41,105 @@ class ICoT(Method):
 
     def __init__(self, cfg: Config, tokenizer, mem: MemoryTokens | None = None):
         super().__init__(cfg, tokenizer, mem)
-        self.final_removed: int | None = None  # set by `plan`, reported by `meta`
+        # rim.json reports the final removal; meta() has no other way to the train size
+        self.final_removed: tuple[int, bool] | None = None
 
-    def removed_at(self, epoch: int) -> int:
-        """CoT tokens removed from the left in `epoch` (before each example's own cap)."""
-        i = self.cfg.icot
-        cap = i.max_remove if i.max_remove is not None else epoch * i.remove_per_epoch
-        return icot_removed(epoch, i.remove_per_epoch, cap)
-
+    # ---- the schedule ----
     def plan(self, n_train: int, t_max: int) -> list[Stage]:
-        """One stage per removal count (an epoch each; epochs past the cap merge into one)."""
-        t = self.cfg.train
+        """One stage per removal count; options: removed, all (no CoT left), start (step)."""
+        t, i = self.cfg.train, self.cfg.icot
         total = steps_for(t.epochs, t.steps, n_train, t.batch_size)
         per_epoch = max(1, math.ceil(n_train / t.batch_size))
+        if i.schedule == "step":
+            spt = icot_steps_per_token(per_epoch, i.remove_per_epoch)
+            beyond = i.remove_all_when_remove_beyond
+            runs = icot_runs(total, spt, i.remove_start_from, beyond, i.max_remove)
+        else:
+            runs = self._epoch_runs(total, per_epoch)
         stages: list[Stage] = []
-        for e, done in enumerate(range(0, total, per_epoch)):
-            steps = min(per_epoch, total - done)
-            removed = self.removed_at(e)
-            if stages and stages[-1].options["removed"] == removed:  # no new removal: no reset
-                last = stages.pop()
-                steps += last.steps
-                e = last.index
-            opts = {"removed": removed}
-            stages.append(Stage(f"epoch{e}", len(stages), steps, t.lr, t.dropout, opts))
-        self.final_removed = stages[-1].options["removed"]
+        start = 0
+        for steps, removed, every in runs:
+            name = "remove_all" if every else f"remove{removed}"
+            opts = {"removed": removed, "all": every, "start": start}
+            stages.append(Stage(name, len(stages), steps, t.lr, t.dropout, opts, i.warmup))
+            start += steps
+        self.final_removed = (removed, every)
         return stages
 
-    def target(self, ex: Example, removed: int) -> tuple[int, ...]:
-        """Reasoning tokens without the first `removed` (capped at the CoT length), then answer."""
-        cot = self.reasoning_ids(ex.steps)
-        return cot[min(removed, len(cot)) :] + self.answer_ids(ex.answer)
+    def _epoch_runs(self, total: int, per_epoch: int) -> list[tuple[int, int, bool]]:
+        """`schedule: epoch`: remove_per_epoch more tokens at each epoch boundary."""
+        i = self.cfg.icot
+        runs: list[tuple[int, int, bool]] = []
+        for e, done in enumerate(range(0, total, per_epoch)):
+            steps = min(per_epoch, total - done)
+            cap = i.max_remove if i.max_remove is not None else math.inf
+            removed = i.remove_start_from + icot_removed(e, i.remove_per_epoch, 1 << 62)
+            removed = int(min(cap, removed))
+            if runs and runs[-1][1] == removed:  # no new removal: no reset
+                steps += runs.pop()[0]
+            runs.append((steps, removed, False))
+        return runs
+
+    def removal(self, ex: Example, stage: Stage, progress: float) -> int | None:
+        """Tokens removed from `ex` at this step (None = the whole CoT), smoothing included."""
+        o, i = stage.options, self.cfg.icot
+        if o.get("all"):
+            return None
+        removed = int(o.get("removed", 0))
+        if i.removal_smoothing_lambda is not None:
+            step = int(o.get("start", 0)) + round(progress * stage.steps)
+            key = f"{ex.question}\x1f{ex.cot}\x1f{ex.answer}"
+            removed += icot_offset(i.removal_smoothing_lambda, self.cfg.train.seed, step, key)
+        return removed if i.max_remove is None else min(removed, i.max_remove)
+
+    # ---- the training sequence ----
+    def target(self, ex: Example, removed: int | None) -> tuple[int, ...]:
+        """CoT tokens without the first `removed` (None or past the end: all), then answer."""
+        cot = self.cot_ids(ex)
+        cut = len(cot) if removed is None else min(removed, len(cot))
+        return cot[cut:] + self.answer_ids(ex.answer)
 
     def segments(self, ex: Example, stage: Stage, progress: float) -> list[Segment]:
+        """Question, then one readout; `loss: token` weighs every target token 1."""
         x = Segment(self.question_ids(ex.question))
-        return [x, readout(self.target(ex, int(stage.options.get("removed", 0))), 0, 1.0)]
+        target = self.target(ex, self.removal(ex, stage, progress))
+        weight = len(target) + 1.0 if self.cfg.icot.loss == "token" else 1.0
+        return [x, readout(target, 0, weight)]
+
+    def loss(
+        self,
+        model,
+        examples: list[Example],
+        stage: Stage,
+        progress: float,
+        num_examples: int,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """`loss: token`: the original's mean NLL over the (micro-)batch's target tokens,
+        times this micro-batch's share of the global batch (its `loss.div(accumulate)`);
+        `loss: example`: each example's mean token NLL, summed / `num_examples` (rim)."""
+        loss = super().loss(model, examples, stage, progress, num_examples, device)
+        if self.cfg.icot.loss == "example":
+            return loss
+        # the packed weights are 1 per token: loss = sum NLL / num_examples
+        n_tok = sum(len(self.target(ex, self.removal(ex, stage, progress))) + 1 for ex in examples)
+        return loss * len(examples) / n_tok
+
+    def train_length(self, ex: Example, stage: Stage) -> int:
+        """Tokens at the stage's scheduled removal, no smoothing (which only shortens).
+
+        Cheap: the length check calls it for every example and each of dozens of stages.
+        """
+        q, cot, answer = self._lengths(ex)
+        o = stage.options
+        kept = 0 if o.get("all") else max(0, cot - int(o.get("removed", 0)))
+        return q + kept + answer
+
+    @lru_cache(maxsize=4096)  # noqa: B019 (one method per run; examples come in order)
+    def _lengths(self, ex: Example) -> tuple[int, int, int]:
+        q = len(self.question_ids(ex.question))
+        return q, len(self.cot_ids(ex)), len(self.answer_ids(ex.answer))
 
     def meta(self) -> dict:
-        return super().meta() | {"removed_tokens": self.final_removed}
+        removed, every = self.final_removed or (0, False)
+        return super().meta() | {"removed_tokens": removed, "removed_all": every}
