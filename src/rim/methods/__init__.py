@@ -11,7 +11,9 @@ from rim.methods.icot import ICoT
 from rim.methods.pause import Pause
 from rim.methods.rim import RiM
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Direct, CoT, Pause, RiM, Coconut, ICoT, CODI)}
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (Direct, CoT, Pause, RiM, Coconut, ICoT, CODI)
+}
 
 
 def method_class(name: str) -> type[Method]:
