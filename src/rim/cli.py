@@ -162,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--seeds", type=int, default=1)
     d.add_argument("--quick", action="store_true", help="a < 5 minute smoke version")
-    d.add_argument("--methods", default="direct,cot,pause,rim,coconut,icot")
+    d.add_argument("--methods", default="direct,cot,pause,rim,coconut,icot,codi")
     d.add_argument("--workers", type=int, default=2, help="parallel training processes")
     d.set_defaults(fn=_demo)
 
