@@ -195,6 +195,8 @@ class CODI(Method):
     ) -> torch.Tensor:
         """alpha teacher CE + beta student CE + gamma distillation, per micro-batch (original)
         or per example (`codi.reduction`), scaled so that the global batch sums to its mean."""
+        if "FSDP" in type(model).__name__ or "FullyShardedDataParallel" in type(model).__name__:
+            raise RimError("codi: FSDP is not supported (the projection runs outside the model)")
         c = self.cfg.codi
         lays = [self.layout(ex) for ex in examples]
         per_example = c.reduction == "example"
