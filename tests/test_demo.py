@@ -76,7 +76,7 @@ def test_base_include_errors_name_the_file(tmp_path):
         load_config(typo)
 
 
-@pytest.mark.parametrize("method", ["direct", "cot", "pause", "rim", "coconut", "icot"])
+@pytest.mark.parametrize("method", ["direct", "cot", "pause", "rim", "coconut", "icot", "codi"])
 def test_every_demo_recipe_validates_and_shares_the_base(method):
     from rim.demo import QUICK
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SHARED = ROOT.parent / "shared" / "data"
 TASKS = ("gsm8k", "prosqa", "prontoqa", "mult")
-METHODS = ("rim", "direct", "cot", "pause", "coconut", "icot")
+METHODS = ("rim", "direct", "cot", "pause", "coconut", "icot", "codi")
 
 
 def _raw(path: Path) -> dict:
@@ -111,6 +111,11 @@ def test_recipe_keeps_the_papers_settings(path):
         assert (t.mixed_precision, t.warmup, t.lr_schedule) == ("no", 0.0, "constant")
         assert (t.weight_decay, t.grad_clip) == (0.01, 1.0)
         assert i.remove_all_when_remove_beyond is not None  # so the plan has one final stage
+    elif cfg.method == "codi":  # zhenyi4/codi's scripts: 3% warm-up, cosine, lr 3e-3 / 8e-4
+        assert (t.batch_size, t.mixed_precision) == (128, "bf16")
+        assert t.micro_batch_size and 128 % t.micro_batch_size == 0
+        assert (t.warmup, t.lr_schedule, m.lora_alpha, cfg.codi.latents) == (0.03, "cosine", 32, 6)
+        assert t.lr == (3e-3 if cfg.model.arch == "gpt2" else 8e-4)
     else:
         assert (m.lora_rank, m.lora_targets, m.full_finetune) == (128, "all-linear", False)
         assert (t.batch_size, t.warmup, t.mixed_precision) == (128, 0.04, "bf16")
@@ -233,7 +238,9 @@ def _fake_pretrained(folder: Path, arch: str, cfg) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gsm8k/gpt2_rim.yaml", "gsm8k/llama1b_coconut.yaml"])
+@pytest.mark.parametrize(
+    "name", ["gsm8k/gpt2_rim.yaml", "gsm8k/llama1b_coconut.yaml", "gsm8k/gpt2_codi.yaml"]
+)
 def test_recipe_lora_run_on_local_weights(name, tmp_path, monkeypatch):
     """model.path + the recipe's LoRA (rank 128, all linear layers, new-token rows)."""
     from rim.config import load_config

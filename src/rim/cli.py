@@ -172,7 +172,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="results folder (default runs/demo)")
     d.add_argument("--seeds", type=int, default=1, help="training seeds per method")
     d.add_argument("--quick", action="store_true", help="a < 5 minute smoke version")
-    d.add_argument("--methods", default="direct,cot,pause,rim,coconut,icot", help="comma-separated")
+    d.add_argument(
+        "--methods", default="direct,cot,pause,rim,coconut,icot,codi", help="comma-separated"
+    )
     d.add_argument("--workers", type=int, default=2, help="parallel training processes")
     d.set_defaults(fn=_demo)
 

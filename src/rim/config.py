@@ -19,7 +19,7 @@ import yaml
 
 from rim.errors import ConfigError
 
-METHODS = ("rim", "direct", "cot", "pause", "coconut", "icot")
+METHODS = ("rim", "direct", "cot", "pause", "coconut", "icot", "codi")
 
 
 @dataclass
@@ -219,8 +219,49 @@ class ICoTConfig:
 
 
 @dataclass
+class CODIConfig:
+    """CODI (Shen et al. 2025): defaults are the original's (zhenyi4/codi, GSM8K GPT-2 script)."""
+
+    latents: int = 6  # continuous thoughts, one sequential forward pass each (original: 6)
+    projection: bool = True  # MLP on each fed-back hidden state (original use_prj: True)
+    projection_dim: int | None = None  # its hidden width; None = the model's (original: same)
+    projection_dropout: float = 0.0  # before the MLP (original prj_dropout: 0)
+    projection_norm: bool = True  # LayerNorm after the MLP (original prj_no_ln: False)
+    teacher_weight: float = 1.0  # alpha: teacher CoT CE (original ref_loss_factor)
+    student_weight: float = 1.0  # beta: student answer CE
+    distill_weight: float = 1.0  # gamma (original distill_loss_factor: GPT-2 1, Llama-1B 20)
+    distill_loss: str = "smooth_l1"  # smooth_l1 (original) | l2 | l1 (the paper's equation)
+    distill_std_norm: bool = True  # divide by the teacher states' std (distill_loss_div_std)
+    drop_last_step: bool = True  # teacher CoT without its last step (include_last_cot: False)
+    reduction: str = "batch"  # batch: token means and std over the micro-batch (original) |
+    # example: per example, then / global batch (exact under any accumulation)
+    separate_target_pass: bool = False  # a 2nd, no-grad teacher pass gives the distillation
+    # targets (original; differs only under dropout); false = the CE pass's states, detached
+    train_new_tokens: bool = False  # LoRA: train the <bot>/<eot> rows (false = frozen, original)
+    start_token: str = "<|bot|>"
+    end_token: str = "<|eot|>"
+
+    def __post_init__(self) -> None:
+        if self.latents < 1:
+            raise ConfigError("codi.latents: must be >= 1")
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise ConfigError("codi.projection_dim: must be >= 1 (or null = hidden size)")
+        if not 0.0 <= self.projection_dropout < 1.0:
+            raise ConfigError("codi.projection_dropout: must be in [0, 1)")
+        if self.distill_loss not in ("smooth_l1", "l2", "l1"):
+            raise ConfigError("codi.distill_loss: must be smooth_l1, l2 or l1")
+        if self.reduction not in ("batch", "example"):
+            raise ConfigError("codi.reduction: must be batch or example")
+        for key in ("teacher_weight", "student_weight", "distill_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"codi.{key}: must be >= 0")
+        if self.start_token == self.end_token:
+            raise ConfigError("codi.end_token: must differ from codi.start_token")
+
+
+@dataclass
 class Config:
-    method: str = "rim"  # rim | direct | cot | pause | coconut | icot
+    method: str = "rim"  # rim | direct | cot | pause | coconut | icot | codi
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -229,6 +270,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     coconut: CoconutConfig = field(default_factory=CoconutConfig)
     icot: ICoTConfig = field(default_factory=ICoTConfig)
+    codi: CODIConfig = field(default_factory=CODIConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -246,7 +246,8 @@ class Reasoner:
         cfg = load_config(Path(checkpoint) / "config.yaml")
         mcls = method_class(meta.get("method", cfg.method))
         mem = memory_tokens(tok, cfg.memory) if mcls.uses_blocks else None
-        return cls(model, tok, mcls(cfg, tok, mem))
+        method = mcls(cfg, tok, mem)
+        return cls(method.attach(model, Path(checkpoint)), tok, method)
 
     def generate(
         self, questions: list[str], blocks: int | None = None, all_blocks: bool = False

@@ -59,7 +59,7 @@ QUICK: dict[str, object] = {
     "eval.timing_examples": 8,
 }
 
-DEFAULT_METHODS = ("direct", "cot", "pause", "rim", "coconut", "icot")
+DEFAULT_METHODS = ("direct", "cot", "pause", "rim", "coconut", "icot", "codi")
 RESULT_KEYS = (
     "accuracy",
     "token_accuracy",

@@ -96,6 +96,7 @@ def build(cfg: Config, log=print) -> Setup:
         model = wrap_lora(model, cfg.model, memory_ids)
     mem = memory_tokens(tok, cfg.memory) if cls.uses_blocks else None
     method = cls(cfg, tok, mem)
+    model = method.attach(model)  # method-owned modules (CODI's projection)
     train = _check_lengths(method, model, train, cfg, "data.train")
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(
@@ -190,6 +191,7 @@ def save_model(setup: Setup, model, path: Path, state_dict: dict | None = None) 
     def write(tmp: Path) -> None:
         extra = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
         # the adapter's trainable-token rows hold the new embeddings; the rest is the base's
+        setup.method.save_modules(model, tmp, state_dict)  # before: HF prunes state_dict
         model.save_pretrained(tmp, state_dict=state_dict, **extra)
         setup.tokenizer.save_pretrained(tmp)
         save_config(setup.cfg, tmp / "config.yaml")

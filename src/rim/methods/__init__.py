@@ -1,16 +1,19 @@
-"""Methods by name: `method: rim|direct|cot|pause|coconut|icot` in a recipe picks one."""
+"""Methods by name: `method: rim|direct|cot|pause|coconut|icot|codi` in a recipe picks one."""
 
 from __future__ import annotations
 
 from rim.methods.base import Method
 from rim.methods.coconut import Coconut
+from rim.methods.codi import CODI
 from rim.methods.cot import CoT
 from rim.methods.direct import Direct
 from rim.methods.icot import ICoT
 from rim.methods.pause import Pause
 from rim.methods.rim import RiM
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Direct, CoT, Pause, RiM, Coconut, ICoT)}
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (Direct, CoT, Pause, RiM, Coconut, ICoT, CODI)
+}
 
 
 def method_class(name: str) -> type[Method]:

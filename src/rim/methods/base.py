@@ -8,6 +8,7 @@ Coconut, whose thoughts need sequential passes, overrides `loss` and `prefill`.
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -143,6 +144,15 @@ class Method:
             if generated[i : i + n] == marker:
                 return min(i + n, len(generated) - 1)
         return max(len(generated) - 1, 0)
+
+    # ---- method-owned modules (CODI's projection): none by default ----
+    def attach(self, model, checkpoint: Path | None = None):
+        """`model` with this method's own modules registered on it (so the optimizer, DDP and
+        resumable checkpoints see them); from `checkpoint`, with their saved weights."""
+        return model
+
+    def save_modules(self, model, folder: Path, state_dict: dict | None = None) -> None:
+        """Write the weights of the modules `attach` added into a checkpoint `folder`."""
 
     def meta(self) -> dict:
         """What a checkpoint needs to reproduce inference (written to rim.json)."""
