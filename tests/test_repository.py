@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MACHINE_PATH = re.compile(
     r"(?<![\w.~$-])/(?:tmp|root|home|Users|work|mnt|opt|srv|scratch|private|var/folders)/"
 )
-# documentation examples may show where a user might put things (`--out /tmp/x`)
-DOC_EXAMPLES = re.compile(r"^(docs/.*\.md|README\.md)$")
+# documentation examples may show where a user might put things (`--out /tmp/x`); this
+# file's own examples are the pattern's test cases
+DOC_EXAMPLES = re.compile(r"^(docs/.*\.md|README\.md|tests/test_repository\.py)$")
 
 
 def tracked() -> list[tuple[str, str]]:
