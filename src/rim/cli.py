@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -272,6 +273,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if os.environ.get("RIM_NO_PROGRESS") == "1":  # also Hugging Face's "Writing model shards"
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
     try:
         if getattr(args, "blocks", None) is not None and args.blocks < 1:
             raise RimError(f"--blocks: K must be >= 1, got {args.blocks}")

@@ -53,12 +53,31 @@ def lock(folder: Path) -> None:
     except BlockingIOError:
         holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise RimError(
-            f"--out {folder}: another rim train (pid {holder}) is writing this run folder"
-        ) from None
+        raise _busy(folder, holder) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _held[key] = fd
+
+
+def check_unlocked(folder: Path) -> None:
+    """Refuse at once (before a slow build) if a live process holds `folder/.lock`."""
+    if str(Path(folder).resolve()) in _held:
+        return
+    try:
+        fd = os.open(Path(folder) / LOCK, os.O_RDWR)
+    except OSError:
+        return  # no lock file: nobody is writing here
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        raise _busy(folder, holder) from None
+    finally:
+        os.close(fd)
+
+
+def _busy(folder: Path, holder: str) -> RimError:
+    return RimError(f"--out {folder}: another rim train (pid {holder}) is writing this run folder")
 
 
 def unlock(folder: Path) -> None:

@@ -467,8 +467,10 @@ def train(
     """
     out = Path(out)
     rank0 = runs.is_main_rank()  # launched processes: one log line, one lock
+    if rank0:  # refuse at once, before the (slow) build; again under the lock below
+        runs.check_unlocked(out)
     if resume is None and not overwrite:
-        runs.refuse_existing(out)  # before the (slow) build
+        runs.refuse_existing(out)
     setup = build(cfg, log=print if rank0 else lambda *a: None)
     if rank0:
         try:
