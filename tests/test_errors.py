@@ -384,10 +384,21 @@ def test_resume_refuses_a_different_model_or_process_count(tmp_path: Path, capsy
     cfg = write_recipe(tmp_path, curriculum={"stage1_steps": 1, "stage2_steps": 1})
     run = tmp_path / "run"
     rim_main("train", "--config", str(cfg), "--out", str(run))
-    other = write_recipe(tmp_path, "other.yaml", model={"size": "small"})
+    other = write_recipe(
+        tmp_path,
+        "other.yaml",
+        model={"size": "small"},
+        curriculum={"stage1_steps": 1, "stage2_steps": 1},
+    )
     line = fails(capsys, "train", "--resume", str(run), "--config", str(other))
-    assert "its weights do not fit the model of this recipe" in line
-    state = run / "checkpoints" / "step-00000002" / "trainer_state.json"
+    assert "differs from the checkpoint's in model.size ('tiny' -> 'small')" in line
+    args = ("train", "--resume", str(run), "--config", str(other), "--allow-change", "model")
+    assert "its weights do not fit the model of this recipe" in fails(capsys, *args)
+    from rim.checkpoint import write_manifest
+
+    ckpt = run / "checkpoints" / "step-00000002"
+    state = ckpt / "trainer_state.json"
     state.write_text(state.read_text().replace('"num_processes": 1', '"num_processes": 2'))
+    write_manifest(ckpt, json.loads(state.read_text())["run_id"])  # a consistent checkpoint
     line = fails(capsys, "train", "--resume", str(run))
     assert "saved with 2 processes, resumed with 1" in line

@@ -6,31 +6,43 @@
                               from `model.path`)
         optimizer.pt          optimizer + LR schedule (absent state = at a stage switch)
         rng-<rank>.pt         python, numpy, torch (and CUDA) generators of every process
-        trainer_state.json    stage, step in stage, global step, data cursor, best accuracy
+        trainer_state.json    stage, step in stage, global step, data cursor, best accuracy,
+                              run id and branch
         config.yaml           the recipe, so `rim train --resume runs/x` needs nothing else
+        manifest.json         size and sha256 of every file above; written last
 
-Written atomically (a temporary folder, then one rename), the last `train.keep_last` kept,
-so a crash loses at most the work since the last checkpoint. Resuming truncates
-`metrics.jsonl` to the checkpoint's step, so a resumed run logs exactly what an
-uninterrupted one does, and continues bit-for-bit on the same machine and process count.
-Under FSDP every process writes its own shard of weights and optimizer state.
+Written atomically (a temporary folder, then one rename), the last `train.keep_last` of the
+run's own lineage kept, so a crash loses at most the work since the last checkpoint. Before
+use a checkpoint is verified against its manifest; `--resume RUN` takes the newest intact
+checkpoint of RUN's run id and says so when it had to skip a damaged one. A resumed branch
+supersedes the abandoned one: when it writes its first checkpoint, the checkpoints past its
+resume point (and an abandoned `final/` or later `best/`) move to `RUN/abandoned/`.
+Resuming truncates `metrics.jsonl` to the checkpoint's step, so a resumed run logs exactly
+what an uninterrupted one does, and continues bit-for-bit on the same machine and process
+count. Under FSDP every process writes its own shard of weights and optimizer state.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
 
 from rim.config import save_config
 from rim.errors import RimError
+from rim.io import os_error, remove, storage_error, write_bytes
+from rim.runs import read_run_id
 
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
 
 
@@ -56,13 +68,27 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t  # FSDP2 DTensor -> this rank's shard
 
 
+def _torch_bytes(obj) -> bytes:
+    """torch.save to memory: a full disk then fails in a plain write (an OSError we can name)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def _save_weights(model, file: Path) -> None:
     state = {n: _local(p).detach().cpu().contiguous() for n, p in _trainable(model).items()}
-    save_file(state, file)
+    write_bytes(file, safetensors.torch.save(state))
+
+
+def _unreadable(file: Path, err: Exception) -> RimError:
+    return RimError(f"{file}: cannot read ({str(err).splitlines()[0][:200]})")
 
 
 def _load_weights(model, file: Path) -> None:
-    saved = load_file(file)
+    try:
+        saved = safetensors.torch.load_file(file)
+    except Exception as err:  # SafetensorError, OSError: a damaged or missing file
+        raise _unreadable(file, err) from None
     params = _trainable(model)
     if set(saved) != set(params):
         extra, missing = sorted(set(saved) - set(params)), sorted(set(params) - set(saved))
@@ -79,6 +105,13 @@ def _load_weights(model, file: Path) -> None:
                     f"the model of this recipe {tuple(local.shape)}"
                 )
             local.copy_(saved[name])
+
+
+def _torch_load(file: Path):
+    try:
+        return torch.load(file, weights_only=False)
+    except Exception as err:
+        raise _unreadable(file, err) from None
 
 
 def _rng_state() -> dict:
@@ -100,21 +133,118 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ---------------------------------------------------------------- manifest
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, run_id: str | None = None) -> None:
+    """Sizes and hashes of every file in `folder`: written last, it marks the folder complete."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    entry = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    record = {"format": 1, "run_id": run_id, "files": entry}
+    write_bytes(folder / MANIFEST, json.dumps(record, indent=2).encode())
+
+
+def _read_manifest(folder: Path) -> dict:
+    file = folder / MANIFEST
+    if not file.is_file():
+        raise RimError(f"{file}: missing (an incomplete checkpoint)")
+    try:
+        data = json.loads(file.read_bytes())
+        files = data["files"]
+        if not isinstance(files, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise RimError(f"{file}: not a valid manifest") from None
+    return data
+
+
+def verify(folder: Path) -> str | None:
+    """None if `folder` matches its manifest, else what is wrong (one line, naming the file)."""
+    try:
+        files = _read_manifest(folder)["files"]
+    except RimError as err:
+        return str(err)
+    if STATE_FILE not in files:
+        return f"{folder / MANIFEST}: lists no {STATE_FILE}"
+    for name, want in files.items():
+        file = folder / name
+        if not file.is_file():
+            return f"{file}: missing"
+        size = file.stat().st_size
+        if size != want.get("size"):
+            return f"{file}: {size} bytes, the manifest says {want.get('size')} (truncated?)"
+        if _sha256(file) != want.get("sha256"):
+            return f"{file}: content differs from the manifest (damaged or edited)"
+    return None
+
+
 # ---------------------------------------------------------------- save
 
 
-def save_state(trainer) -> Path:
-    """Write `checkpoints/step-N` for `trainer`; a collective call (every process joins)."""
+def _step_of(ckpt: Path) -> int:
+    try:
+        return int(ckpt.name.removeprefix("step-"))
+    except ValueError:
+        return -1
+
+
+def _run_id_of(ckpt: Path) -> str | None:
+    try:
+        return json.loads((ckpt / MANIFEST).read_bytes()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _written_by(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "rim.json").read_text()).get("run", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def supersede(out: Path, resumed_from: int, branch: str) -> list[Path]:
+    """Move the abandoned branch's outputs past step `resumed_from` to `out/abandoned/`."""
+    moved = []
+    aside = out / "abandoned" / f"after-step-{resumed_from:08d}-{branch}"
+    for ckpt in sorted((out / "checkpoints").glob("step-*")):
+        if _step_of(ckpt) > resumed_from:
+            moved.append(ckpt)
+    for name in ("final", "best"):
+        by = _written_by(out / name)
+        later = by.get("step", 1 << 62) > resumed_from or name == "final"
+        if (out / name).is_dir() and by.get("branch") != branch and later:
+            moved.append(out / name)
+    for path in moved:
+        aside.mkdir(parents=True, exist_ok=True)
+        path.rename(aside / path.name)
+    return moved
+
+
+def _state(trainer, acc) -> dict:
+    return {
+        "stage_index": trainer.stage_index,
+        "step_in_stage": trainer.step_in_stage,
+        "global_step": trainer.global_step,
+        "cursor": trainer.stream.cursor,
+        "best": trainer.best,
+        "num_processes": acc.num_processes,
+        "run_id": trainer.run_id,
+        "branch": trainer.branch,
+    }
+
+
+def _write_files(trainer, tmp: Path) -> None:
+    """This process's share of the checkpoint."""
     acc = trainer.acc
-    root = trainer.out / "checkpoints"
-    final = root / f"step-{trainer.global_step:08d}"
-    tmp = root / f".{final.name}.tmp"
-    if acc.is_main_process:
-        for stale in root.glob(".step-*.tmp"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng-{acc.process_index}.pt")
+    write_bytes(tmp / f"rng-{acc.process_index}.pt", _torch_bytes(_rng_state()))
     opt = trainer.optimizer
     opt_state = {
         "optimizer": opt.state_dict() if opt is not None else None,
@@ -123,23 +253,51 @@ def save_state(trainer) -> Path:
     if _sharded(acc) or acc.is_main_process:
         sfx = _suffix(acc)
         _save_weights(acc.unwrap_model(trainer.model), tmp / f"weights{sfx}.safetensors")
-        torch.save(opt_state, tmp / f"optimizer{sfx}.pt")
+        write_bytes(tmp / f"optimizer{sfx}.pt", _torch_bytes(opt_state))
+
+
+def _failed(tmp: Path, exc: BaseException) -> BaseException:
+    """Remove the half-written checkpoint; an OS error becomes one line naming the path."""
+    remove(tmp)
+    err = os_error(exc)
+    return storage_error(tmp, err) if err is not None else exc
+
+
+def save_state(trainer) -> Path:
+    """Write `checkpoints/step-N` for `trainer`; a collective call (every process joins)."""
+    acc = trainer.acc
+    root = trainer.out / "checkpoints"
+    final = root / f"step-{trainer.global_step:08d}"
+    tmp = root / f".{final.name}.tmp"
+    main = acc.is_main_process
+    if main:
+        if trainer.resumed_from is not None and not trainer.superseded:
+            supersede(trainer.out, trainer.resumed_from, trainer.branch)
+            trainer.superseded = True
+        for stale in root.glob(".step-*.tmp"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as err:
+            raise storage_error(tmp, err) from None
     acc.wait_for_everyone()
-    if acc.is_main_process:
-        state = {
-            "stage_index": trainer.stage_index,
-            "step_in_stage": trainer.step_in_stage,
-            "global_step": trainer.global_step,
-            "cursor": trainer.stream.cursor,
-            "best": trainer.best,
-            "num_processes": acc.num_processes,
-        }
-        save_config(trainer.cfg, tmp / "config.yaml")
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: complete
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+    try:
+        _write_files(trainer, tmp)
+    except BaseException as exc:
+        raise _failed(tmp, exc) from None
+    acc.wait_for_everyone()
+    if main:
+        try:
+            save_config(trainer.cfg, tmp / "config.yaml")
+            state = json.dumps(_state(trainer, acc), indent=2).encode()
+            write_bytes(tmp / STATE_FILE, state)
+            write_manifest(tmp, trainer.run_id)  # written last: complete
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        except BaseException as exc:
+            raise _failed(tmp, exc) from None
         keep = max(trainer.cfg.train.keep_last, 1)
-        for old in sorted(root.glob("step-*"))[:-keep]:
+        for old in lineage(trainer.out, trainer.run_id)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final
@@ -148,31 +306,66 @@ def save_state(trainer) -> Path:
 # ---------------------------------------------------------------- find and load
 
 
+def is_checkpoint(folder: Path) -> bool:
+    return (folder / MANIFEST).exists() or (folder / STATE_FILE).exists()
+
+
+def lineage(run: Path, run_id: str | None = None) -> list[Path]:
+    """`run`'s checkpoints of run id `run_id` (default: run.json's), newest first.
+
+    A checkpoint whose manifest is unreadable stays in the list (verification reports it).
+    """
+    run = Path(run)
+    run_id = run_id or read_run_id(run)
+    found = sorted((run / "checkpoints").glob("step-*"), key=_step_of, reverse=True)
+    if not found:
+        found = sorted(run.glob("step-*"), key=_step_of, reverse=True)
+    if run_id is None:
+        return found
+    return [c for c in found if _run_id_of(c) in (run_id, None)]
+
+
 def find_latest(folder: Path) -> Path | None:
-    """`folder` itself if it is a checkpoint, else its newest complete `checkpoints/step-*`."""
+    """`folder` itself if it is an intact checkpoint, else its newest intact one (or None)."""
     folder = Path(folder)
-    if (folder / STATE_FILE).is_file():
+    if is_checkpoint(folder):
+        return folder if verify(folder) is None else None
+    return next((c for c in lineage(folder) if verify(c) is None), None)
+
+
+def warn(line: str) -> None:
+    print(f"rim: warning: {line}", file=sys.stderr)
+
+
+def resolve(folder: str | Path, report=warn) -> Path:
+    """The checkpoint `--resume folder` continues from, verified.
+
+    A checkpoint folder must be intact. For a run folder, damaged checkpoints are skipped
+    (newest first) and reported in one line naming the file and the checkpoint used instead.
+    """
+    folder = Path(folder)
+    if is_checkpoint(folder):
+        problem = verify(folder)
+        if problem:
+            raise RimError(f"--resume {folder}: {problem}")
         return folder
-    found = sorted((folder / "checkpoints").glob("step-*")) or sorted(folder.glob("step-*"))
-    found = [f for f in found if (f / STATE_FILE).is_file()]
-    return found[-1] if found else None
+    bad = []
+    for ckpt in lineage(folder):
+        problem = verify(ckpt)
+        if problem is None:
+            if bad:
+                more = f" (and {len(bad) - 1} more damaged)" if len(bad) > 1 else ""
+                report(f"{bad[0]}{more}; resuming from {ckpt} instead")
+            return ckpt
+        bad.append(problem)
+    if bad:
+        raise RimError(f"--resume {folder}: no intact checkpoint ({bad[0]})")
+    raise RimError(f"--resume {folder}: no checkpoint found (no checkpoints/step-*)")
 
 
 def latest(folder: Path) -> Path:
-    """Like `find_latest`, but a missing checkpoint is the user's error."""
-    ckpt = find_latest(folder)
-    if ckpt is None:
-        raise RimError(f"--resume {folder}: no checkpoint found (no checkpoints/step-*)")
-    return ckpt
-
-
-def resume_config_path(folder: str | Path) -> Path:
-    """The recipe to resume `folder` with: the checkpoint's own, else the run folder's."""
-    ckpt = latest(Path(folder))
-    for candidate in (ckpt / "config.yaml", ckpt.parent.parent / "config.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise RimError(f"--resume {folder}: no config.yaml beside the checkpoint; pass --config")
+    """Like `find_latest`, but a missing or damaged checkpoint is the user's error."""
+    return resolve(folder, report=lambda line: None)
 
 
 def truncate_metrics(file: Path, step: int) -> None:
@@ -193,11 +386,24 @@ def truncate_metrics(file: Path, step: int) -> None:
     tmp.replace(file)
 
 
+def _read_state(ckpt: Path) -> dict:
+    file = ckpt / STATE_FILE
+    try:
+        state = json.loads(file.read_bytes())
+    except (OSError, ValueError) as err:
+        raise _unreadable(file, err) from None
+    need = ("stage_index", "step_in_stage", "global_step", "cursor", "best", "num_processes")
+    missing = [k for k in need if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise RimError(f"{file}: missing key {missing[0]!r}")
+    return state
+
+
 def load_state(trainer, folder: Path) -> Path:
-    """Restore `trainer` from a checkpoint folder (or a run folder: its latest checkpoint)."""
+    """Restore `trainer` from a checkpoint folder (or a run folder: its newest intact one)."""
     acc = trainer.acc
     ckpt = latest(Path(folder))
-    state = json.loads((ckpt / STATE_FILE).read_text())
+    state = _read_state(ckpt)
     if state["num_processes"] != acc.num_processes:
         raise RimError(
             f"--resume {ckpt}: saved with {state['num_processes']} processes, "
@@ -205,17 +411,20 @@ def load_state(trainer, folder: Path) -> Path:
         )
     sfx = _suffix(acc)
     _load_weights(acc.unwrap_model(trainer.model), ckpt / f"weights{sfx}.safetensors")
+    opt_state = _torch_load(ckpt / f"optimizer{sfx}.pt")
+    rng = _torch_load(ckpt / f"rng-{acc.process_index}.pt")
     trainer.stage_index = state["stage_index"]
     trainer.step_in_stage = state["step_in_stage"]
     trainer.global_step = state["global_step"]
     trainer.stream.cursor = state["cursor"]
     trainer.best = state["best"]
-    opt_state = torch.load(ckpt / f"optimizer{sfx}.pt", weights_only=False)
+    trainer.run_id = state.get("run_id") or trainer.run_id
+    trainer.resumed_from = trainer.global_step
     if opt_state["optimizer"] is not None and trainer.stage_index < len(trainer.plan):
         trainer._new_optimizer(trainer.plan[trainer.stage_index])
         trainer.optimizer.load_state_dict(opt_state["optimizer"])
         trainer.scheduler.load_state_dict(opt_state["scheduler"])
-    _set_rng_state(torch.load(ckpt / f"rng-{acc.process_index}.pt", weights_only=False))
+    _set_rng_state(rng)
     if acc.is_main_process:
         truncate_metrics(trainer.out / METRICS, trainer.global_step)
     acc.wait_for_everyone()

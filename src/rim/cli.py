@@ -4,36 +4,70 @@
     rim eval --checkpoint runs/x/best --data ../shared/data/prosqa/prosqa_valid.json
     rim generate --checkpoint runs/x/best --all-blocks "3 + 4 + 2"
 
-Bad input (data, config keys, paths) prints one line `rim: error: ...` and exits with 2.
+Bad input (data, config keys, paths) prints one line `rim: error: ...` and exits with 2;
+an OS error while writing (full disk) exits with 74; a training run stopped by SIGTERM or
+SIGINT saves a checkpoint and exits with 75 (see rim.errors).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from rim.errors import RimError
+from rim.errors import EXIT_INTERRUPTED, Preempted, RimError
+from rim.io import atomic_file
 
 
 def _train(args: argparse.Namespace) -> None:
     from rim.config import load_config
+    from rim.runs import is_main_rank
     from rim.trainer import train
 
-    config = args.config
-    if args.resume and config is None:  # the run's own recipe, saved with each checkpoint
-        from rim.checkpoint import resume_config_path
+    if args.overwrite and (args.resume or args.resume_if_exists):
+        raise RimError("--overwrite: starts afresh; it cannot be combined with a resume")
+    resume = args.resume
+    if args.resume_if_exists:
+        if args.resume or not args.out or not args.config:
+            raise RimError("--resume-if-exists: needs --config C and --out RUN (not --resume)")
+        if any(Path(args.out, "checkpoints").glob("step-*")):
+            resume = args.out
+        else:  # a requeued job that never checkpointed: start afresh
+            args.overwrite = True
+    if args.allow_change and not resume:
+        raise RimError("--allow-change: only with --resume (a fresh run takes any recipe)")
+    changes = None
+    if resume:
+        from rim.checkpoint import resolve, warn
 
-        config = resume_config_path(args.resume)
-    cfg = load_config(config, args.set)
-    if args.resume and args.out is None:
-        args.out = _run_folder(args.resume)
-    out = args.out or f"runs/{cfg.method}"
-    result = train(cfg, out, resume=args.resume)
-    if os.environ.get("RANK", "0") == "0":  # one result line from a multi-process launch
+        ckpt = resolve(resume, report=warn if is_main_rank() else lambda line: None)
+        out = args.out or _run_folder(resume)
+        cfg, changes = _resume_config(args, ckpt, Path(out), resume)
+    else:
+        ckpt = None
+        cfg = load_config(args.config, args.set)
+        out = args.out or f"runs/{cfg.method}"
+    result = train(cfg, out, resume=ckpt, overwrite=args.overwrite, changes=changes)
+    if is_main_rank():  # one result line from a multi-process launch
         print(json.dumps(result))
+
+
+def _resume_config(args, ckpt: Path, out: Path, where: str):
+    """The recipe to continue with, and its deliberate changes from the checkpoint's.
+
+    The checkpoint's own recipe, unless `--config`, `--set` or an edit of `RUN/config.yaml`
+    asks for another; then every differing key must be named by `--allow-change`.
+    """
+    from rim.config import load_config
+    from rim.runs import check_changes, config_changes, edited_config
+
+    saved = load_config(ckpt / "config.yaml")
+    source = args.config or edited_config(out) or ckpt / "config.yaml"
+    cfg = load_config(source, args.set)
+    changes = config_changes(saved.to_dict(), cfg.to_dict())
+    check_changes(changes, args.allow_change, where)
+    return cfg, changes
 
 
 def _run_folder(resume: str) -> str:
@@ -55,11 +89,20 @@ def _load_eval_data(args, cfg):
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from rim.decoding import Reasoner
+    from rim.decoding import Reasoner, check_questions
     from rim.evaluation import evaluate, format_table
 
     r = Reasoner.load(args.checkpoint, args.device)
     examples = _load_eval_data(args, r.method.cfg)
+    source = args.data or f"data.{args.split}"
+    check_questions(
+        r.method,
+        r.model,
+        [e.question for e in examples],
+        args.blocks,
+        args.truncate,
+        where=lambda i: f"{source}: example {i + 1}",
+    )
     res = evaluate(
         r.method,
         r.model,
@@ -67,6 +110,7 @@ def _eval(args: argparse.Namespace) -> None:
         args.batch_size,
         blocks=args.blocks,
         timing_examples=args.timing_examples,
+        truncate=args.truncate,
     )
     fields = [
         ("accuracy", "final acc", ".3f"),
@@ -82,7 +126,7 @@ def _eval(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
     record = {k: v for k, v in res.items() if k != "predictions"}
     record |= {"checkpoint": str(args.checkpoint), "data": args.data or args.split}
-    out.write_text(json.dumps(record, indent=2))
+    atomic_file(out, json.dumps(record, indent=2))
     print(f"wrote {out}")
 
 
@@ -92,7 +136,9 @@ def _generate(args: argparse.Namespace) -> None:
     r = Reasoner.load(args.checkpoint, args.device)
     if args.all_blocks and not r.method.uses_blocks:
         raise RimError(f"--all-blocks: method {r.method.name} has no memory blocks")
-    answers = r.generate(args.questions, blocks=args.blocks, all_blocks=args.all_blocks)
+    answers = r.generate(
+        args.questions, blocks=args.blocks, all_blocks=args.all_blocks, truncate=args.truncate
+    )
     for q, a in zip(args.questions, answers):
         if args.all_blocks:
             print(q)
@@ -138,6 +184,23 @@ def parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--out", help="run folder (default runs/<method>)")
     t.add_argument("--resume", help="continue from a run folder or checkpoint")
+    t.add_argument(
+        "--resume-if-exists",
+        action="store_true",
+        help="continue --out RUN if it has a checkpoint, else start it (for requeued jobs)",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an existing run folder (its old outputs are removed first)",
+    )
+    t.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="with --resume: allow this recipe key (or section) to differ (repeatable)",
+    )
     t.set_defaults(fn=_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint")
@@ -158,6 +221,11 @@ def parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     e.add_argument("--out", help="JSON result (default CHECKPOINT/eval.json)")
+    e.add_argument(
+        "--truncate",
+        action="store_true",
+        help="drop the oldest tokens of a question too long for the model (default: an error)",
+    )
     e.set_defaults(fn=_eval)
 
     g = sub.add_parser("generate", help="answer questions")
@@ -165,6 +233,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("questions", nargs="+", help="one or more questions (quote each)")
     g.add_argument("--blocks", type=int, help="memory blocks to use (default K)")
     g.add_argument("--all-blocks", action="store_true", help="answer after every block")
+    g.add_argument(
+        "--truncate",
+        action="store_true",
+        help="drop the oldest tokens of a question too long for the model (default: an error)",
+    )
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     g.set_defaults(fn=_generate)
 
@@ -211,13 +284,25 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    from rim.progress import live
+
+    if not live():  # Hugging Face's bars too ("Writing model shards"): no redraws in a log
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
     try:
         if getattr(args, "blocks", None) is not None and args.blocks < 1:
             raise RimError(f"--blocks: K must be >= 1, got {args.blocks}")
         args.fn(args)
+    except Preempted as err:
+        print(f"rim: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except RimError as err:
         print(f"rim: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("rim: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,15 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import os
 import random
 import re
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rim.errors import ConfigError, DataError
+from rim.io import atomic_file
 
 FORMATS = ("auto", "json", "jsonl", "icot", "gsm8k", "gsmhard")
 _MULT_QUESTION = re.compile(r"^[0-9 ]+ \* [0-9 ]+$")
@@ -154,14 +153,17 @@ _RECORD_PARSERS: dict[str, Callable[[Any], Example]] = {
 }
 
 
+_BREAK = re.compile(r"\r\n|\r|\n")  # Unix, Windows and classic Mac (CR-only) line ends
+
+
 def _lines(path: Path, where: str) -> list[str]:
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
+        line = len(_BREAK.findall(data[: e.start].decode("utf-8", "replace"))) + 1
         raise DataError(f"{where}:{line}: not valid UTF-8") from None
-    return [ln.rstrip("\r") for ln in text.removeprefix("\ufeff").split("\n")]
+    return _BREAK.split(text.removeprefix("\ufeff"))
 
 
 def _detect(path: Path, where: str, lines: list[str]) -> str:
@@ -278,18 +280,13 @@ def write_examples(examples: Iterable[Example], path: str | Path) -> Path:
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for ex in examples:
-                rec = {"question": ex.question, "steps": list(ex.steps), "answer": ex.answer}
-                if ex.step_sep != " ":
-                    rec["step_sep"] = ex.step_sep
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    lines = []
+    for ex in examples:
+        rec = {"question": ex.question, "steps": list(ex.steps), "answer": ex.answer}
+        if ex.step_sep != " ":
+            rec["step_sep"] = ex.step_sep
+        lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+    atomic_file(p, "".join(lines))
     return p
 
 

@@ -8,12 +8,17 @@ blocks 1..k and its own tokens, with position ids continuing after block k.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+
+from rim.errors import RimError
+
+UNKNOWN_WARN = 0.05  # warn when more than this share of question tokens is unknown
 
 
 @dataclass
@@ -199,6 +204,76 @@ def wall_clock(device: torch.device) -> Callable[[], float]:
     return clock
 
 
+# ---------------------------------------------------------------- input checks
+
+
+def position_limit(method, model) -> int | None:
+    """Positions a prompt plus its answer may use: the model's, or the recipe's max_length."""
+    from rim.model import max_positions
+
+    limits = [max_positions(model), method.cfg.data.max_length]
+    limits = [n for n in limits if isinstance(n, int)]
+    return min(limits) if limits else None
+
+
+def _reserved(method, question_ids: list[int], prompt: list[int]) -> int:
+    """Positions after the question: blocks (or Coconut's thoughts) and the answer budget."""
+    thoughts = method.thoughts() + 1 if hasattr(method, "thoughts") else 0  # + <eot>
+    return len(prompt) - len(question_ids) + thoughts + method.max_new_tokens()
+
+
+def check_questions(
+    method, model, questions: list[str], blocks: int | None = None, truncate: bool = False,
+    where: Callable[[int], str] = lambda i: f"question {i + 1}",
+) -> None:  # fmt: skip
+    """Refuse what the model cannot answer: empty questions and, unless `truncate`, questions
+    longer than the positions left after the blocks and the answer budget. Warns (one line)
+    when many question tokens are unknown to the tokenizer (the wrong checkpoint or data)."""
+    limit = position_limit(method, model)
+    unk, n_unk, n_all = method.tokenizer.unk_token_id, 0, 0
+    for i, q in enumerate(questions):
+        if not q.strip():
+            raise RimError(f"{where(i)}: empty question")
+        ids = list(method.question_ids(q))
+        reserved = _reserved(method, ids, method.prompt(q, blocks))
+        if (
+            limit is not None
+            and (len(ids) + reserved > limit)
+            and (not truncate or limit - reserved < 2)
+        ):
+            raise RimError(
+                f"{where(i)}: {len(ids)} question tokens + {reserved} for blocks and answer "
+                f"> {limit} positions of the model (shorten it, or pass --truncate)"
+            )
+        n_all += len(ids)
+        n_unk += ids.count(unk) if unk is not None else 0
+    if n_all and n_unk / n_all > UNKNOWN_WARN:
+        print(
+            f"rim: warning: {n_unk / n_all:.0%} of the question tokens are unknown to the "
+            f"checkpoint's tokenizer ({method.tokenizer.unk_token}); is the data for this model?",
+            file=sys.stderr,
+        )
+
+
+def _fit(method, model, question_ids: list[int], prompt: list[int]) -> int:
+    """How many question tokens to cut from the front so the prompt and answer fit."""
+    limit = position_limit(method, model)
+    if limit is None:
+        return 0
+    return max(len(question_ids) + _reserved(method, question_ids, prompt) - limit, 0)
+
+
+def _truncated(method, model, question: str, blocks: int | None) -> tuple[list[int], list[int]]:
+    """(question ids, prompt) with the question's oldest tokens dropped (its first, bos, kept)."""
+    ids = list(method.question_ids(question))
+    prompt = method.prompt(question, blocks)
+    cut = _fit(method, model, ids, prompt)
+    if cut:
+        keep = ids[:1] + ids[1 + cut :]
+        prompt, ids = keep + prompt[len(ids) :], keep
+    return ids, prompt
+
+
 @torch.no_grad()
 def decode(
     method,
@@ -207,23 +282,27 @@ def decode(
     blocks: int | None = None,
     all_blocks: bool = False,
     clock: Callable[[], float] | None = None,
+    truncate: bool = False,
 ) -> Decoded:
     """Answer `questions` with `method`'s prompt: the path `rim eval` and `rim generate` use.
 
     `blocks` overrides K (block methods); `all_blocks` returns K branches per question
     (row b*K + k-1 is question b answered after block k) from one shared prefill.
+    `truncate` drops a too-long question's oldest tokens (see `check_questions`).
     """
+    fitted = [_truncated(method, model, q, blocks) if truncate else None for q in questions]
     start = clock() if clock is not None else 0.0
     if all_blocks:
         if not method.uses_blocks:
             raise ValueError(f"method {method.name} has no memory blocks")
         mem = method.mem
-        qs = [list(method.question_ids(q)) for q in questions]
+        qs = [f[0] if f else list(method.question_ids(q)) for f, q in zip(fitted, questions)]
         return all_blocks_greedy(
             model, qs, mem.blocks(blocks), mem.block_len, method.pad_id, method.eos_id,
             method.max_new_tokens(), clock, start,
         )  # fmt: skip
-    state = method.prefill(model, [method.prompt(q, blocks) for q in questions])
+    prompts = [f[1] if f else method.prompt(q, blocks) for f, q in zip(fitted, questions)]
+    state = method.prefill(model, prompts)
     return greedy(model, state, method.eos_id, method.max_new_tokens(), clock, start)
 
 
@@ -250,10 +329,18 @@ class Reasoner:
         return cls(method.attach(model, Path(checkpoint)), tok, method)
 
     def generate(
-        self, questions: list[str], blocks: int | None = None, all_blocks: bool = False
+        self,
+        questions: list[str],
+        blocks: int | None = None,
+        all_blocks: bool = False,
+        truncate: bool = False,
     ) -> list[str] | list[list[str]]:
-        """Greedy answers; with `all_blocks`, a list of K answers (after blocks 1..K) each."""
-        out = decode(self.method, self.model, questions, blocks, all_blocks)
+        """Greedy answers; with `all_blocks`, a list of K answers (after blocks 1..K) each.
+
+        Questions are checked first (`check_questions`): too long is an error unless
+        `truncate`, which drops their oldest tokens."""
+        check_questions(self.method, self.model, questions, blocks, truncate)
+        out = decode(self.method, self.model, questions, blocks, all_blocks, truncate=truncate)
         texts = self.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
         texts = [t.strip() for t in texts]
         if not all_blocks:

@@ -60,6 +60,7 @@ def evaluate(
     all_blocks: bool | None = None,
     timing_examples: int = 16,
     progress: bool = True,
+    truncate: bool = False,
 ) -> dict:
     """Accuracy and cost of `method` on `examples`; any-block fields for block methods."""
     tok = method.tokenizer
@@ -83,7 +84,8 @@ def evaluate(
     )
     for lo in bar:
         chunk = examples[lo : lo + batch_size]
-        out = decode(method, model, [e.question for e in chunk], blocks, all_blocks)
+        questions = [e.question for e in chunk]
+        out = decode(method, model, questions, blocks, all_blocks, truncate=truncate)
         answers = [method.answer_tokens(t) for t in out.tokens]
         texts = [normalize(t, marker) for t in _texts(tok, answers)]
         if all_blocks:
@@ -112,20 +114,22 @@ def evaluate(
         result["any_block_accuracy"] = sum(
             any(h[i] for h in hits) for i in range(len(golds))
         ) / max(len(golds), 1)
-    result.update(latency(method, model, examples[:timing_examples], blocks, device))
+    result.update(latency(method, model, examples[:timing_examples], blocks, device, truncate))
     result["predictions"] = finals
     return result
 
 
-def latency(method, model, examples: list[Example], blocks: int | None, device) -> dict:
+def latency(
+    method, model, examples: list[Example], blocks: int | None, device, truncate: bool = False
+) -> dict:
     """Median time to first answer token and full-answer latency, batch 1, after a warm-up."""
     if not examples:
         return {"ttft_ms": None, "latency_ms": None}
     clock = wall_clock(device)
-    decode(method, model, [examples[0].question], blocks, clock=clock)  # warm-up
+    decode(method, model, [examples[0].question], blocks, clock=clock, truncate=truncate)
     ttft, full = [], []
     for e in examples:
-        out = decode(method, model, [e.question], blocks, clock=clock)
+        out = decode(method, model, [e.question], blocks, clock=clock, truncate=truncate)
         times = out.token_times
         first = method.first_answer_index(out.tokens[0])
         ttft.append(times[min(first, len(times) - 1)] * 1e3)

@@ -109,10 +109,10 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     from transformers import GenerationConfig
 
     from rim.config import load_config
+    from rim.io import atomic_dir
     from rim.memory import memory_tokens
     from rim.methods import method_class
     from rim.model import load_checkpoint
-    from rim.trainer import atomic_dir
 
     ckpt, out = _resolve(Path(checkpoint)), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -208,9 +208,12 @@ def load_meta(path: str | Path) -> dict:
     if not file.is_file():
         raise RimError(f"{path}: not a rim checkpoint (no rim.json)")
     try:
-        return json.loads(file.read_text())
+        meta = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise RimError(f"{file}:{err.lineno}: invalid JSON") from None
+    if not isinstance(meta, dict):
+        raise RimError(f"{file}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
@@ -225,6 +228,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
         resize_for(base, tokenizer)
         model = PeftModel.from_pretrained(base, str(path))
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as err:  # a missing or damaged config.json / weights
+            raise RimError(f"{path}: cannot load the model ({str(err).splitlines()[0]})") from None
     model.to(device).eval()
     return model, tokenizer, meta

@@ -3,37 +3,44 @@
     rim train --config configs/toy/llama_rim.yaml --out runs/x
     accelerate launch --config_file configs/accelerate/ddp.yaml -m rim train --config ... --out runs/x
     rim train --resume runs/x                                     # after a crash: exact resume
+    rim train --config C --out runs/x --resume-if-exists          # a requeued (preempted) job
 
 Each optimizer step consumes one global batch from a seeded example stream (resumable by
 its cursor); every process takes its share, split into micro-batches. The loss is divided by
 the global batch, so accumulation and process count do not change the gradient. At a stage
 switch the optimizer and the LR schedule restart. Validation (never test) picks `best/`.
+SIGTERM or SIGINT finishes the current optimizer step, writes a checkpoint and exits with
+`EXIT_PREEMPTED`; a second signal stops at once. One process per run folder (rim.runs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
-import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from rim import progress
+from rim import progress, runs
 from rim.config import Config, save_config
 from rim.curriculum import Stage, stage_progress, warmup_constant
 from rim.data import Example, load_split
-from rim.errors import RimError
+from rim.errors import Preempted, RimError
 from rim.evaluation import evaluate
+from rim.io import atomic_dir, os_error, storage_error
 from rim.memory import memory_tokens
 from rim.methods import Method, method_class
 from rim.model import (
@@ -169,23 +176,13 @@ def set_dropout(model: torch.nn.Module, p: float | None) -> None:
             m.attention_dropout = p
 
 
-def atomic_dir(final: Path, write) -> None:
-    """Write a folder through `write(tmp)` then rename: a crash never leaves half a checkpoint."""
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_model(setup: Setup, model, path: Path, state_dict: dict | None = None) -> None:
+def save_model(
+    setup: Setup, model, path: Path, state_dict: dict | None = None, run: dict | None = None
+) -> None:
     """A loadable checkpoint: weights (or adapter), tokenizer, config.yaml and rim.json.
 
-    `state_dict`: the gathered full weights when the model is sharded (FSDP).
+    `state_dict`: the gathered full weights when the model is sharded (FSDP). `run`: the run
+    id, branch and step that wrote it (so a resumed branch knows which `best/` is its own).
     """
 
     def write(tmp: Path) -> None:
@@ -197,7 +194,7 @@ def save_model(setup: Setup, model, path: Path, state_dict: dict | None = None) 
         save_config(setup.cfg, tmp / "config.yaml")
         adapter = setup.cfg.model.path is not None and not setup.cfg.model.full_finetune
         meta = setup.method.meta() | {"adapter": adapter, "base_model": setup.cfg.model.path}
-        save_meta(tmp, meta | {"format": 1})
+        save_meta(tmp, meta | {"format": 1} | ({"run": run} if run else {}))
 
     atomic_dir(path, write)
 
@@ -215,6 +212,10 @@ class Trainer:
         self.best = -1.0
         self.optimizer = self.scheduler = None
         self.main = self.acc.is_main_process
+        self.run_id, self.branch = runs.new_run_id(), runs.new_run_id()
+        self.resumed_from: int | None = None  # step of the checkpoint this branch resumed
+        self.superseded = False  # the abandoned branch's later outputs moved aside
+        self.stop_signal: str | None = None
         # FSDP shards the weights: forward passes and weight gathering need every process
         self.sharded = self.acc.distributed_type == DistributedType.FSDP
 
@@ -234,8 +235,22 @@ class Trainer:
 
     def log(self, record: dict) -> None:
         if self.main:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            file = self.out / "metrics.jsonl"
+            try:
+                with open(file, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as err:
+                raise storage_error(file, err) from None
+
+    def _run_info(self) -> dict:
+        return {"id": self.run_id, "branch": self.branch, "step": self.global_step}
+
+    def _save_model(self, name: str) -> None:
+        """`final/` or `best/` (a collective call under FSDP: every process gathers)."""
+        full = self.acc.get_state_dict(self.model) if self.sharded else None
+        if self.main:
+            model = self.acc.unwrap_model(self.model)
+            save_model(self.s, model, self.out / name, full, self._run_info())
 
     # ---- one optimizer step ----
     def step(self, stage: Stage) -> float:
@@ -284,25 +299,60 @@ class Trainer:
     def fit(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.main:
-            save_config(self.cfg, self.out / "config.yaml")
+            runs.write_run(
+                self.out, self.run_id, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+            )
         t0 = time.perf_counter()
-        while self.stage_index < len(self.plan):
-            stage = self.plan[self.stage_index]
-            if self.optimizer is None:
-                self._new_optimizer(stage)
-            self._run_stage(stage)
-            self.stage_index += 1
-            self.step_in_stage = 0
-            self.optimizer = None
-            self.save_resumable()
+        with self._signals():
+            while self.stage_index < len(self.plan):
+                stage = self.plan[self.stage_index]
+                if self.optimizer is None:
+                    self._new_optimizer(stage)
+                self._run_stage(stage)
+                self.stage_index += 1
+                self.step_in_stage = 0
+                self.optimizer = None
+                self.save_resumable()
+                self._stop_if_asked(saved=True)
         train_s = time.perf_counter() - t0
-        full = self.acc.get_state_dict(self.model) if self.sharded else None
-        if self.main:
-            save_model(self.s, self.acc.unwrap_model(self.model), self.out / "final", full)
-            if not (self.out / "best").exists():
-                save_model(self.s, self.acc.unwrap_model(self.model), self.out / "best", full)
+        self._save_model("final")
+        if not (self.out / "best").exists():
+            self._save_model("best")
         self.log({"event": "done", "train_s": train_s, "best_valid_accuracy": self.best})
         return {"train_s": train_s, "best_valid_accuracy": self.best}
+
+    # ---- preemption ----
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGTERM/SIGINT set `stop_signal`; the loop saves and stops after the current step."""
+        old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old[sig] = signal.signal(sig, self._on_signal)
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.stop_signal = signal.Signals(signum).name
+
+    def _stop_if_asked(self, saved: bool) -> None:
+        """Stop (all processes at the same step) once a signal came: checkpoint, then raise."""
+        flag = float(self.stop_signal is not None)
+        if self.acc.num_processes > 1:
+            flag = self.acc.reduce(torch.tensor(flag, device=self.acc.device), "sum").item()
+        if not flag:
+            return
+        if not saved:
+            self.save_resumable()
+        raise Preempted(
+            f"stopped by {self.stop_signal or 'a signal'} at step {self.global_step}; "
+            f"resume with: rim train --resume {self.out}"
+        )
 
     def _run_stage(self, stage: Stage) -> None:
         t = self.cfg.train
@@ -344,8 +394,11 @@ class Trainer:
             last = self.step_in_stage == stage.steps
             if (t.eval_every and self.global_step % t.eval_every == 0) or last:
                 self.validate(stage)
-            if t.save_every and self.global_step % t.save_every == 0 and not last:
+            saved = bool(t.save_every and self.global_step % t.save_every == 0 and not last)
+            if saved:
                 self.save_resumable()
+            if not last:  # at a stage end fit() saves first
+                self._stop_if_asked(saved)
         bar.close()
 
     def validate(self, stage: Stage) -> float:
@@ -378,9 +431,7 @@ class Trainer:
         # thoughts, iCoT's full removal), so only it may provide best/; ties go to the later one
         if stage.index == len(self.plan) - 1 and acc >= self.best:
             self.best = acc
-            full = self.acc.get_state_dict(self.model) if self.sharded else None
-            if self.main:
-                save_model(self.s, model, self.out / "best", full)
+            self._save_model("best")
         self.acc.wait_for_everyone()
         return acc
 
@@ -412,13 +463,53 @@ class _null:
         return False
 
 
-def train(cfg: Config, out: str | Path, resume: str | Path | None = None) -> dict:
-    """Build, optionally resume, and fit. Returns timing and the best validation accuracy."""
-    rank0 = int(os.environ.get("RANK", "0")) == 0  # launched processes: one log line
-    setup = build(cfg, log=print if rank0 else lambda *a: None)
-    trainer = Trainer(setup, out)
-    if resume is not None:
-        from rim.checkpoint import load_state
+def train(
+    cfg: Config,
+    out: str | Path,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
+    changes: dict | None = None,
+) -> dict:
+    """Build, optionally resume, and fit. Returns timing and the best validation accuracy.
 
-        load_state(trainer, Path(resume))
-    return trainer.fit()
+    `out` is locked for the whole run; without `resume` it must hold no run (`overwrite`
+    removes the old one's outputs first). `changes`: recipe keys deliberately changed on
+    resume (`--allow-change`), logged to metrics.jsonl.
+    """
+    out = Path(out)
+    rank0 = runs.is_main_rank()  # launched processes: one log line, one lock
+    if rank0:  # refuse at once, before the (slow) build; again under the lock below
+        runs.check_unlocked(out)
+    if resume is None and not overwrite:
+        runs.refuse_existing(out)
+    setup = build(cfg, log=print if rank0 else lambda *a: None)
+    if rank0:
+        try:
+            runs.lock(out)
+        except OSError as err:
+            raise storage_error(out, err) from None
+    try:
+        if rank0 and resume is None and overwrite:
+            runs.clear(out)
+        elif rank0 and resume is None:  # again under the lock: a run may have ended since
+            runs.refuse_existing(out)
+        trainer = Trainer(setup, out)
+        if resume is not None:
+            from rim.checkpoint import load_state
+
+            ckpt = load_state(trainer, Path(resume))
+            if changes:
+                step = trainer.global_step
+                trainer.log(
+                    {"event": "resume", "step": step, "from": str(ckpt), "changed": changes}
+                )
+        return trainer.fit()
+    except OSError as err:  # a write outside the atomic helpers (metrics, run folder)
+        raise storage_error(Path(err.filename or out), err) from None
+    except RuntimeError as err:
+        if os_error(err) is None:
+            raise
+        raise storage_error(out, os_error(err)) from None
+    finally:
+        if rank0:
+            runs.unlock(out)
