@@ -267,6 +267,8 @@ def coconut_plan(
     spans: list[tuple[int, int]] = []
     for k in ks:
         steps = min(left, stage_steps if k <= max_stage else left)
+        if steps == 0:
+            break
         left -= steps
         chunk = epoch_steps or steps
         spans += [(k, min(chunk, steps - i)) for i in range(0, steps, chunk)]
