@@ -102,9 +102,14 @@ def test_recipe_keeps_the_papers_settings(path):
     assert cfg.model.path.startswith("/path/to/"), "a placeholder the user overrides"
     assert "--set model.path=" in text and "accelerate launch" in text
     m, t = cfg.model, cfg.train
-    assert (m.lora_rank, m.lora_targets, m.full_finetune) == (128, "all-linear", False)
+    if cfg.method == "coconut" and _family(path) == "gpt2":  # the original's args/*.yaml
+        assert (m.full_finetune, t.mixed_precision, t.weight_decay) == (True, "no", 0.01)
+        assert (t.lr, cfg.coconut.warmup, cfg.coconut.reset_optimizer) == (1e-4, 0.0, True)
+    else:
+        assert (m.lora_rank, m.lora_targets, m.full_finetune) == (128, "all-linear", False)
+        assert t.mixed_precision == "bf16"
     assert (cfg.memory.blocks, cfg.memory.mem_tokens) == (8, 2)
-    assert (t.batch_size, t.warmup, t.mixed_precision) == (128, 0.04, "bf16")
+    assert (t.batch_size, t.warmup) == (128, 0.04)
     assert t.micro_batch_size and 128 % t.micro_batch_size == 0
     assert 1e-5 <= t.lr <= 1e-3
     if cfg.method == "rim":
@@ -148,6 +153,8 @@ def smoke_overrides(path: Path) -> list[str]:
         "curriculum.stage2_steps=2",
         "coconut.epochs_per_stage=null",
         "coconut.steps_per_stage=2",
+        "coconut.epochs=null",  # 2 steps per stage, then 2 at the fully latent stage
+        f"coconut.steps={2 * (cfg.coconut.max_stage + int(cfg.coconut.stage0)) + 2}",
         "train.epochs=null",
         # 12 examples at batch 4 = 3 steps an epoch: icot's 4 steps span 2 stages (a removal)
         f"train.steps={4 if cfg.method == 'icot' else 3}",

@@ -29,6 +29,7 @@ from rim.config import Config
 from rim.curriculum import Stage, coconut_plan, steps_for
 from rim.data import Example
 from rim.decoding import Prefill, left_pad, positions
+from rim.errors import ConfigError
 from rim.layout import IGNORE, Segment
 from rim.memory import MemoryTokens
 from rim.methods.base import Method, readout
@@ -204,6 +205,13 @@ class Coconut(Method):
         )
         epoch = steps_for(1.0, None, n_train, bs) if c.reset_optimizer else None
         spans = coconut_plan(c.max_stage, c.stage0, per, total, epoch)
+        if total is not None and spans[-1][0] <= c.max_stage:
+            n_stages = c.max_stage + int(c.stage0)
+            raise ConfigError(
+                f"coconut.epochs/steps: the run ({total} steps) ends before the latent stage "
+                f"(stages {0 if c.stage0 else 1}..{c.max_stage} take {per * n_stages}); raise "
+                "it, or set both null to stop after max_stage"
+            )
         last_k = spans[-1][0]
         seen: dict[int, int] = {}
         stages = []
@@ -245,6 +253,11 @@ class Coconut(Method):
         prefix, n, target = self.parts(ex, int(stage.options.get("k", 0)))
         x = Segment(prefix + (self.thought_id,) * n + (self.eot_id,))
         return [x, readout(target, 0, 1.0)]
+
+    def train_length(self, ex: Example, stage: Stage) -> int:
+        """Tokens of the training sequence, counted without laying it out (many Stages)."""
+        prefix, n, target = self.parts(ex, int(stage.options.get("k", 0)))
+        return len(prefix) + n + 1 + len(target)
 
     def loss(
         self,
