@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from rim.curriculum import Stage
 from rim.data import Example
@@ -185,20 +186,20 @@ def original_forward(model, ids: list[int], labels: list[int], latent_id: int):
     embeds = model.get_input_embeddings()(x)  # (1, L, D)
     latents = [i for i, t in enumerate(ids) if t == latent_id]
     lo, hi = 0, latents[0] if latents else L
-    cache, logits, passes = None, [], 0
+    cache, logits, passes = DynamicCache(), [], 0
     for p in range(len(latents)):
-        assert cache is None or cache.get_seq_length() == lo  # the original slices to lo
+        assert cache.get_seq_length() == lo  # the original slices its cache to [:lo]: a no-op
         out = model(
             inputs_embeds=embeds[:, lo:hi],
             attention_mask=torch.ones(1, hi, dtype=torch.long),
             position_ids=torch.arange(lo, hi)[None],
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             output_hidden_states=True,
         )
         passes += 1
         logits.append(out.logits)
-        cache, h = out.past_key_values, out.hidden_states[-1]  # h: (1, hi - lo, D)
+        cache, h = out.cache, out.hidden_states[-1]  # h: (1, hi - lo, D)
         embeds = embeds.clone()
         embeds[0, latents[p]] = h[0, latents[p] - 1 - lo]
         lo, hi = hi, (L if p + 1 >= len(latents) else hi + 1)
@@ -206,7 +207,7 @@ def original_forward(model, ids: list[int], labels: list[int], latent_id: int):
         inputs_embeds=embeds[:, lo:hi],
         attention_mask=torch.ones(1, hi, dtype=torch.long),
         position_ids=torch.arange(lo, hi)[None],
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
     )
     passes += 1
