@@ -261,8 +261,13 @@ def test_short_training_run_saves_and_loads(method, tmp_path):
         ),
         train=TrainConfig(lr=1e-3, batch_size=8, steps=3, log_every=1),
         eval=EvalConfig(batch_size=4, cot_max_new_tokens=8, val_limit=4),
-        coconut=CoconutConfig(
-            max_stage=1, thoughts_per_step=1, steps_per_stage=1, epochs_per_stage=None
+        coconut=CoconutConfig(  # stages 0 and 1, then 1 step fully latent
+            max_stage=1,
+            thoughts_per_step=1,
+            steps_per_stage=1,
+            epochs_per_stage=None,
+            epochs=None,
+            steps=3,
         ),
         icot=ICoTConfig(remove_per_epoch=2),
     )
