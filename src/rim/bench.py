@@ -654,7 +654,8 @@ def train_bench(
 
     variants["rim_packed"], variants["rim_naive"] = packed, naive
     if coco is not None:
-        last = coco.plan(batch, t_max)[-1]  # its final stage: c * max_stage thoughts
+        # its final stage: every step latent, c * max_stage thoughts
+        last = Stage("latent", 0, 1, 1e-5, None, {"k": coco.cfg.coconut.max_stage + 1})
 
         def coconut() -> None:
             coco.loss(bm.model, examples, last, 0.0, batch, dev).backward()
