@@ -62,7 +62,8 @@ def test_latency_json_schema_and_counts(capsys):
     assert c["cot"]["generated_tokens"] == COT + ANS
     assert c["direct"]["forward_passes"] == c["rim"]["forward_passes"] == ANS
     assert c["cot"]["forward_passes"] == 1 + COT + ANS - 1
-    assert c["coconut"]["forward_passes"] == 1 + THOUGHTS + 1 + ANS - 1  # x<bot>, thoughts, <eot>
+    # x<bot>, thoughts 1..n-1, thought n with <eot> (the original's n + 1), then a pass per token
+    assert c["coconut"]["forward_passes"] == THOUGHTS + 1 + ANS - 1
     for n in methods:
         assert c[n]["forward_passes"] == c[n]["expected_forward_passes"]
         assert c[n]["same_tokens_as_plain"], n  # the plain loop computes the same answer

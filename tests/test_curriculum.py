@@ -10,6 +10,7 @@ from rim.curriculum import (
     Stage,
     alpha_weights,
     check_schedule,
+    coconut_plan,
     coconut_stages,
     icot_removed,
     stage1_weights,
@@ -264,13 +265,25 @@ def test_stage_validation(kwargs, match):
 
 
 def test_coconut_stages():
-    assert coconut_stages(3, True) == [0, 1, 2, 3]
-    assert coconut_stages(3, False) == [1, 2, 3]
-    assert coconut_stages(0, True) == [0]
+    # k = max_stage + 1 stands for every stage past the maximum (all steps latent)
+    assert coconut_stages(3, True) == [0, 1, 2, 3, 4]
+    assert coconut_stages(3, False) == [1, 2, 3, 4]
+    assert coconut_stages(3, True, final=False) == [0, 1, 2, 3]
+    assert coconut_stages(0, True, final=False) == [0]
     with pytest.raises(ValueError):
-        coconut_stages(0, False)
+        coconut_stages(0, False, final=False)
     with pytest.raises(ValueError):
         coconut_stages(-1, True)
+
+
+def test_coconut_plan_spends_the_budget_like_the_original():
+    # 3 stages of 4 steps, then the rest of 20 at k = 3; budgets too short stop early
+    assert coconut_plan(2, True, 4, 20, None) == [(0, 4), (1, 4), (2, 4), (3, 8)]
+    assert coconut_plan(2, True, 4, 6, None) == [(0, 4), (1, 2)]
+    assert coconut_plan(2, True, 4, None, None) == [(0, 4), (1, 4), (2, 4)]  # no final stage
+    # one optimizer per epoch of 3 steps, restarting at every stage switch
+    assert coconut_plan(1, True, 4, 13, 3) == [(0, 3), (0, 1), (1, 3), (1, 1), (2, 3), (2, 2)]
+    assert sum(s for _, s in coconut_plan(3, False, 7, 50, 5)) == 50
 
 
 def test_icot_removed():

@@ -21,7 +21,8 @@ TINY = {
     "train.steps": 8,
     "curriculum.stage1_steps": 5,
     "curriculum.stage2_steps": 3,
-    "coconut.steps_per_stage": 3,
+    "coconut.steps_per_stage": 1,  # 5 stages, then 3 steps fully latent
+    "coconut.steps": 8,
     "data.train.size": 200,
     "data.valid.size": 32,
     "data.test.size": 48,

@@ -163,20 +163,34 @@ def naive_loss(model, m: Coconut, ex: Example, k: int) -> torch.Tensor:
     return F.cross_entropy(logits, torch.tensor(target + (m.eos_id,)))
 
 
-@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("gpt2", "eager")])
-def test_coconut_loss_matches_naive_loop(arch, attn):
-    cfg, _, model, m = coconut_setup(arch, attn, coconut__thoughts_per_step=2)
-    k = 2  # thoughts per row: 4, 2, 0
-    assert [m.parts(ex, k)[1] for ex in EXAMPLES] == [4, 2, 0]
+@pytest.mark.parametrize(
+    "arch,attn,pad", [("llama", "sdpa", False), ("gpt2", "eager", False), ("llama", "sdpa", True)]
+)
+def test_coconut_loss_matches_naive_loop(arch, attn, pad):
+    cfg, _, model, m = coconut_setup(
+        arch, attn, coconut__thoughts_per_step=2, coconut__pad_latent_to_max=pad
+    )
+    k = 2  # thoughts per row: c * min(k, max_stage) = 4 each (the original), or capped at the
+    # example's steps (pad_latent_to_max: false): 4, 2, 0, a batch that mixes thought counts
+    assert [m.parts(ex, k)[1] for ex in EXAMPLES] == ([4, 4, 4] if pad else [4, 2, 0])
     got = m.loss(model, EXAMPLES, stage(k), 0.0, 5, CPU)
     with torch.no_grad():
         ref = sum(naive_loss(model, m, ex, k) for ex in EXAMPLES) / 5
     assert got.item() == pytest.approx(ref.item(), abs=1e-4)
 
 
-def test_coconut_gradients_flow_through_thoughts(coco):
+def test_coconut_gradients_flow_through_thoughts(coco, monkeypatch):
+    import rim.methods.coconut as coconut
+
     cfg, _, model, m = coco
     seen: dict[str, list[torch.Tensor]] = {"q": [], "thoughts": []}
+    feeding = coconut._feeding
+
+    def record(model, where, values):  # the last thought enters with <eot> and the target
+        seen["thoughts"].append(values)
+        return feeding(model, where, values)
+
+    monkeypatch.setattr(coconut, "_feeding", record)
     h1 = model.get_input_embeddings().register_forward_hook(
         lambda mod, args, out: seen["q"].append(out)
     )
@@ -203,7 +217,8 @@ def test_coconut_gradients_flow_through_thoughts(coco):
             assert through[b, -L - 1 :].abs().sum(-1).gt(0).all()  # question tokens + <bot>
     loss2 = m.loss(model, EXAMPLES[:2], stage(1), 0.0, 2, CPU)
     loss2.backward()
-    assert model.get_input_embeddings().weight.grad[m.bot_id].abs().sum() > 0
+    grad = model.get_input_embeddings().weight.grad
+    assert grad[m.bot_id].abs().sum() > 0 and grad[m.eot_id].abs().sum() > 0
 
 
 # ---------------------------------------------------------------- Coconut: inference
@@ -232,7 +247,9 @@ def test_coconut_decode_matches_naive_greedy(coco):
                 ref.append(nxt)
                 E = torch.cat([E, emb(torch.tensor([[nxt]]))], dim=1)
         assert got == ref
-        assert passes == 1 + n + 1 + (steps - 1)
+        # n + 1 passes to the first token (the original's: thought n goes with <eot>), then one
+        # per further token
+        assert passes == n + 1 + (steps - 1)
 
 
 def test_coconut_works_with_peft():
@@ -250,7 +267,7 @@ def test_coconut_works_with_peft():
     loss.backward()
     assert torch.isfinite(loss)
     cfg.eval.cot_max_new_tokens = 3
-    assert decode(m, lora, ["2 + 3"]).passes[0] <= 1 + 1 + 1 + 2
+    assert decode(m, lora, ["2 + 3"]).passes[0] <= 1 + 1 + 2  # 1 thought: 2 passes, 2 tokens
 
 
 # ---------------------------------------------------------------- end to end
@@ -282,8 +299,13 @@ def test_short_training_run_saves_and_loads(method, tmp_path):
         ),
         train=TrainConfig(lr=1e-3, batch_size=8, steps=3, log_every=1),
         eval=EvalConfig(batch_size=4, cot_max_new_tokens=8, val_limit=4),
-        coconut=CoconutConfig(
-            max_stage=1, thoughts_per_step=1, steps_per_stage=1, epochs_per_stage=None
+        coconut=CoconutConfig(  # stages 0 and 1, then 1 step fully latent
+            max_stage=1,
+            thoughts_per_step=1,
+            steps_per_stage=1,
+            epochs_per_stage=None,
+            epochs=None,
+            steps=3,
         ),
         icot=ICoTConfig(remove_per_epoch=2),
     )

@@ -111,6 +111,10 @@ def test_recipe_keeps_the_papers_settings(path):
         assert (t.mixed_precision, t.warmup, t.lr_schedule) == ("no", 0.0, "constant")
         assert (t.weight_decay, t.grad_clip) == (0.01, 1.0)
         assert i.remove_all_when_remove_beyond is not None  # so the plan has one final stage
+    elif cfg.method == "coconut" and _family(path) == "gpt2":  # the original's args/*.yaml
+        assert (m.full_finetune, t.mixed_precision, t.weight_decay) == (True, "no", 0.01)
+        assert (t.lr, cfg.coconut.warmup, cfg.coconut.reset_optimizer) == (1e-4, 0.0, True)
+        assert t.batch_size == 128 and t.micro_batch_size and 128 % t.micro_batch_size == 0
     elif cfg.method == "codi":  # zhenyi4/codi's scripts: 3% warm-up, cosine, lr 3e-3 / 8e-4
         assert (t.batch_size, t.mixed_precision) == (128, "bf16")
         assert t.micro_batch_size and 128 % t.micro_batch_size == 0
@@ -163,6 +167,8 @@ def smoke_overrides(path: Path) -> list[str]:
         "curriculum.stage2_steps=2",
         "coconut.epochs_per_stage=null",
         "coconut.steps_per_stage=2",
+        "coconut.epochs=null",  # 2 steps per stage, then 2 at the fully latent stage
+        f"coconut.steps={2 * (cfg.coconut.max_stage + int(cfg.coconut.stage0)) + 2}",
         "train.epochs=null",
         # 12 examples at batch 4 = 3 steps an epoch: icot's 4 steps remove 1 more token each
         f"train.steps={4 if cfg.method == 'icot' else 3}",

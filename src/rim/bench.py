@@ -270,7 +270,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def expected_passes(name: str, answer_tokens: int, cot_tokens: int, thoughts: int) -> int:
     """Sequential forward passes up to the last answer token (batch row 0)."""
     generated = answer_tokens + (cot_tokens if name == "cot" else 0)
-    prefill = thoughts + 2 if name == "coconut" else 1  # x++<bot>, thoughts, <eot>
+    # Coconut: x++<bot>, thoughts 1..n-1, then thought n with <eot> (as the original's forward)
+    prefill = thoughts + 1 if name == "coconut" else 1
     return prefill + generated - 1
 
 
@@ -287,18 +288,22 @@ def plain_loop(
     """The reference: a plain transformers prefill + greedy loop with the KV cache.
 
     No attention mask or position ids (every row is the same prompt). With `eot_id`, Coconut:
-    `thoughts` passes feeding the last hidden state back as the input embedding, then `<eot>`.
-    Returns the seconds from the start at which each token was known, and row 0's tokens.
+    the last hidden state fed back as the next input embedding, the n-th thought in one pass
+    with `<eot>` (n + 1 passes). Returns the seconds from the start at which each token was
+    known, and row 0's tokens.
     """
     start = clock()
     device = next(model.parameters()).device
     ids = torch.tensor([prompt] * batch, dtype=torch.long, device=device)  # (B, P)
     coconut = eot_id is not None
+    eot = torch.full((batch, 1), eot_id if coconut else 0, dtype=torch.long, device=device)
+    if coconut and thoughts == 0:
+        ids = torch.cat([ids, eot], dim=1)  # (B, P + 1)
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1, output_hidden_states=coconut)
     cache = out.past_key_values
-    if coconut:
-        for _ in range(thoughts):
-            h = out.hidden_states[-1][:, -1:]  # (B, 1, D)
+    if coconut and thoughts > 0:
+        h = out.hidden_states[-1][:, -1:]  # (B, 1, D): thought 1
+        for _ in range(thoughts - 1):
             out = model(
                 inputs_embeds=h,
                 past_key_values=cache,
@@ -306,9 +311,9 @@ def plain_loop(
                 logits_to_keep=1,
                 output_hidden_states=True,
             )
-            cache = out.past_key_values
-        eot = torch.full((batch, 1), eot_id, dtype=torch.long, device=device)
-        out = model(input_ids=eot, past_key_values=cache, use_cache=True)
+            cache, h = out.past_key_values, out.hidden_states[-1][:, -1:]
+        last = torch.cat([h, model.get_input_embeddings()(eot)], dim=1)  # (B, 2, D)
+        out = model(inputs_embeds=last, past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
     nxt = out.logits[:, -1].argmax(-1)  # (B,)
     times, tokens = [], []
@@ -644,7 +649,8 @@ def train_bench(
 
     variants["rim_packed"], variants["rim_naive"] = packed, naive
     if coco is not None:
-        last = coco.plan(batch, t_max)[-1]  # its final stage: c * max_stage thoughts
+        # its final stage: every step latent, c * max_stage thoughts
+        last = Stage("latent", 0, 1, 1e-5, None, {"k": coco.cfg.coconut.max_stage + 1})
 
         def coconut() -> None:
             coco.loss(bm.model, examples, last, 0.0, batch, dev).backward()

@@ -160,11 +160,24 @@ class EvalConfig:
 
 @dataclass
 class CoconutConfig:
+    """Coconut as its authors' code runs it (facebookresearch/coconut); docs/_baseline_coconut.md.
+
+    Stage k <= max_stage replaces the first k steps by c * k thoughts; the epochs after
+    stage max_stage train the fully latent stage (no language steps, c * max_stage thoughts).
+    """
+
     thoughts_per_step: int = 2  # c: continuous thoughts per replaced step (paper: 2 on GSM8K)
-    max_stage: int = 3  # stages replace 1..max_stage steps
+    max_stage: int = 3  # stages replace 1..max_stage steps; later epochs: all steps latent
     stage0: bool = True  # start with CoT SFT (the paper reports both)
     epochs_per_stage: float | None = 3.0
     steps_per_stage: int | None = None
+    epochs: float | None = 25.0  # the whole run (original: num_epochs); what is left after
+    steps: int | None = None  # stage max_stage trains the latent stage; both null = none
+    pad_latent_to_max: bool = True  # c * min(k, max_stage) thoughts for every example;
+    # false: c * min(k, T) for an example with T steps (rim's earlier behaviour)
+    reset_optimizer: bool = True  # a fresh AdamW every epoch (original); false = per stage
+    warmup: float | None = 0.0  # LR warm-up fraction after each reset (original: none);
+    # null = train.warmup
     start_token: str = "<|bot|>"
     thought_token: str = "<|latent|>"
     end_token: str = "<|eot|>"
@@ -174,6 +187,10 @@ class CoconutConfig:
             raise ConfigError("coconut.thoughts_per_step: must be >= 1")
         if self.max_stage < 0:
             raise ConfigError("coconut.max_stage: must be >= 0")
+        if self.epochs is not None and self.steps is not None:
+            raise ConfigError("coconut.epochs, coconut.steps: set at most one (the other null)")
+        if self.warmup is not None and not 0.0 <= self.warmup < 1.0:
+            raise ConfigError("coconut.warmup: must be in [0, 1) or null")
 
 
 @dataclass

@@ -27,6 +27,7 @@ __all__ = [
     "WarmupConstant",
     "alpha_weights",
     "check_schedule",
+    "coconut_plan",
     "coconut_stages",
     "icot_offset",
     "icot_offset_probs",
@@ -227,17 +228,58 @@ def stage_progress(step_in_stage: int, stage_steps: int) -> float:
     return min(1.0, max(0.0, step_in_stage / stage_steps))
 
 
-def coconut_stages(max_stage: int, include_stage0: bool) -> list[int]:
+def coconut_stages(max_stage: int, include_stage0: bool, final: bool = True) -> list[int]:
     """Coconut's stages as the number k of leading steps replaced by continuous thoughts.
 
-    Stage 0 is plain CoT SFT; the paper reports Coconut with and without it.
+    Stage 0 is plain CoT SFT; the paper reports Coconut with and without it. With `final`,
+    the stage k = max_stage + 1 follows: in the original (`run.py`) the stage keeps rising
+    with the epoch, and every stage above `max_latent_stage` drops all remaining language
+    steps (so the final model is fully latent); those stages are identical, so one k stands
+    for all of them.
     """
     if max_stage < 0:
         raise ValueError(f"max_stage must be >= 0, got {max_stage}")
     ks = list(range(0 if include_stage0 else 1, max_stage + 1))
+    if final:
+        ks.append(max_stage + 1)
     if not ks:
         raise ValueError("coconut plan is empty: max_stage=0 without stage 0")
     return ks
+
+
+def coconut_plan(
+    max_stage: int,
+    include_stage0: bool,
+    stage_steps: int,
+    total_steps: int | None,
+    epoch_steps: int | None,
+) -> list[tuple[int, int]]:
+    """(k, optimizer steps) of each span trained with one optimizer, in order.
+
+    Stages 0..max_stage get `stage_steps` each; the rest of `total_steps` (the original's
+    `num_epochs`) trains the final, fully latent stage. A budget shorter than the stages
+    stops early, as the original does. `total_steps=None` stops after max_stage (a
+    latent/CoT hybrid). `epoch_steps` splits every stage into epochs, each with a fresh
+    optimizer (the original's `reset_optimizer`); None = one optimizer per stage.
+
+    >>> coconut_plan(2, True, 4, 14, None)
+    [(0, 4), (1, 4), (2, 4), (3, 2)]
+    >>> coconut_plan(1, False, 4, 10, 3)
+    [(1, 3), (1, 1), (2, 3), (2, 3)]
+    """
+    if stage_steps < 1:
+        raise ValueError(f"stage_steps must be >= 1, got {stage_steps}")
+    ks = coconut_stages(max_stage, include_stage0, final=total_steps is not None)
+    left = total_steps if total_steps is not None else stage_steps * len(ks)
+    spans: list[tuple[int, int]] = []
+    for k in ks:
+        steps = min(left, stage_steps if k <= max_stage else left)
+        if steps == 0:
+            break
+        left -= steps
+        chunk = epoch_steps or steps
+        spans += [(k, min(chunk, steps - i)) for i in range(0, steps, chunk)]
+    return spans
 
 
 def icot_removed(epoch: float, remove_per_epoch: float, max_tokens: int) -> int:

@@ -53,7 +53,8 @@ QUICK: dict[str, object] = {
     "train.eval_every": 30,
     "curriculum.stage1_steps": 40,  # rim: 40 + 20
     "curriculum.stage2_steps": 20,
-    "coconut.steps_per_stage": 20,  # coconut: 3 stages x 20
+    "coconut.steps_per_stage": 10,  # coconut: 5 stages x 10, then 10 fully latent
+    "coconut.steps": 60,
     "train.log_every": 10,  # the progress display reads the step from metrics.jsonl
     "eval.val_limit": 64,
     "eval.timing_examples": 8,
@@ -134,10 +135,12 @@ def _total_steps(cfg) -> int:
         return steps_for(c.stage1_epochs, c.stage1_steps, n, bs) + steps_for(
             c.stage2_epochs, c.stage2_steps, n, bs
         )
-    if cfg.method == "coconut":
+    if cfg.method == "coconut":  # as Coconut.plan: the whole run, or the stages up to max
         c = cfg.coconut
+        if c.epochs is not None or c.steps is not None:
+            return steps_for(c.epochs, c.steps, n, bs)
         per = steps_for(c.epochs_per_stage, c.steps_per_stage, n, bs)
-        return per * len(coconut_stages(c.max_stage, c.stage0))
+        return per * len(coconut_stages(c.max_stage, c.stage0, final=False))
     return steps_for(t.epochs, t.steps, n, bs)
 
 

@@ -428,8 +428,10 @@ class Trainer:
             }
         )
         # only the last stage trains what inference runs (RiM stage 2, Coconut's final number of
-        # thoughts, iCoT's full removal), so only it may provide best/; ties go to the later one
-        if stage.index == len(self.plan) - 1 and acc >= self.best:
+        # thoughts, iCoT's full removal), so only it may provide best/; ties go to the later one.
+        # A stage split in several (one optimizer each) marks its parts with `selects_best`.
+        final = stage.options.get("selects_best", stage.index == len(self.plan) - 1)
+        if final and acc >= self.best:
             self.best = acc
             self._save_model("best")
         self.acc.wait_for_everyone()

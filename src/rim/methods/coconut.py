@@ -1,49 +1,89 @@
-"""Coconut, continuous thoughts (Hao et al. 2024; METHOD.md section 6).
+"""Coconut, continuous thoughts (Hao et al. 2024; METHOD.md section 6; docs/_baseline_coconut.md).
 
 Stage k replaces the first k reasoning steps by c*k *continuous thoughts*: the last-layer
-hidden state of the previous position is fed back as the next input embedding. A sequence
-is `x ++ <bot> ++ [thought] * n ++ <eot> ++ remaining steps ++ marker ++ answer`. A thought
-depends on the previous pass's output, so training and inference need n + 2 sequential
-forward passes (prefix, n thoughts, `<eot>` [+ target]) sharing one KV cache; gradients
-flow through every thought. Stage 0 is plain CoT SFT with `<bot><eot>` in the prompt.
+hidden state of the previous position is fed back as the next input embedding. A training
+sequence is `x ++ <bot> ++ [thought] * n ++ <eot> ++ remaining steps ++ marker ++ answer`, laid
+out as the authors' `dataset.py` does: n = c * min(k, max_stage) for every example
+(`pad_latent_to_max`), and the stages past max_stage drop every language step. n thoughts take
+n + 1 sequential passes sharing one KV cache, as the original's `Coconut.forward`: the prefix
+`x ++ <bot>`, one pass for each of thoughts 1..n-1, and a last pass that holds thought n
+together with `<eot>` and the target (at inference, `<eot>` alone). Gradients flow through
+every thought. Stage 0 (no thought) is CoT SFT with `<bot><eot>` in the prompt: one pass.
 
-Padding a batch whose rows have different numbers of thoughts: prefixes are left-padded so
-they end at the same index; a row out of thoughts feeds a dummy embedding whose key is
-masked out and whose position does not advance, so each row computes exactly what it would
-alone.
+Rows with different numbers of thoughts (`pad_latent_to_max: false`): prefixes are left-padded
+so they end at the same index; a row out of thoughts feeds a dummy embedding whose key is
+masked out and whose position does not advance, and keeps its last thought for the last pass,
+so each row computes exactly what it would alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from rim.config import Config
-from rim.curriculum import Stage, coconut_stages, steps_for
+from rim.curriculum import Stage, coconut_plan, steps_for
 from rim.data import Example
 from rim.decoding import Prefill, left_pad, positions
+from rim.errors import ConfigError
 from rim.layout import IGNORE, Segment
 from rim.memory import MemoryTokens
 from rim.methods.base import Method, readout
 
 
 @dataclass
-class Thoughts:
-    """State after the prefix pass and the thought passes."""
+class Passes:
+    """State after the prefix, the thoughts and the tail (`<eot>` [+ target])."""
 
     cache: DynamicCache
-    mask: torch.Tensor  # (B, P + n_max) key mask, 1 = visible
-    next_pos: torch.Tensor  # (B,) position id of each row's next token (`<eot>`)
-    passes: int  # forward passes so far
+    mask: torch.Tensor  # (B, S) key mask over everything cached, 1 = visible
+    logits: torch.Tensor  # (B, keep, V) logits of the last `keep` positions (the tail)
+    next_pos: torch.Tensor  # (B,) position id after each row's last tail token
+    passes: int  # sequential forward passes: max(counts) + 1
 
 
-def think(model, prefixes: list[list[int]], counts: list[int], pad_id: int) -> Thoughts:
-    """Run `x ++ <bot>` then `counts[b]` continuous thoughts per row, all with one cache."""
-    device = next(model.parameters()).device
-    ids, mask = left_pad(prefixes, pad_id, device)  # (B, P), (B, P)
-    pos = positions(mask)  # (B, P)
+def _right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) ids and mask, rows aligned to the left."""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _embedding(model) -> torch.nn.Module:
+    while not hasattr(model, "get_input_embeddings") and hasattr(model, "module"):
+        model = model.module  # DDP
+    return model.get_input_embeddings()
+
+
+@contextmanager
+def _feeding(model, where: torch.Tensor, values: torch.Tensor) -> Iterator[None]:
+    """Inside, the input embedding is `values` (B, 1, D) where `where` (B, L) is True.
+
+    A hook rather than `inputs_embeds` so that the token embeddings are computed inside the
+    model's forward (sharded weights are gathered there), as the original replaces the
+    embeddings of its `<latent>` placeholders.
+    """
+
+    def hook(module, args, out):  # out: (B, L, D)
+        return torch.where(where[..., None], values.to(out.dtype), out)
+
+    handle = _embedding(model).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _think(model, ids, mask, pos, n: torch.Tensor, n_max: int):
+    """The prefix pass and thought passes 1..n_max-1; returns each row's last thought."""
     out = model(
         input_ids=ids,
         attention_mask=mask,
@@ -53,14 +93,14 @@ def think(model, prefixes: list[list[int]], counts: list[int], pad_id: int) -> T
         output_hidden_states=True,
         logits_to_keep=1,
     )
-    cache, h = out.cache, out.hidden_states[-1][:, -1:]  # h: (B, 1, D)
+    cache, h = out.cache, out.hidden_states[-1][:, -1:]  # h: (B, 1, D), thought 1
     next_pos = pos[:, -1] + 1  # (B,)
-    n = torch.tensor(counts, device=device)  # (B,)
-    n_max = max(counts, default=0)
-    for i in range(n_max):
-        active = n > i  # (B,) rows still thinking
+    last = torch.zeros_like(h)  # (B, 1, D): thought n_b of row b, fed in the last pass
+    for i in range(1, n_max):  # pass i feeds thought i; its output is thought i + 1
+        last = torch.where((n == i)[:, None, None], h, last)
+        active = n > i  # (B,) rows for which thought i is not the last
         emb = torch.where(active[:, None, None], h, torch.zeros_like(h))  # (B, 1, D)
-        mask = torch.cat([mask, active.to(mask.dtype)[:, None]], dim=1)  # (B, P + i + 1)
+        mask = torch.cat([mask, active.to(mask.dtype)[:, None]], dim=1)  # (B, P + i)
         out = model(
             inputs_embeds=emb,
             attention_mask=mask,
@@ -72,12 +112,65 @@ def think(model, prefixes: list[list[int]], counts: list[int], pad_id: int) -> T
         )
         cache, h = out.cache, out.hidden_states[-1][:, -1:]  # (B, 1, D)
         next_pos = next_pos + active.to(next_pos.dtype)
-    return Thoughts(cache, mask, next_pos, 1 + n_max)
+    last = torch.where((n == n_max)[:, None, None], h, last)
+    return cache, mask, next_pos, last
+
+
+def run(
+    model,
+    prefixes: list[list[int]],
+    counts: list[int],
+    tails: list[list[int]],
+    pad_id: int,
+    keep: int | None = None,
+) -> Passes:
+    """`x ++ <bot>`, `counts[b]` thoughts, then `tails[b]` per row: max(counts) + 1 passes.
+
+    `keep`: logits of the last `keep` positions only (default: the whole tail).
+    """
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prefixes, pad_id, device)  # (B, P)
+    pos = positions(mask)  # (B, P)
+    tail, tmask = _right_pad(tails, pad_id, device)  # (B, Lt)
+    Lt = tail.shape[1]
+    steps = torch.arange(Lt, device=device)  # (Lt,)
+    n = torch.tensor(counts, device=device)  # (B,)
+    n_max = max(counts, default=0)
+    if n_max == 0:  # no thought: one pass over the whole sequence, as the original
+        mask = torch.cat([mask, tmask], dim=1)  # (B, P + Lt)
+        tpos = pos[:, -1:] + 1 + steps  # (B, Lt)
+        out = model(
+            input_ids=torch.cat([ids, tail], dim=1),
+            attention_mask=mask,
+            position_ids=torch.cat([pos, tpos], dim=1),
+            cache=DynamicCache(),
+            use_cache=True,
+            logits_to_keep=keep or Lt,
+        )
+        return Passes(out.cache, mask, out.logits, tpos[:, 0] + tmask.sum(1), 1)
+    cache, mask, next_pos, last = _think(model, ids, mask, pos, n, n_max)
+    has = (n > 0).to(mask.dtype)  # (B,) rows with a last thought
+    slot = torch.zeros(len(counts), 1 + Lt, dtype=torch.bool, device=device)
+    slot[:, 0] = n > 0  # (B, 1 + Lt): where the last thought goes
+    mask = torch.cat([mask, has[:, None], tmask], dim=1)  # (B, P + n_max - 1 + 1 + Lt)
+    tpos = next_pos[:, None] + has[:, None] + steps  # (B, Lt)
+    with _feeding(model, slot, last):
+        out = model(
+            input_ids=torch.cat([tail[:, :1], tail], dim=1),  # slot 0: any id, replaced
+            attention_mask=mask,
+            position_ids=torch.cat([next_pos[:, None], tpos], dim=1),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=keep or Lt,
+        )
+    return Passes(out.cache, mask, out.logits, tpos[:, 0] + tmask.sum(1), n_max + 1)
 
 
 class Coconut(Method):
     name = "coconut"
-    writes_reasoning = True  # steps beyond the latent ones are still written before the marker
+    # the target after <eot> is `remaining steps ++ marker ++ answer`, as the original's
+    # `steps ++ "### " answer`; fully latent at the final stage, the marker still comes first
+    writes_reasoning = True
 
     def __init__(self, cfg: Config, tokenizer, mem: MemoryTokens | None = None):
         super().__init__(cfg, tokenizer, mem)
@@ -97,24 +190,74 @@ class Coconut(Method):
 
     # ---- training ----
     def plan(self, n_train: int, t_max: int) -> list[Stage]:
-        """One stage per k; the trainer resets optimizer and LR at each stage switch."""
+        """One Stage per optimizer: per epoch with `reset_optimizer`, else per k.
+
+        The trainer resets optimizer and LR schedule at each Stage; every Stage of the last
+        k may provide best/ (only it trains what inference runs).
+        """
         c, t = self.cfg.coconut, self.cfg.train
-        steps = steps_for(c.epochs_per_stage, c.steps_per_stage, n_train, t.batch_size)
-        ks = coconut_stages(c.max_stage, c.stage0)
-        return [Stage(f"stage{k}", i, steps, t.lr, t.dropout, {"k": k}) for i, k in enumerate(ks)]
+        bs = t.batch_size
+        per = steps_for(c.epochs_per_stage, c.steps_per_stage, n_train, bs)
+        total = (
+            None
+            if c.epochs is None and c.steps is None
+            else steps_for(c.epochs, c.steps, n_train, bs)
+        )
+        epoch = steps_for(1.0, None, n_train, bs) if c.reset_optimizer else None
+        spans = coconut_plan(c.max_stage, c.stage0, per, total, epoch)
+        if total is not None and spans[-1][0] <= c.max_stage:
+            n_stages = c.max_stage + int(c.stage0)
+            raise ConfigError(
+                f"coconut.epochs/steps: the run ({total} steps) ends before the latent stage "
+                f"(stages {0 if c.stage0 else 1}..{c.max_stage} take {per * n_stages}); raise "
+                "it, or set both null to stop after max_stage"
+            )
+        last_k = spans[-1][0]
+        seen: dict[int, int] = {}
+        stages = []
+        for i, (k, steps) in enumerate(spans):
+            j = seen[k] = seen.get(k, -1) + 1
+            name = f"stage{k}" if epoch is None else f"stage{k}.{j}"
+            opts = {"k": k, "selects_best": k == last_k}
+            stages.append(Stage(name, i, steps, t.lr, t.dropout, opts, c.warmup))
+        return stages
 
     def parts(self, ex: Example, k: int) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
-        """(`x ++ <bot>`, number of thoughts, target) for `ex` at stage k."""
-        latent = min(k, len(ex.steps))
-        n = self.cfg.coconut.thoughts_per_step * latent
-        target = self.cot_ids(ex, latent) + self.answer_ids(ex.answer)
-        return self.question_ids(ex.question) + (self.bot_id,), n, target
+        """(`x ++ <bot>`, number of thoughts, target) for `ex` at stage k.
+
+        As the original's `get_cot_latent_dataset`: stage k <= max_stage drops the first k
+        steps, a later stage drops all of them; thoughts c * min(k, max_stage), or with
+        `pad_latent_to_max: false` c * min(k, max_stage, T).
+        """
+        c = self.cfg.coconut
+        dropped = k if k <= c.max_stage else len(ex.steps)
+        latent = min(k, c.max_stage)
+        if not c.pad_latent_to_max:
+            latent = min(latent, len(ex.steps))
+        target = self.cot_ids(ex, dropped) + self.answer_ids(ex.answer)
+        return self.question_ids(ex.question) + (self.bot_id,), c.thoughts_per_step * latent, target
+
+    def layout(self, ex: Example, k: int) -> tuple[list[int], list[int]]:
+        """The training sequence and labels as the original's `dataset.py` builds them.
+
+        Thoughts as `<latent>` placeholders, EOS at the end, labels unshifted (IGNORE up to
+        `<eot>`): token i's label is predicted at position i - 1.
+        """
+        prefix, n, target = self.parts(ex, k)
+        head = list(prefix) + [self.thought_id] * n + [self.eot_id]
+        tail = list(target) + [self.eos_id]
+        return head + tail, [IGNORE] * len(head) + tail
 
     def segments(self, ex: Example, stage: Stage, progress: float) -> list[Segment]:
         """The sequence with placeholder thought tokens (for length checks and inspection)."""
         prefix, n, target = self.parts(ex, int(stage.options.get("k", 0)))
         x = Segment(prefix + (self.thought_id,) * n + (self.eot_id,))
         return [x, readout(target, 0, 1.0)]
+
+    def train_length(self, ex: Example, stage: Stage) -> int:
+        """Tokens of the training sequence, counted without laying it out (many Stages)."""
+        prefix, n, target = self.parts(ex, int(stage.options.get("k", 0)))
+        return len(prefix) + n + 1 + len(target)
 
     def loss(
         self,
@@ -128,28 +271,15 @@ class Coconut(Method):
         """Per-example mean target NLL, summed and divided by `num_examples` (as packed methods)."""
         k = int(stage.options.get("k", 0))
         prefixes, counts, targets = zip(*(self.parts(ex, k) for ex in examples))
-        state = think(model, list(prefixes), list(counts), self.pad_id)
-        B, Lt = len(examples), 1 + max(len(t) for t in targets)
-        ids = torch.full((B, Lt), self.pad_id, dtype=torch.long)
+        tails = [[self.eot_id, *t] for t in targets]  # <eot> predicts t_1, t_m predicts EOS
+        logits = run(model, list(prefixes), list(counts), tails, self.pad_id).logits  # (B, Lt, V)
+        B, Lt = logits.shape[:2]
         labels = torch.full((B, Lt), IGNORE, dtype=torch.long)
         weights = torch.zeros(B, Lt)
-        tmask = torch.zeros(B, Lt, dtype=state.mask.dtype)
         for b, t in enumerate(targets):
-            m = len(t)
-            ids[b, : m + 1] = torch.tensor((self.eot_id,) + t)
-            labels[b, : m + 1] = torch.tensor(t + (self.eos_id,))  # <eot> predicts t_1
-            weights[b, : m + 1] = 1.0 / (m + 1)
-            tmask[b, : m + 1] = 1
-        ids, labels, weights = ids.to(device), labels.to(device), weights.to(device)
-        mask = torch.cat([state.mask, tmask.to(device)], dim=1)  # (B, P + n_max + Lt)
-        pos = state.next_pos[:, None] + torch.arange(Lt, device=device)  # (B, Lt)
-        logits = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            cache=state.cache,
-            use_cache=True,
-        ).logits  # (B, Lt, V)
+            labels[b, : len(t) + 1] = torch.tensor(t + (self.eos_id,))
+            weights[b, : len(t) + 1] = 1.0 / (len(t) + 1)
+        labels, weights = labels.to(device), weights.to(device)
         nll = torch.nn.functional.cross_entropy(
             logits.float().reshape(B * Lt, -1),
             labels.reshape(-1),
@@ -169,21 +299,12 @@ class Coconut(Method):
 
     @torch.no_grad()
     def prefill(self, model, prompts: list[list[int]]) -> Prefill:
-        """Prefix, thoughts, then `<eot>`: greedy decoding continues from this cache."""
+        """Prefix, thoughts and `<eot>` in n + 1 passes: greedy decoding continues from here."""
         n = self.thoughts()
-        state = think(model, prompts, [n] * len(prompts), self.pad_id)
-        N, device = len(prompts), state.mask.device
-        ids = torch.full((N, 1), self.eot_id, dtype=torch.long, device=device)
-        mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)  # (N, P+n+1)
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=state.next_pos[:, None],
-            cache=state.cache,
-            use_cache=True,
+        out = run(
+            model, prompts, [n] * len(prompts), [[self.eot_id]] * len(prompts), self.pad_id, 1
         )
-        logits = out.logits[:, -1].float()  # (N, V)
-        return Prefill(out.cache, mask, logits, state.next_pos + 1, state.passes + 1)
+        return Prefill(out.cache, out.mask, out.logits[:, -1].float(), out.next_pos, out.passes)
 
     def meta(self) -> dict:
         c = self.cfg.coconut
