@@ -231,7 +231,7 @@ def test_loss_equals_the_original_forward(arch, attn, k):
             assert got.item() == pytest.approx(ref.item(), rel=1e-5)
             refs.append(ref.item())
         # a batch: the mean of per-example losses (the original averages over the batch's
-        # tokens instead; the same for one example, see docs/_baseline_coconut.md)
+        # tokens instead; the same for one example, see docs/baselines.md)
         got = m.loss(model, list(EXAMPLES.values()), stage(k), 0.0, len(EXAMPLES), CPU)
     assert got.item() == pytest.approx(sum(refs) / len(refs), rel=1e-5)
 

@@ -5,7 +5,7 @@ computed by rim.
 - Layout: the original trains on `' {q} <eos> ' + cot + ' <eos> ' + ans + ' <eos>'` (GPT-2
   tokens), supervises everything after the first <eos>, and removes `to_remove` tokens right
   after it (capped at the second <eos>). rim lays out `q`, then the readout
-  `cot[removed:] #### answer` and <eos>; the documented differences (docs/_baseline_icot.md)
+  `cot[removed:] #### answer` and <eos>; the documented differences (docs/baselines.md)
   are its separators only: no <eos> after the question or the CoT (the answer marker
   `####`, which the original also writes, ends the CoT) and no GPT-2 ' ' token before them.
 - Schedule: one more token every round(steps_per_epoch / remove_per_epoch) steps.

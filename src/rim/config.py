@@ -160,7 +160,7 @@ class EvalConfig:
 
 @dataclass
 class CoconutConfig:
-    """Coconut as its authors' code runs it (facebookresearch/coconut); docs/_baseline_coconut.md.
+    """Coconut as its authors' code runs it (facebookresearch/coconut); docs/baselines.md.
 
     Stage k <= max_stage replaces the first k steps by c * k thoughts; the epochs after
     stage max_stage train the fully latent stage (no language steps, c * max_stage thoughts).
@@ -195,7 +195,7 @@ class CoconutConfig:
 
 @dataclass
 class ICoTConfig:
-    """iCoT-SI as `da03/Internalize_CoT_Step_by_Step` trains it; docs/_baseline_icot.md."""
+    """iCoT-SI as `da03/Internalize_CoT_Step_by_Step` trains it; docs/baselines.md."""
 
     schedule: str = "step"  # step: +1 token every round(steps_per_epoch / remove_per_epoch)
     # optimizer steps, a fresh optimizer at each (the original); epoch: remove_per_epoch tokens

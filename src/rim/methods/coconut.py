@@ -1,4 +1,4 @@
-"""Coconut, continuous thoughts (Hao et al. 2024; METHOD.md section 6; docs/_baseline_coconut.md).
+"""Coconut, continuous thoughts (Hao et al. 2024; METHOD.md section 6; docs/baselines.md).
 
 Stage k replaces the first k reasoning steps by c*k *continuous thoughts*: the last-layer
 hidden state of the previous position is fed back as the next input embedding. A training

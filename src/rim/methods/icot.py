@@ -10,7 +10,7 @@ dropped once the count reaches `remove_all_when_remove_beyond`, and the loss ave
 batch's target tokens. The steps after full removal are one final stage, the only one that
 may provide `best/`. At inference the model writes whatever reasoning it still has before
 the answer marker. Differences and the keys that restore the old behaviour:
-docs/_baseline_icot.md.
+docs/baselines.md.
 """
 
 from __future__ import annotations
