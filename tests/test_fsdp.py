@@ -153,3 +153,20 @@ def test_fsdp_is_rims_not_accelerates(monkeypatch) -> None:
     assert fsdp.requested(False) and fsdp.requested(True)
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     assert not fsdp.requested(False) and fsdp.requested(True)
+
+
+def test_resume_refuses_another_sharding(tmp_path: Path, capsys) -> None:
+    """An FSDP checkpoint (one shard per process) is not resumed by an unsharded launch."""
+    from rim.checkpoint import write_manifest
+
+    from .test_errors import fails
+
+    cfg = recipe(tmp_path, curriculum={"stage1_steps": 1, "stage2_steps": 1})
+    run = tmp_path / "run"
+    rim_main("train", "--config", str(cfg), "--out", str(run))
+    ckpt = run / "checkpoints" / "step-00000002"
+    state = ckpt / "trainer_state.json"
+    state.write_text(state.read_text().replace('"sharded": false', '"sharded": true'))
+    write_manifest(ckpt, json.loads(state.read_text())["run_id"])  # a consistent checkpoint
+    line = fails(capsys, "train", "--resume", str(run))
+    assert "saved with FSDP, resumed without (launch it as before)" in line
