@@ -331,7 +331,8 @@ def test_accelerate_configs_parse() -> None:
     fsdp = load_config_from_file(str(ROOT / "configs/accelerate/fsdp.yaml"))
     assert ddp.distributed_type == DistributedType.MULTI_GPU and ddp.mixed_precision == "no"
     assert fsdp.distributed_type == DistributedType.FSDP
-    assert fsdp.fsdp_config["fsdp_use_orig_params"] is True  # optimizer built after wrapping
+    assert fsdp.fsdp_config["fsdp_version"] == 2  # rim.fsdp: per-parameter sharding (LoRA)
+    assert fsdp.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
 
 
 def test_cpu_launch_uses_gloo(monkeypatch) -> None:

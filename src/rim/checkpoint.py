@@ -38,6 +38,7 @@ import torch
 
 from rim.config import save_config
 from rim.errors import RimError
+from rim.fsdp import local
 from rim.io import os_error, remove, storage_error, write_bytes
 from rim.runs import read_run_id
 
@@ -49,23 +50,14 @@ METRICS = "metrics.jsonl"
 # ---------------------------------------------------------------- weights and RNG
 
 
-def _sharded(acc) -> bool:
-    from accelerate.utils import DistributedType
-
-    return acc.distributed_type == DistributedType.FSDP
-
-
-def _suffix(acc) -> str:
-    return f"-{acc.process_index}" if _sharded(acc) else ""
+def _suffix(trainer) -> str:
+    """Sharded (FSDP) runs write one weights/optimizer file per process."""
+    return f"-{trainer.acc.process_index}" if trainer.sharded else ""
 
 
 def _trainable(model) -> dict[str, torch.nn.Parameter]:
     """Trainable parameters by name (shared tensors such as tied embeddings appear once)."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t  # FSDP2 DTensor -> this rank's shard
 
 
 def _torch_bytes(obj) -> bytes:
@@ -76,7 +68,7 @@ def _torch_bytes(obj) -> bytes:
 
 
 def _save_weights(model, file: Path) -> None:
-    state = {n: _local(p).detach().cpu().contiguous() for n, p in _trainable(model).items()}
+    state = {n: local(p).detach().cpu().contiguous() for n, p in _trainable(model).items()}
     write_bytes(file, safetensors.torch.save(state))
 
 
@@ -98,13 +90,13 @@ def _load_weights(model, file: Path) -> None:
         )
     with torch.no_grad():
         for name, p in params.items():
-            local = _local(p)
-            if local.shape != saved[name].shape:
+            mine = local(p)
+            if mine.shape != saved[name].shape:
                 raise RimError(
                     f"--resume {file.parent}: {name} has shape {tuple(saved[name].shape)}, "
-                    f"the model of this recipe {tuple(local.shape)}"
+                    f"the model of this recipe {tuple(mine.shape)}"
                 )
-            local.copy_(saved[name])
+            mine.copy_(saved[name])
 
 
 def _torch_load(file: Path):
@@ -236,6 +228,7 @@ def _state(trainer, acc) -> dict:
         "cursor": trainer.stream.cursor,
         "best": trainer.best,
         "num_processes": acc.num_processes,
+        "sharded": trainer.sharded,
         "run_id": trainer.run_id,
         "branch": trainer.branch,
     }
@@ -250,8 +243,8 @@ def _write_files(trainer, tmp: Path) -> None:
         "optimizer": opt.state_dict() if opt is not None else None,
         "scheduler": trainer.scheduler.state_dict() if opt is not None else None,
     }
-    if _sharded(acc) or acc.is_main_process:
-        sfx = _suffix(acc)
+    if trainer.sharded or acc.is_main_process:
+        sfx = _suffix(trainer)
         _save_weights(acc.unwrap_model(trainer.model), tmp / f"weights{sfx}.safetensors")
         write_bytes(tmp / f"optimizer{sfx}.pt", _torch_bytes(opt_state))
 
@@ -409,7 +402,10 @@ def load_state(trainer, folder: Path) -> Path:
             f"--resume {ckpt}: saved with {state['num_processes']} processes, "
             f"resumed with {acc.num_processes}"
         )
-    sfx = _suffix(acc)
+    if state.get("sharded", False) != trainer.sharded:
+        saved, now = ("with" if x else "without" for x in (state.get("sharded"), trainer.sharded))
+        raise RimError(f"--resume {ckpt}: saved {saved} FSDP, resumed {now} (launch it as before)")
+    sfx = _suffix(trainer)
     _load_weights(acc.unwrap_model(trainer.model), ckpt / f"weights{sfx}.safetensors")
     opt_state = _torch_load(ckpt / f"optimizer{sfx}.pt")
     rng = _torch_load(ckpt / f"rng-{acc.process_index}.pt")

@@ -130,6 +130,7 @@ class TrainConfig:
     keep_last: int = 2  # resumable checkpoints kept
     mixed_precision: str | bool = "no"  # no | bf16 (accelerate autocast, fp32 master weights)
     threads: int | None = None  # torch CPU threads; None = torch default
+    fsdp: bool = False  # shard weights, gradients, AdamW state over processes (rim.fsdp)
 
     def __post_init__(self) -> None:
         if self.mixed_precision is False:  # YAML reads a bare `no` as false

@@ -30,11 +30,10 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from rim import progress, runs
+from rim import fsdp, progress, runs
 from rim.config import Config, save_config
 from rim.curriculum import Stage, stage_progress, warmup_constant
 from rim.data import Example, load_split
@@ -205,7 +204,10 @@ class Trainer:
         self.cfg = setup.cfg
         self.out = Path(out)
         self.acc = accelerator or make_accelerator(self.cfg.train.mixed_precision)
-        self.model = self.acc.prepare_model(setup.model)
+        if fsdp.requested(self.cfg.train.fsdp) and self.acc.num_processes > 1:
+            self.model = fsdp.shard(setup.model, self.acc.device)
+        else:
+            self.model = self.acc.prepare_model(setup.model)
         self.plan = setup.method.plan(len(setup.train), _t_max(setup.train))
         self.stream = ExampleStream(len(setup.train), self.cfg.train.seed)
         self.stage_index, self.step_in_stage, self.global_step = 0, 0, 0
@@ -217,7 +219,10 @@ class Trainer:
         self.superseded = False  # the abandoned branch's later outputs moved aside
         self.stop_signal: str | None = None
         # FSDP shards the weights: forward passes and weight gathering need every process
-        self.sharded = self.acc.distributed_type == DistributedType.FSDP
+        self.sharded = fsdp.is_sharded(self.model)
+        n = self.acc.num_processes
+        if self.sharded and self.cfg.train.batch_size % n:  # every process: the same passes
+            raise RimError(f"train.batch_size: must be a multiple of the {n} FSDP processes")
 
     # ---- state ----
     def _new_optimizer(self, stage: Stage) -> None:
@@ -247,7 +252,7 @@ class Trainer:
 
     def _save_model(self, name: str) -> None:
         """`final/` or `best/` (a collective call under FSDP: every process gathers)."""
-        full = self.acc.get_state_dict(self.model) if self.sharded else None
+        full = fsdp.full_state_dict(self.model) if self.sharded else None
         if self.main:
             model = self.acc.unwrap_model(self.model)
             save_model(self.s, model, self.out / name, full, self._run_info())
@@ -279,7 +284,7 @@ class Trainer:
             total = self.acc.reduce(torch.tensor(total, device=self.acc.device), "sum").item()
         # the norm is also the overflow check (a finite loss can still give inf gradients)
         norm = self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
-        norm = float(norm) if norm is not None else 0.0
+        norm = float(fsdp.replicated(norm)) if norm is not None else 0.0
         if not (math.isfinite(total) and math.isfinite(norm)):  # before the update: the
             from rim.checkpoint import find_latest  # weights and checkpoints stay good
 
@@ -418,6 +423,8 @@ class Trainer:
             timing_examples=0,
             progress=False,
         )
+        if self.sharded:
+            fsdp.reshard(self.model)
         acc = res["accuracy"]
         self.log(
             {
@@ -451,10 +458,18 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     then each process would train alone and all of them would write the run folder. So a
     multi-process launch without a GPU runs DDP on CPU over gloo (no NCCL needed).
     bf16 is autocast with fp32 master weights; the model is never cast for training.
+    FSDP (configs/accelerate/fsdp.yaml) is rim's own (rim.fsdp), so accelerate is kept out
+    of it: its FSDP2 wants one model and one optimizer prepared together, rim builds an
+    optimizer per stage, and on a CPU accelerate silently runs DDP instead.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    return Accelerator(mixed_precision=mixed_precision, cpu=world > 1 and not gpu)
+    asked = os.environ.pop("ACCELERATE_USE_FSDP", None)
+    try:
+        return Accelerator(mixed_precision=mixed_precision, cpu=world > 1 and not gpu)
+    finally:
+        if asked is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = asked
 
 
 class _null:
