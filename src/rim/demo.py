@@ -453,7 +453,7 @@ def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
         "wall time per run (validation included).",
         "",
         f"Machine: {m['summary']}. Demo wall time: {res['wall_s'] / 60:.1f} min. "
-        "Training is reproducible on one CPU model, not across models (float summation "
+        "Training is reproducible on one machine, not across machines (float summation "
         "order differs), so accuracies from another CPU differ by run-to-run noise.",
         "",
         f"Command: `{res['command']}`",
