@@ -74,18 +74,29 @@ def test_rim_reaches_90_percent_on_held_out_examples(trained):
 
 @pytest.mark.slow
 def test_generate_all_blocks_from_the_cli(trained):
+    """`rim generate` prints what `Reasoner.generate` answers, in its documented layout.
+
+    Which digits a barely trained model gets right depends on the machine (float sums in
+    another order train slightly other weights), so the test holds the CLI to the library,
+    not to one machine's answers; learning itself is the test above.
+    """
+    from rim.decoding import Reasoner
+
+    questions = ["7 3 9 1 4", "5 0 2 8 6", "1 9 9 4 4"]
+    reasoner = Reasoner.load(str(trained / "best"))
+    per_block = reasoner.generate(questions[:1], all_blocks=True)[0]
+    finals = reasoner.generate(questions[1:])
     r = _rim(
-        "generate", "--checkpoint", str(trained / "best"), "--all-blocks", "7 3 9 1 4", cwd=ROOT
+        "generate", "--checkpoint", str(trained / "best"), "--all-blocks", questions[0], cwd=ROOT
     )
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
-    assert lines[0] == "7 3 9 1 4"
+    assert lines[0] == questions[0]
     assert [line.split(":")[0].strip() for line in lines[1:]] == ["block 1", "block 2"]
-    # digits 2 and 4; the built tokenizer keeps no whitespace, so its decoder joins digit
-    # runs (`21`, not `2 1`) and a two-digit answer prints as the evaluator compares it
-    assert lines[-1].split(":", 1)[1].strip() == "31"
-    r = _rim("generate", "--checkpoint", str(trained / "best"), "5 0 2 8 6", "1 9 9 4 4", cwd=ROOT)
-    assert r.stdout.split() == ["08", "94"]
+    assert [line.split(":", 1)[1].strip() for line in lines[1:]] == per_block
+    r = _rim("generate", "--checkpoint", str(trained / "best"), *questions[1:], cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines() == finals
 
 
 def test_unknown_config_key_is_one_line_exit_2(tmp_path):
