@@ -33,6 +33,20 @@ TINY_RECIPE = {
 }
 
 
+def recipe_file(base: dict, folder: Path, name: str = "recipe.yaml", **sections) -> Path:
+    """`base` with `sections` merged in (one level deep), written to `folder/name` as YAML."""
+    import copy
+
+    import yaml
+
+    data = copy.deepcopy(base)
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    path = folder / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 def make_setup(method: str = "rim", arch: str = "llama", attn: str = "sdpa", **cfg_over):
     """(cfg, tokenizer, model, method) for a tiny model on the `chain` task."""
     from rim.config import Config, ModelConfig

@@ -14,16 +14,16 @@ import math
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 # the shared tiny recipe, smaller still: these runs only need to start (or fail) quickly
-from .conftest import TINY_RECIPE
+from .conftest import TINY_RECIPE, recipe_file
 
 RECIPE = copy.deepcopy(TINY_RECIPE)
 RECIPE["data"]["train"]["size"], RECIPE["data"]["valid"]["size"] = 32, 8
@@ -36,13 +36,7 @@ def _quiet(monkeypatch):
     monkeypatch.setenv("RIM_NO_PROGRESS", "1")
 
 
-def write_recipe(folder: Path, name: str = "recipe.yaml", **sections) -> Path:
-    data = json.loads(json.dumps(RECIPE))
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    path = folder / name
-    path.write_text(yaml.safe_dump(data))
-    return path
+write_recipe = partial(recipe_file, RECIPE)
 
 
 def rim_main(*args: str) -> None:

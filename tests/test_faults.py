@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from .conftest import TINY_RECIPE
+from .conftest import TINY_RECIPE, recipe_file
 
 RECIPE = copy.deepcopy(TINY_RECIPE)
 RECIPE["data"]["train"]["size"], RECIPE["data"]["valid"]["size"] = 32, 8
@@ -36,13 +37,7 @@ def _quiet(monkeypatch):
     monkeypatch.setenv("RIM_NO_PROGRESS", "1")
 
 
-def write_recipe(folder: Path, name: str = "recipe.yaml", **sections) -> Path:
-    data = copy.deepcopy(RECIPE)
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    path = folder / name
-    path.write_text(yaml.safe_dump(data))
-    return path
+write_recipe = partial(recipe_file, RECIPE)
 
 
 def rim_main(*args: str) -> None:

@@ -6,7 +6,6 @@ The two end-to-end tests launch real processes the way a user does (`accelerate 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -14,16 +13,16 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from .conftest import TINY_RECIPE
+from .conftest import TINY_RECIPE, recipe_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,17 +30,7 @@ BASE = TINY_RECIPE
 TIMING = ("examples_per_s", "train_s")
 
 
-def recipe(folder: Path, name: str = "recipe.yaml", **sections) -> Path:
-    """BASE with `sections` merged in (one level deep), written to `folder/name`."""
-    data = copy.deepcopy(BASE)
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            data.setdefault(key, {}).update(value)
-        else:
-            data[key] = value
-    path = folder / name
-    path.write_text(yaml.safe_dump(data))
-    return path
+recipe = partial(recipe_file, BASE)
 
 
 def env() -> dict:
