@@ -52,7 +52,7 @@ def make_setup(method: str = "rim", arch: str = "llama", attn: str = "sdpa", **c
     from rim.config import Config, ModelConfig
     from rim.data import generate
     from rim.memory import memory_tokens
-    from rim.methods import method_class
+    from rim.methods import build
     from rim.model import build_model, build_tokenizer, resize_for
 
     cfg = Config(method=method, model=ModelConfig(arch=arch, size="tiny", attn_implementation=attn))
@@ -63,12 +63,13 @@ def make_setup(method: str = "rim", arch: str = "llama", attn: str = "sdpa", **c
     texts = [e.question for e in examples] + [s for e in examples for s in e.steps]
     texts += [e.answer for e in examples] + [cfg.eval.answer_marker]
     tok = build_tokenizer(texts)
-    mem = memory_tokens(tok, cfg.memory)
+    memory_tokens(tok, cfg.memory)  # every method's vocabulary holds the block tokens
+    method_ = build(cfg, tok)
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab_size=len(tok), max_positions=512)
     resize_for(model, tok)
     model.eval()
-    return cfg, tok, model, method_class(method)(cfg, tok, mem)
+    return cfg, tok, model, method_
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import pytest
 
 from rim import bench
 from rim.curriculum import Stage
+from rim.methods.rim import Grounding
 
 Q, COT, ANS, THOUGHTS = 12, 5, 3, 4
 
@@ -125,7 +126,7 @@ def test_naive_per_readout_loss_equals_packed_loss(tiny):
     """The naive alternative computes the same loss and gradients, with K passes instead of one."""
     rim = bench.make_method("rim", tiny.tokenizer, blocks=5, never_stop=False)
     exs = bench.gsm8k_like(3, question_tokens=15, steps=4, step_tokens=4, seed=1)
-    s1 = Stage("stage1", 0, 1, 1e-3, None, {"kind": "grounding", "t_max": 4})
+    s1 = Stage("stage1", 0, 1, 1e-3, None, Grounding(4))
     model = tiny.model.eval()
     batches = bench.naive_batches(rim, exs, s1, 0.3)
     assert len(batches) == 4  # steps 2-4 and the answer: step 1 has faded out at p = 0.3
@@ -173,12 +174,12 @@ def test_any_block_ratio_is_finite(tiny):
 
 def test_any_block_branches_match_separate_runs(tiny):
     """Branch k of the shared any-block decode sees exactly `x ++ m_1..m_k` (left padding too)."""
-    from rim.decoding import decode
+    from rim.decoders import decode
 
     m = bench.make_method("rim", tiny.tokenizer, blocks=3)
     K = 3
     texts = [bench.question_text(tiny.tokenizer, n, seed=n) for n in (4, 9)]
-    any_out = decode(m, tiny.model, texts, all_blocks=True)
+    any_out = decode(m, tiny.model, texts, "all-blocks")
     for k in range(1, K + 1):
         one = decode(m, tiny.model, texts, blocks=k)
         assert [any_out.tokens[b * K + k - 1] for b in range(2)] == one.tokens

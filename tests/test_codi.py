@@ -33,7 +33,7 @@ def naive_greedy(model, m, question: str, steps: int) -> list[int]:
     """No cache: every latent re-runs the whole sequence of embeddings."""
     emb = model.get_input_embeddings()
     E = emb(torch.tensor([m.prompt(question)]))  # (1, P, D)
-    for _ in range(m.cfg.codi.latents):
+    for _ in range(m.settings.latents):
         h = model(inputs_embeds=E, output_hidden_states=True).hidden_states[-1][:, -1:]
         E = torch.cat([E, m.project(h)], dim=1)
     E = torch.cat([E, emb(torch.tensor([[m.eot_id]]))], dim=1)
@@ -49,7 +49,7 @@ def naive_greedy(model, m, question: str, steps: int) -> list[int]:
 
 @pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("gpt2", "eager")])
 def test_decode_matches_naive_loop_with_n_plus_1_passes(arch, attn):
-    from rim.decoding import decode
+    from rim.decoders import decode
 
     cfg, _, model, m = codi_setup(arch, attn, codi__latents=3, eval__max_new_tokens=2)
     qs = ["3 + 4", "9 - 1 + 5 + 2"]  # different lengths: left padding
@@ -115,7 +115,8 @@ def test_training_lowers_the_loss_and_saves_the_projection(run):
 
 @pytest.mark.slow
 def test_checkpoint_answers_through_the_cli(run, capsys):
-    from rim.decoding import Reasoner, decode
+    from rim.decoders import decode
+    from rim.reasoner import Reasoner
 
     best = run / "run" / "best"
     r = Reasoner.load(str(best))
@@ -135,9 +136,10 @@ def test_checkpoint_answers_through_the_cli(run, capsys):
 @pytest.mark.slow
 def test_lora_run_freezes_the_new_rows_and_reloads(tmp_path):
     """model.path + LoRA: the adapter, the projection file; <bot>/<eot> rows stay frozen."""
+    from rim.assembly import assemble
     from rim.config import load_config
-    from rim.decoding import Reasoner
-    from rim.trainer import Trainer, build
+    from rim.reasoner import Reasoner
+    from rim.trainer import Trainer
 
     from .test_export import make_base
 
@@ -145,7 +147,7 @@ def test_lora_run_freezes_the_new_rows_and_reloads(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(RECIPE))
     over = [f"model.path={base}", "model.lora_rank=4", "model.lora_alpha=8", "train.steps=2"]
-    setup = build(load_config(recipe, over + ["train.save_every=0"]), log=lambda *a: None)
+    setup = assemble(load_config(recipe, over + ["train.save_every=0"]), log=lambda *a: None)
     trainable = [n for n, p in setup.model.named_parameters() if p.requires_grad]
     assert any(PROJECTION in n for n in trainable) and any("lora_" in n for n in trainable)
     assert not any("trainable_tokens" in n for n in trainable)

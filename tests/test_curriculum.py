@@ -230,18 +230,22 @@ def test_stage_progress():
         stage_progress(0, 0)
 
 
-def test_stage_is_frozen_with_read_only_options():
-    opts = {"kind": "grounding"}
-    s = Stage("stage1", 0, 100, 1e-4, None, opts)
-    opts["kind"] = "changed"
-    assert s.options["kind"] == "grounding"
-    with pytest.raises(TypeError):
-        s.options["kind"] = "x"  # type: ignore[index]
+def test_stage_is_frozen_with_a_frozen_payload():
+    from dataclasses import FrozenInstanceError
+
+    from rim.methods.rim import Grounding
+
+    s = Stage("stage1", 0, 100, 1e-4, None, Grounding(3))
+    assert s.payload.t_max == 3
+    with pytest.raises(FrozenInstanceError):
+        s.payload.t_max = 4  # type: ignore[misc]
     with pytest.raises(AttributeError):
         s.steps = 3  # type: ignore[misc]
-    assert Stage("direct", 0, 1, 1e-3).options == {}
+    assert Stage("direct", 0, 1, 1e-3).payload is None
     hash(s)
-    assert s == Stage("stage1", 0, 100, 1e-4, None, {"kind": "grounding"})
+    assert s == Stage("stage1", 0, 100, 1e-4, None, Grounding(3))
+    with pytest.raises(ConfigError, match="payload must be immutable"):
+        Stage("stage1", 0, 100, 1e-4, None, {"kind": "grounding"})
 
 
 @pytest.mark.parametrize(

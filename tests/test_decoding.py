@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rim.decoding import decode
+from rim.decoders import decode
 
 from .conftest import make_setup
 
@@ -24,9 +24,10 @@ def _naive(model, ids: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_batched_cached_decode_equals_naive_loop(arch):
-    cfg, tok, model, method = make_setup("rim", arch, "sdpa", memory__blocks=3)
+    cfg, tok, model, method = make_setup(
+        "rim", arch, "sdpa", memory__blocks=3, eval__max_new_tokens=5
+    )
     method.eos_id = -1  # a random model rarely says EOS: decode the full budget
-    cfg.eval.max_new_tokens = 5
     out = decode(method, model, QUESTIONS)
     for q, got in zip(QUESTIONS, out.tokens):
         assert got == _naive(model, method.prompt(q), 5)
@@ -35,10 +36,11 @@ def test_batched_cached_decode_equals_naive_loop(arch):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
 def test_any_block_branches_equal_separate_runs_with_k_blocks(arch):
-    cfg, tok, model, method = make_setup("rim", arch, "sdpa", memory__blocks=4)
+    cfg, tok, model, method = make_setup(
+        "rim", arch, "sdpa", memory__blocks=4, eval__max_new_tokens=4
+    )
     method.eos_id = -1
-    cfg.eval.max_new_tokens = 4
-    shared = decode(method, model, QUESTIONS, all_blocks=True)
+    shared = decode(method, model, QUESTIONS, "all-blocks")
     K = 4
     assert len(shared.tokens) == K * len(QUESTIONS)
     for k in range(1, K + 1):

@@ -267,9 +267,9 @@ def test_resume_and_export_paths(tmp_path: Path, capsys) -> None:
 
 def test_nan_loss_stops_names_step_and_keeps_last_good_checkpoint(tmp_path: Path, capsys):
     """lr = 1e30 blows the weights up after step 1; step 2's gradients overflow."""
-    from rim.checkpoint import load_state
+    from rim.assembly import assemble
     from rim.config import load_config
-    from rim.trainer import Trainer, build
+    from rim.trainer import Trainer
 
     cfg = write_recipe(tmp_path, train={"lr": 1.0e30, "save_every": 1, "keep_last": 5})
     run = tmp_path / "run"
@@ -282,9 +282,9 @@ def test_nan_loss_stops_names_step_and_keeps_last_good_checkpoint(tmp_path: Path
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000001"]
     losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 1 and all(math.isfinite(x) for x in losses)
-    trainer = Trainer(build(load_config(cfg), log=lambda *a: None), tmp_path / "reload")
-    assert load_state(trainer, good) == good  # loadable
-    assert trainer.global_step == 1
+    trainer = Trainer(assemble(load_config(cfg), log=lambda *a: None), tmp_path / "reload")
+    assert trainer.resume(good) == good  # loadable
+    assert trainer.state.global_step == 1
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 

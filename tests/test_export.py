@@ -118,7 +118,7 @@ def plain_transformers(folder: Path) -> dict:
 
 
 def check_export(checkpoint: Path, out: Path, capsys) -> tuple[object, object]:
-    from rim.decoding import Reasoner
+    from rim.reasoner import Reasoner
 
     rim_main("export", "--checkpoint", str(checkpoint), "--out", str(out))
     names = {p.name for p in out.iterdir()}
@@ -134,7 +134,7 @@ def check_export(checkpoint: Path, out: Path, capsys) -> tuple[object, object]:
     meta = json.loads((out / "rim.json").read_text())
     assert (meta["blocks"], meta["mem_tokens"], meta["method"]) == (3, 2, "rim")
     assert meta["template_tokenizes_exactly"] is True
-    from rim.decoding import decode
+    from rim.decoders import decode
 
     expected = rim_generate(checkpoint, capsys)
     got = plain_transformers(out)
@@ -174,12 +174,13 @@ def test_export_lora_merges_and_answers_like_rim_generate(runs, capsys) -> None:
 
 def test_pretrained_training_changes_only_new_token_rows(runs, tmp_path) -> None:
     """LoRA run: embedding and (tied) output rows of the old vocabulary stay bit-identical."""
+    from rim.assembly import assemble
     from rim.config import load_config
-    from rim.trainer import Trainer, build
+    from rim.trainer import Trainer
 
     recipe = runs["root"] / "recipe.yaml"
     cfg = load_config(recipe, [f"model.path={runs['base']}", "model.lora_rank=4", "train.lr=0.05"])
-    setup = build(cfg, log=lambda *a: None)
+    setup = assemble(cfg, log=lambda *a: None)
     model = setup.model
     V, H = len(setup.tokenizer), model.config.hidden_size
     new = torch.arange(runs["vocab"], V)

@@ -172,7 +172,7 @@ def test_resumed_branch_supersedes_the_abandoned_one(tmp_path, capsys, monkeypat
 
     def crash_after_6(self):
         original(self)
-        if self.global_step == 6:
+        if self.state.global_step == 6:
             raise Crash
 
     monkeypatch.setattr(Trainer, "save_resumable", crash_after_6)

@@ -18,7 +18,8 @@ from transformers import DynamicCache
 from rim.curriculum import Stage
 from rim.data import Example
 from rim.layout import IGNORE
-from rim.methods.coconut import Coconut
+from rim.methods import build
+from rim.methods.coconut import Coconut, Latent
 
 from .conftest import make_setup
 
@@ -50,16 +51,16 @@ ORIGINAL_PASSES = {0: 1, 1: 3, 2: 5, 3: 5}
 
 
 def coconut_setup(arch: str = "llama", attn: str = "sdpa", **over):
-    from rim.memory import add_special_tokens
+    from rim.methods import build
     from rim.model import resize_for
 
     over = {"coconut__thoughts_per_step": 2, "coconut__max_stage": 2} | over
     cfg, tok, model, _ = make_setup("cot", arch, attn, **over)
     cfg.method = "coconut"
-    add_special_tokens(tok, Coconut.new_tokens(cfg))
+    m = build(cfg, tok)
     torch.manual_seed(1)
     resize_for(model, tok)
-    return cfg, tok, model, Coconut(cfg, tok)
+    return cfg, tok, model, m
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def original_layout(m: Coconut, name: str, k: int) -> tuple[list[int], list[int]
 
 
 def stage(k: int) -> Stage:
-    return Stage(f"stage{k}", 0, 1, 1e-3, None, {"k": k})
+    return Stage(f"stage{k}", 0, 1, 1e-3, None, Latent(k))
 
 
 # ---------------------------------------------------------------- layout
@@ -130,14 +131,15 @@ def test_plan_follows_the_epoch_loop(coco):
     c = cfg.coconut
     c.epochs_per_stage, c.steps_per_stage, c.epochs, c.steps = 2.0, None, 9.0, None
     cfg.train.batch_size = 5
+    m = build(cfg, m.tokenizer)
     plan = m.plan(10, 3)  # 2 optimizer steps per epoch
     # epochs 0..8 -> stages 0 0 1 1 2 2 3 3 4; stages 3 and 4 both drop every step (k = 3)
-    assert [s.options["k"] for s in plan] == [0, 0, 1, 1, 2, 2, 3, 3, 3]
+    assert [s.payload.k for s in plan] == [0, 0, 1, 1, 2, 2, 3, 3, 3]
     assert [s.steps for s in plan] == [2] * 9
     assert all(s.warmup == 0.0 for s in plan)
-    assert [s.options["selects_best"] for s in plan] == [False] * 6 + [True] * 3
+    assert [s.selects_best for s in plan] == [False] * 6 + [True] * 3
     c.reset_optimizer = False
-    assert [(s.options["k"], s.steps) for s in m.plan(10, 3)] == [(0, 4), (1, 4), (2, 4), (3, 6)]
+    assert [(s.payload.k, s.steps) for s in m.plan(10, 3)] == [(0, 4), (1, 4), (2, 4), (3, 6)]
 
 
 @pytest.mark.parametrize(
@@ -157,10 +159,10 @@ def test_recipes_train_the_originals_epochs(recipe, ks):
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / recipe)
     _, tok, _, _ = coconut_setup()
     c = cfg.coconut
-    m = Coconut(cfg, tok)
+    m = build(cfg, tok)
     plan = m.plan(1280, 6)  # 10 optimizer steps an epoch at the original's batch of 128
     assert cfg.train.batch_size == 128 and all(s.steps == 10 for s in plan)
-    assert [s.options["k"] for s in plan] == ks
+    assert [s.payload.k for s in plan] == ks
     assert all(s.warmup == 0.0 and s.lr == 1e-4 for s in plan)
     assert (c.pad_latent_to_max, c.reset_optimizer, cfg.train.weight_decay) == (True, True, 0.01)
     assert (cfg.model.full_finetune, cfg.train.mixed_precision, cfg.train.grad_clip) == (
@@ -285,6 +287,6 @@ def test_demo_counts_the_steps_the_plan_trains(quick):
     sets = [f"{k}={json.dumps(v)}" for k, v in QUICK.items()] if quick else []
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/demo/coconut.yaml", sets)
     _, tok, _, _ = coconut_setup()
-    plan = Coconut(cfg, tok).plan(cfg.data.train.size, 8)
+    plan = build(cfg, tok).plan(cfg.data.train.size, 8)
     assert sum(s.steps for s in plan) == _total_steps(cfg) == cfg.train.steps
-    assert plan[-1].options["k"] == cfg.coconut.max_stage + 1  # the fully latent stage
+    assert plan[-1].payload.k == cfg.coconut.max_stage + 1  # the fully latent stage

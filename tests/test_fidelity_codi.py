@@ -23,8 +23,7 @@ from torch import nn
 
 from rim.curriculum import Stage
 from rim.data import Example
-from rim.memory import add_special_tokens
-from rim.methods.codi import CODI
+from rim.methods import build
 
 from .conftest import make_setup
 
@@ -49,10 +48,9 @@ def codi_setup(arch: str = "llama", attn: str = "sdpa", **over):
 
     cfg, tok, model, _ = make_setup("cot", arch, attn, eval__answer_marker=MARKER, **over)
     cfg.method = "codi"
-    add_special_tokens(tok, CODI.new_tokens(cfg))
+    m = build(cfg, tok)
     torch.manual_seed(1)
     resize_for(model, tok)
-    m = CODI(cfg, tok)
     model = m.attach(model)
     torch.manual_seed(2)
     with torch.no_grad():  # a non-trivial LayerNorm (default init is 1 / 0)

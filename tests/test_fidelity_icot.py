@@ -25,7 +25,8 @@ from rim.config import Config
 from rim.curriculum import Stage, icot_offset, icot_offset_probs
 from rim.data import Example, read_examples
 from rim.layout import IGNORE, pack
-from rim.methods.icot import ICoT
+from rim.methods import build
+from rim.methods.icot import ICoT, Removal
 
 from .conftest import make_setup
 
@@ -80,7 +81,7 @@ def gpt2_like_tokenizer():
 
 
 def rim_layout(m: ICoT, ex: Example, removed: int | None) -> tuple[list[str], list[str]]:
-    st = Stage("s", 0, 1, 1e-3, None, {"removed": removed or 0, "all": removed is None})
+    st = Stage("s", 0, 1, 1e-3, None, Removal(removed or 0, removed is None))
     p = pack(m.segments(ex, st, 0.0), m.eos_id)
     names = [t.replace("Ġ", "G") for t in m.tokenizer.convert_ids_to_tokens(p.input_ids)]
     first = next(i for i, label in enumerate(p.labels) if label != IGNORE)
@@ -93,7 +94,7 @@ def rim_layout(m: ICoT, ex: Example, removed: int | None) -> tuple[list[str], li
 def icot() -> ICoT:
     cfg = Config(method="icot")
     cfg.icot.removal_smoothing_lambda = None  # the layout without offsets
-    return ICoT(cfg, gpt2_like_tokenizer())
+    return build(cfg, gpt2_like_tokenizer())
 
 
 @pytest.mark.parametrize("removed", [0, 8, 16, None])
@@ -119,10 +120,10 @@ def test_the_cot_keeps_its_plus_tokens(icot: ICoT, shared_data) -> None:
 
 
 def removal_per_step(cfg: Config, n_train: int) -> list[int | str]:
-    m = ICoT(cfg, gpt2_like_tokenizer())
+    m = build(cfg, gpt2_like_tokenizer())
     out: list[int | str] = []
     for s in m.plan(n_train, 3):
-        out += ["all" if s.options["all"] else s.options["removed"]] * s.steps
+        out += ["all" if s.payload.all else s.payload.removed] * s.steps
     return out
 
 
@@ -152,9 +153,9 @@ def test_a_fresh_optimizer_without_warmup_at_every_increment() -> None:
     cfg.train.batch_size, cfg.train.steps = 8, 12
     cfg.icot.remove_all_when_remove_beyond = 3
     cfg.icot.remove_per_epoch = 4
-    plan = ICoT(cfg, gpt2_like_tokenizer()).plan(80, 3)
+    plan = build(cfg, gpt2_like_tokenizer()).plan(80, 3)
     # the original resets at steps 2, 4 and 6 (when the count rises) and never after
-    assert [s.options["start"] for s in plan] == [0, 2, 4, 6]
+    assert [s.payload.start for s in plan] == [0, 2, 4, 6]
     assert [s.warmup for s in plan] == [0.0] * 4 and plan[-1].steps == 6
 
 
@@ -175,8 +176,8 @@ def test_smoothing_applies_from_removal_zero(icot: ICoT) -> None:
     ex = Example("5 6 3 2 * 7 4 3 4", ("5 5 5 6 1", "0 0 6 4 9 0"), "5 5", " + ")
     cfg = Config(method="icot")
     cfg.icot.removal_smoothing_lambda = 0.7
-    m = ICoT(cfg, icot.tokenizer)
-    st = Stage("s", 0, 50, 1e-3, None, {"removed": 0, "all": False, "start": 0})
+    m = build(cfg, icot.tokenizer)
+    st = Stage("s", 0, 50, 1e-3, None, Removal(0, False, 0))
     got = [m.removal(ex, st, k / 50) for k in range(50)]
     assert min(got) == 0 and max(got) >= 2
     k = next(r for r in got if r > 0)
@@ -216,7 +217,7 @@ def test_loss_equals_the_originals_token_mean() -> None:
         Example("7 - 1 + 2", ("6", "8"), "8"),
         Example("4 - 4", (), "0"),
     ]
-    st = Stage("s", 0, 10, 1e-3, None, {"removed": 1, "all": False, "start": 30})
+    st = Stage("s", 0, 10, 1e-3, None, Removal(1, False, 30))
     seqs = []
     for ex in exs:
         q, cot, ans = m.question_ids(ex.question), m.cot_ids(ex), m.answer_ids(ex.answer)
@@ -244,6 +245,6 @@ def test_demo_step_count_is_the_plans() -> None:
     recipe = Path(__file__).resolve().parents[1] / "configs" / "demo" / "icot.yaml"
     for sets in ([], [f"{k}={v}" for k, v in QUICK.items()]):
         cfg = load_config(recipe, sets)
-        plan = ICoT(cfg, gpt2_like_tokenizer()).plan(cfg.data.train.size, 8)
+        plan = build(cfg, gpt2_like_tokenizer()).plan(cfg.data.train.size, 8)
         assert sum(s.steps for s in plan) == _total_steps(cfg)
-        assert plan[-1].options["all"] and len(plan) == 9  # 8 flags, then one final stage
+        assert plan[-1].payload.all and len(plan) == 9  # 8 flags, then one final stage

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from rim.curriculum import Stage
 from rim.data import Example
 from rim.layout import IGNORE, Segment, allowed, collate, pack
+from rim.methods.rim import Grounding, Refinement
 
 from .conftest import make_setup
 
@@ -30,7 +31,7 @@ def _plain_logits(model, ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["grounding", "refinement"])
 def test_packed_readouts_equal_plain_causal_runs(arch, attn, kind):
     cfg, tok, model, method = make_setup("rim", arch, attn, memory__blocks=3)
-    stage = Stage("s", 0, 1, 1e-3, None, {"kind": kind, "t_max": 3})
+    stage = Stage("s", 0, 1, 1e-3, None, Grounding(3) if kind == "grounding" else Refinement())
     seg_lists = [method.segments(ex, stage, 0.0) for ex in EXAMPLES]
     packed = [pack(s, method.eos_id) for s in seg_lists]
     assert len({len(p) for p in packed}) > 1  # really padded
@@ -63,7 +64,7 @@ def test_packed_readouts_equal_plain_causal_runs(arch, attn, kind):
 
 def test_labels_point_at_readout_targets():
     _, _, _, method = make_setup("rim", "llama", "sdpa", memory__blocks=2)
-    stage = Stage("s", 1, 1, 1e-3, None, {"kind": "refinement"})
+    stage = Stage("s", 1, 1, 1e-3, None, Refinement())
     p = pack(method.segments(EXAMPLES[1], stage, 0.0), method.eos_id)
     answer = list(method.answer_ids("2"))
     n_sup = sum(1 for label in p.labels if label != IGNORE)

@@ -80,14 +80,20 @@ def test_generate_all_blocks_from_the_cli(trained):
     another order train slightly other weights), so the test holds the CLI to the library,
     not to one machine's answers; learning itself is the test above.
     """
-    from rim.decoding import Reasoner
+    from rim.reasoner import Reasoner
 
     questions = ["7 3 9 1 4", "5 0 2 8 6", "1 9 9 4 4"]
     reasoner = Reasoner.load(str(trained / "best"))
-    per_block = reasoner.generate(questions[:1], all_blocks=True)[0]
+    per_block = reasoner.generate(questions[:1], decoder="all-blocks")[0]
     finals = reasoner.generate(questions[1:])
     r = _rim(
-        "generate", "--checkpoint", str(trained / "best"), "--all-blocks", questions[0], cwd=ROOT
+        "generate",
+        "--checkpoint",
+        str(trained / "best"),
+        "--decoder",
+        "all-blocks",
+        questions[0],
+        cwd=ROOT,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from rim.curriculum import Stage
 from rim.data import Example
 from rim.layout import Segment, collate, pack, weighted_loss
+from rim.methods import build
 from rim.methods.base import readout
-from rim.methods.coconut import Coconut
-from rim.methods.icot import ICoT
+from rim.methods.coconut import Coconut, Latent
+from rim.methods.icot import ICoT, Removal
 
 from .conftest import make_setup
 
@@ -27,20 +28,19 @@ EXAMPLES = [  # different question lengths and numbers of steps (3, 1, 0)
 
 
 def stage(k: int = 0, removed: int = 0) -> Stage:
-    return Stage("s", 0, 1, 1e-3, None, {"k": k, "removed": removed})
+    return Stage("s", 0, 1, 1e-3, None, Latent(k) if k else Removal(removed))
 
 
 def coconut_setup(arch: str = "llama", attn: str = "sdpa", **over):
-    """make_setup for Coconut: its three tokens are added, as `rim.trainer.build` does."""
-    from rim.memory import add_special_tokens
+    """make_setup for Coconut: its three tokens are added, as `rim.methods.build` does."""
     from rim.model import resize_for
 
     cfg, tok, model, _ = make_setup("cot", arch, attn, **over)
     cfg.method = "coconut"
-    add_special_tokens(tok, Coconut.new_tokens(cfg))
+    m = build(cfg, tok)
     torch.manual_seed(1)
     resize_for(model, tok)
-    return cfg, tok, model, Coconut(cfg, tok)
+    return cfg, tok, model, m
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +63,14 @@ def test_icot_plan_one_stage_per_removed_token():
     cfg.icot.remove_all_when_remove_beyond = 4
     plan = m.plan(16, 3)
     assert [s.steps for s in plan] == [2, 2, 2, 2, 4]
-    assert [s.options["removed"] for s in plan] == [0, 1, 2, 3, 4]
-    assert [s.options["all"] for s in plan] == [False] * 4 + [True]
-    assert [s.options["start"] for s in plan] == [0, 2, 4, 6, 8]
+    assert [s.payload.removed for s in plan] == [0, 1, 2, 3, 4]
+    assert [s.payload.all for s in plan] == [False] * 4 + [True]
+    assert [s.payload.start for s in plan] == [0, 2, 4, 6, 8]
     assert [s.index for s in plan] == [0, 1, 2, 3, 4]
     assert {s.warmup for s in plan} == {0.0}  # the original resets without warm-up
-    assert m.meta()["removed_tokens"] == 4 and m.meta()["removed_all"]
+    assert m.meta(plan)["removed_tokens"] == 4 and m.meta(plan)["removed_all"]
     cfg.icot.max_remove = 2  # ours: the count freezes, the steps after it are one stage
-    assert [(s.steps, s.options["removed"]) for s in m.plan(16, 3)] == [(2, 0), (2, 1), (8, 2)]
+    assert [(s.steps, s.payload.removed) for s in m.plan(16, 3)] == [(2, 0), (2, 1), (8, 2)]
 
 
 def test_icot_epoch_schedule_is_the_old_one():
@@ -79,14 +79,15 @@ def test_icot_epoch_schedule_is_the_old_one():
     cfg.icot.schedule, cfg.icot.remove_per_epoch, cfg.icot.warmup = "epoch", 3, None
     plan = m.plan(16, 3)  # 2 steps per epoch
     assert [s.steps for s in plan] == [2, 2, 1]
-    assert [s.options["removed"] for s in plan] == [0, 3, 6]
+    assert [s.payload.removed for s in plan] == [0, 3, 6]
     assert {s.warmup for s in plan} == {None}
-    assert m.meta()["removed_tokens"] == 6
+    assert m.meta(plan)["removed_tokens"] == 6
     cfg.icot.max_remove = 4
     cfg.train.steps, cfg.train.epochs = None, 3.0
+    m = build(cfg, m.tokenizer)
     plan = m.plan(16, 3)
     assert [s.steps for s in plan] == [2, 2, 2]
-    assert [s.options["removed"] for s in plan] == [0, 3, 4]
+    assert [s.payload.removed for s in plan] == [0, 3, 4]
 
 
 def test_icot_removes_tokens_from_the_left():
@@ -95,7 +96,7 @@ def test_icot_removes_tokens_from_the_left():
     ex = Example("9 + 9 - 3", ("18", "15"), "15")  # CoT tokens: 1 8 1 5
 
     def target(r: int, every: bool = False) -> list[str]:
-        st = Stage("s", 0, 1, 1e-3, None, {"removed": r, "all": every})
+        st = Stage("s", 0, 1, 1e-3, None, Removal(r, every))
         (x, out) = m.segments(ex, st, 0.0)
         assert tokens(tok, x.ids) == ["<bos>", "9", "+", "9", "-", "3"]
         return tokens(tok, out.ids)
@@ -111,7 +112,7 @@ def test_icot_smoothing_is_a_function_of_seed_step_and_example():
     cfg, _, model, m = make_setup("icot", train__batch_size=4)
     cfg.icot.removal_smoothing_lambda = 0.5  # large offsets, so they show
     exs = [Example(f"{i} + 1", (str(i + 1), "0", "0", "0", "0", "0"), "0") for i in range(4)]
-    st = Stage("s", 0, 10, 1e-3, None, {"removed": 0, "all": False, "start": 20})
+    st = Stage("s", 0, 10, 1e-3, None, Removal(0, False, 20))
     a = [m.removal(ex, st, 0.3) for ex in exs]
     assert a == [m.removal(ex, st, 0.3) for ex in exs]  # no global RNG state
     steps = [[m.removal(ex, st, k / 10) for k in range(10)] for ex in exs]
@@ -130,7 +131,7 @@ def test_icot_smoothing_is_a_function_of_seed_step_and_example():
 
 def test_coconut_stage0_is_cot_with_bot_eot(coco):
     cfg, tok, model, m = coco
-    assert m.plan(16, 3)[0].options["k"] == 0
+    assert m.plan(16, 3)[0].payload.k == 0
     got = m.loss(model, EXAMPLES, stage(0), 0.0, 4, CPU)
     packed = []
     for ex in EXAMPLES:
@@ -225,10 +226,11 @@ def test_coconut_gradients_flow_through_thoughts(coco, monkeypatch):
 
 
 def test_coconut_decode_matches_naive_greedy(coco):
-    from rim.decoding import decode
+    from rim.decoders import decode
 
     cfg, _, model, m = coco
     cfg.eval.cot_max_new_tokens = 6
+    m = build(cfg, m.tokenizer)
     n = m.thoughts()
     assert n == 4
     qs = [ex.question for ex in EXAMPLES]
@@ -254,7 +256,7 @@ def test_coconut_decode_matches_naive_greedy(coco):
 
 def test_coconut_works_with_peft():
     from rim.config import ModelConfig
-    from rim.decoding import decode
+    from rim.decoders import decode
     from rim.model import wrap_lora
 
     cfg, _, model, m = coconut_setup(coconut__max_stage=1, coconut__thoughts_per_step=1)
@@ -267,6 +269,7 @@ def test_coconut_works_with_peft():
     loss.backward()
     assert torch.isfinite(loss)
     cfg.eval.cot_max_new_tokens = 3
+    m = build(cfg, m.tokenizer)
     assert decode(m, lora, ["2 + 3"]).passes[0] <= 1 + 1 + 2  # 1 thought: 2 passes, 2 tokens
 
 
@@ -276,6 +279,7 @@ def test_coconut_works_with_peft():
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["icot", "coconut"])
 def test_short_training_run_saves_and_loads(method, tmp_path):
+    from rim.assembly import assemble
     from rim.config import (
         CoconutConfig,
         Config,
@@ -286,8 +290,8 @@ def test_short_training_run_saves_and_loads(method, tmp_path):
         SplitConfig,
         TrainConfig,
     )
-    from rim.decoding import Reasoner
-    from rim.trainer import Trainer, build
+    from rim.reasoner import Reasoner
+    from rim.trainer import Trainer
 
     cfg = Config(
         method=method,
@@ -309,7 +313,7 @@ def test_short_training_run_saves_and_loads(method, tmp_path):
         ),
         icot=ICoTConfig(remove_per_epoch=2),
     )
-    setup = build(cfg, log=lambda *a: None)
+    setup = assemble(cfg, log=lambda *a: None)
     Trainer(setup, tmp_path).fit()
     assert (tmp_path / "best").is_dir() and (tmp_path / "final").is_dir()
     meta = json.loads((tmp_path / "final" / "rim.json").read_text())

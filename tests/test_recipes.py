@@ -195,9 +195,10 @@ def smoke_overrides(path: Path) -> list[str]:
 
 
 def run(cfg, out: Path):
-    from rim.trainer import Trainer, build
+    from rim.assembly import assemble
+    from rim.trainer import Trainer
 
-    setup = build(cfg, log=lambda *a: None)
+    setup = assemble(cfg, log=lambda *a: None)
     trainer = Trainer(setup, out)
     trainer.fit()
     return setup, trainer

@@ -207,11 +207,12 @@ def fresh_accelerate():
 
 
 def _steps(tmp_path: Path, n: int, accelerator=None, **sections):
+    from rim.assembly import assemble
     from rim.config import load_config
-    from rim.trainer import Trainer, build
+    from rim.trainer import Trainer
 
     cfg = load_config(recipe(tmp_path, f"r{len(list(tmp_path.iterdir()))}.yaml", **sections))
-    setup = build(cfg, log=lambda *a: None)
+    setup = assemble(cfg, log=lambda *a: None)
     tr = Trainer(setup, tmp_path / "run", accelerator)
     stage = tr.plan[0]
     tr._new_optimizer(stage)
@@ -228,11 +229,12 @@ def _first_gradients(tmp_path: Path, per_micro_batch: bool = False, **sections):
     `per_micro_batch`: the accumulation bug this guards against, each micro-batch's loss
     normalised by its own size instead of the global batch.
     """
+    from rim.assembly import assemble
     from rim.config import load_config
-    from rim.trainer import Trainer, build
+    from rim.trainer import Trainer
 
     cfg = load_config(recipe(tmp_path, f"r{len(list(tmp_path.iterdir()))}.yaml", **sections))
-    setup = build(cfg, log=lambda *a: None)
+    setup = assemble(cfg, log=lambda *a: None)
     if per_micro_batch:
         loss = setup.method.loss
         setup.method.loss = lambda m, exs, st, p, n, d: loss(m, exs, st, p, len(exs), d)
@@ -293,10 +295,11 @@ def test_bf16_is_autocast_with_fp32_master_weights(tmp_path: Path, fresh_acceler
     fp32, _ = _steps(tmp_path, 2)
     _reset_accelerate()
     acc = Accelerator(mixed_precision="bf16", cpu=True)
+    from rim.assembly import assemble
     from rim.config import load_config
-    from rim.trainer import Trainer, build
+    from rim.trainer import Trainer
 
-    setup = build(load_config(recipe(tmp_path, "bf16.yaml")), log=lambda *a: None)
+    setup = assemble(load_config(recipe(tmp_path, "bf16.yaml")), log=lambda *a: None)
     linear = next(m for m in setup.model.modules() if isinstance(m, torch.nn.Linear))
     linear.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
     tr = Trainer(setup, tmp_path / "bf16", acc)
@@ -347,13 +350,12 @@ _TEXT = st.text(alphabet="0123456789+- ", min_size=1, max_size=12).filter(str.st
 @pytest.fixture(scope="module")
 def rim_method():
     from rim.config import Config, MemoryConfig
-    from rim.memory import memory_tokens
-    from rim.methods import method_class
+    from rim.methods import build
     from rim.model import build_tokenizer
 
     cfg = Config(memory=MemoryConfig(blocks=4, mem_tokens=2))
     tok = build_tokenizer(["0 1 2 3 4 5 6 7 8 9 + -"])
-    return method_class("rim")(cfg, tok, memory_tokens(tok, cfg.memory))
+    return build(cfg, tok)
 
 
 @settings(max_examples=40, deadline=None)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from rim.assembly import assemble
 from rim.config import (
     Config,
     ConfigError,
@@ -17,7 +18,7 @@ from rim.config import (
     SplitConfig,
     TrainConfig,
 )
-from rim.trainer import ExampleStream, Trainer, build
+from rim.trainer import ExampleStream, Trainer
 
 
 def _cfg(**train) -> Config:
@@ -50,7 +51,7 @@ def test_accumulation_is_exact(tmp_path):
     """
     runs = []
     for micro in (8, 1):
-        setup = build(_cfg(micro_batch_size=micro), log=lambda *_: None)
+        setup = assemble(_cfg(micro_batch_size=micro), log=lambda *_: None)
         Trainer(setup, tmp_path / f"m{micro}").fit()
         runs.append(_losses(tmp_path / f"m{micro}"))
     assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6)
@@ -58,7 +59,7 @@ def test_accumulation_is_exact(tmp_path):
 
 
 def test_stage_switch_resets_optimizer_and_warmup(tmp_path):
-    setup = build(_cfg(stage2_lr=5e-4, stage2_dropout=0.2), log=lambda *_: None)
+    setup = assemble(_cfg(stage2_lr=5e-4, stage2_dropout=0.2), log=lambda *_: None)
     trainer = Trainer(setup, tmp_path / "run")
     trainer.fit()
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -79,7 +80,7 @@ def test_stage_switch_resets_optimizer_and_warmup(tmp_path):
 def test_cosine_schedule_decays_within_each_stage(tmp_path):
     cfg = _cfg(lr_schedule="cosine", warmup=0.0)
     cfg.curriculum.stage1_steps, cfg.curriculum.stage2_steps = 4, 4
-    Trainer(build(cfg, log=lambda *_: None), tmp_path / "run").fit()
+    Trainer(assemble(cfg, log=lambda *_: None), tmp_path / "run").fit()
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for stage in ("stage1", "stage2"):
         lrs = [r["lr"] for r in recs if r.get("stage") == stage and "lr" in r]

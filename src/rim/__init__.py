@@ -3,8 +3,8 @@
 from rim.config import Config, load_config
 from rim.data import Example, read_examples
 from rim.data import generate as generate_data
-from rim.decoding import Reasoner, generate
 from rim.errors import ConfigError, DataError, RimError
+from rim.reasoner import Reasoner, generate
 
 __version__ = "0.1.0"
 

@@ -30,29 +30,66 @@ import json
 import random
 import shutil
 import sys
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import safetensors.torch
 import torch
 
-from rim.config import save_config
+from rim.config import Config, save_config
 from rim.errors import RimError
 from rim.fsdp import local
-from rim.io import os_error, remove, storage_error, write_bytes
-from rim.runs import read_run_id
+from rim.io import atomic_dir, os_error, remove, storage_error, write_bytes
+from rim.model import save_meta
+from rim.runs import new_run_id, read_run_id
 
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
 
 
+@dataclass
+class TrainState:
+    """Where a run is: the record `save_state` writes and `load_state` restores.
+
+    `run_id` names the run, `branch` this line of it (saved; a resume starts a new one);
+    `resumed_from` and `superseded` are not saved: they describe this branch only.
+    """
+
+    stage_index: int = 0
+    step_in_stage: int = 0
+    global_step: int = 0
+    cursor: int = 0  # examples taken from the seeded stream
+    best: float = -1.0  # best validation accuracy of a stage that may write best/
+    run_id: str = field(default_factory=new_run_id)
+    branch: str = field(default_factory=new_run_id)
+    resumed_from: int | None = None  # step of the checkpoint this branch resumed
+    superseded: bool = False  # the abandoned branch's later outputs moved aside
+
+    SAVED = ("stage_index", "step_in_stage", "global_step", "cursor", "best", "run_id", "branch")
+
+    def saved(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k in self.SAVED}
+
+
+@dataclass
+class Parts:
+    """What a resumable checkpoint holds besides the state; `optimizer` None between stages."""
+
+    acc: object  # accelerate.Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: object | None = None
+    sharded: bool = False  # FSDP: every process writes its own shard
+
+
 # ---------------------------------------------------------------- weights and RNG
 
 
-def _suffix(trainer) -> str:
+def _suffix(parts: Parts) -> str:
     """Sharded (FSDP) runs write one weights/optimizer file per process."""
-    return f"-{trainer.acc.process_index}" if trainer.sharded else ""
+    return f"-{parts.acc.process_index}" if parts.sharded else ""
 
 
 def _trainable(model) -> dict[str, torch.nn.Parameter]:
@@ -220,32 +257,17 @@ def supersede(out: Path, resumed_from: int, branch: str) -> list[Path]:
     return moved
 
 
-def _state(trainer, acc) -> dict:
-    return {
-        "stage_index": trainer.stage_index,
-        "step_in_stage": trainer.step_in_stage,
-        "global_step": trainer.global_step,
-        "cursor": trainer.stream.cursor,
-        "best": trainer.best,
-        "num_processes": acc.num_processes,
-        "sharded": trainer.sharded,
-        "run_id": trainer.run_id,
-        "branch": trainer.branch,
-    }
-
-
-def _write_files(trainer, tmp: Path) -> None:
+def _write_files(parts: Parts, tmp: Path) -> None:
     """This process's share of the checkpoint."""
-    acc = trainer.acc
+    acc, opt = parts.acc, parts.optimizer
     write_bytes(tmp / f"rng-{acc.process_index}.pt", _torch_bytes(_rng_state()))
-    opt = trainer.optimizer
     opt_state = {
         "optimizer": opt.state_dict() if opt is not None else None,
-        "scheduler": trainer.scheduler.state_dict() if opt is not None else None,
+        "scheduler": parts.scheduler.state_dict() if opt is not None else None,
     }
-    if trainer.sharded or acc.is_main_process:
-        sfx = _suffix(trainer)
-        _save_weights(acc.unwrap_model(trainer.model), tmp / f"weights{sfx}.safetensors")
+    if parts.sharded or acc.is_main_process:
+        sfx = _suffix(parts)
+        _save_weights(acc.unwrap_model(parts.model), tmp / f"weights{sfx}.safetensors")
         write_bytes(tmp / f"optimizer{sfx}.pt", _torch_bytes(opt_state))
 
 
@@ -256,17 +278,17 @@ def _failed(tmp: Path, exc: BaseException) -> BaseException:
     return storage_error(tmp, err) if err is not None else exc
 
 
-def save_state(trainer) -> Path:
-    """Write `checkpoints/step-N` for `trainer`; a collective call (every process joins)."""
-    acc = trainer.acc
-    root = trainer.out / "checkpoints"
-    final = root / f"step-{trainer.global_step:08d}"
+def save_state(out: Path, state: TrainState, parts: Parts, cfg: Config) -> Path:
+    """Write `out/checkpoints/step-N`; a collective call (every process joins)."""
+    acc = parts.acc
+    root = out / "checkpoints"
+    final = root / f"step-{state.global_step:08d}"
     tmp = root / f".{final.name}.tmp"
     main = acc.is_main_process
     if main:
-        if trainer.resumed_from is not None and not trainer.superseded:
-            supersede(trainer.out, trainer.resumed_from, trainer.branch)
-            trainer.superseded = True
+        if state.resumed_from is not None and not state.superseded:
+            supersede(out, state.resumed_from, state.branch)
+            state.superseded = True
         for stale in root.glob(".step-*.tmp"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
         try:
@@ -275,25 +297,46 @@ def save_state(trainer) -> Path:
             raise storage_error(tmp, err) from None
     acc.wait_for_everyone()
     try:
-        _write_files(trainer, tmp)
+        _write_files(parts, tmp)
     except BaseException as exc:
         raise _failed(tmp, exc) from None
     acc.wait_for_everyone()
     if main:
+        record = state.saved() | {"num_processes": acc.num_processes, "sharded": parts.sharded}
         try:
-            save_config(trainer.cfg, tmp / "config.yaml")
-            state = json.dumps(_state(trainer, acc), indent=2).encode()
-            write_bytes(tmp / STATE_FILE, state)
-            write_manifest(tmp, trainer.run_id)  # written last: complete
+            save_config(cfg, tmp / "config.yaml")
+            write_bytes(tmp / STATE_FILE, json.dumps(record, indent=2).encode())
+            write_manifest(tmp, state.run_id)  # written last: complete
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         except BaseException as exc:
             raise _failed(tmp, exc) from None
-        keep = max(trainer.cfg.train.keep_last, 1)
-        for old in lineage(trainer.out, trainer.run_id)[keep:]:
+        for old in lineage(out, state.run_id)[max(cfg.train.keep_last, 1) :]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final
+
+
+def save_model(
+    path: Path, model, tokenizer, cfg: Config, meta: dict, method, state_dict: dict | None = None
+) -> None:
+    """A loadable checkpoint (`best/`, `final/`): weights (or adapter), tokenizer, config.yaml
+    and rim.json (`meta`), written atomically.
+
+    `state_dict`: the gathered full weights when the model is sharded (FSDP); `method`
+    writes its own modules (CODI's projection) beside them.
+    """
+
+    def write(tmp: Path) -> None:
+        extra = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+        # the adapter's trainable-token rows hold the new embeddings; the rest is the base's
+        method.save_modules(model, tmp, state_dict)  # before: HF prunes state_dict
+        model.save_pretrained(tmp, state_dict=state_dict, **extra)
+        tokenizer.save_pretrained(tmp)
+        save_config(cfg, tmp / "config.yaml")
+        save_meta(tmp, meta)
+
+    atomic_dir(path, write)
 
 
 # ---------------------------------------------------------------- find and load
@@ -392,36 +435,39 @@ def _read_state(ckpt: Path) -> dict:
     return state
 
 
-def load_state(trainer, folder: Path) -> Path:
-    """Restore `trainer` from a checkpoint folder (or a run folder: its newest intact one)."""
-    acc = trainer.acc
+@dataclass
+class Restored:
+    """A loaded checkpoint: its folder, the state, and the optimizer and LR-schedule state
+    dicts (None at a stage switch: the trainer builds a fresh optimizer)."""
+
+    checkpoint: Path
+    state: TrainState
+    optimizer: dict | None
+    scheduler: dict | None
+
+
+def load_state(folder: Path, out: Path, parts: Parts) -> Restored:
+    """Weights and RNG restored from a checkpoint folder (or a run folder: its newest intact
+    one); `out/metrics.jsonl` truncated to its step. A collective call."""
+    acc = parts.acc
     ckpt = latest(Path(folder))
-    state = _read_state(ckpt)
-    if state["num_processes"] != acc.num_processes:
+    saved = _read_state(ckpt)
+    if saved["num_processes"] != acc.num_processes:
         raise RimError(
-            f"--resume {ckpt}: saved with {state['num_processes']} processes, "
+            f"--resume {ckpt}: saved with {saved['num_processes']} processes, "
             f"resumed with {acc.num_processes}"
         )
-    if state.get("sharded", False) != trainer.sharded:
-        saved, now = ("with" if x else "without" for x in (state.get("sharded"), trainer.sharded))
-        raise RimError(f"--resume {ckpt}: saved {saved} FSDP, resumed {now} (launch it as before)")
-    sfx = _suffix(trainer)
-    _load_weights(acc.unwrap_model(trainer.model), ckpt / f"weights{sfx}.safetensors")
+    if saved.get("sharded", False) != parts.sharded:
+        was, now = ("with" if x else "without" for x in (saved.get("sharded"), parts.sharded))
+        raise RimError(f"--resume {ckpt}: saved {was} FSDP, resumed {now} (launch it as before)")
+    sfx = _suffix(parts)
+    _load_weights(acc.unwrap_model(parts.model), ckpt / f"weights{sfx}.safetensors")
     opt_state = _torch_load(ckpt / f"optimizer{sfx}.pt")
-    rng = _torch_load(ckpt / f"rng-{acc.process_index}.pt")
-    trainer.stage_index = state["stage_index"]
-    trainer.step_in_stage = state["step_in_stage"]
-    trainer.global_step = state["global_step"]
-    trainer.stream.cursor = state["cursor"]
-    trainer.best = state["best"]
-    trainer.run_id = state.get("run_id") or trainer.run_id
-    trainer.resumed_from = trainer.global_step
-    if opt_state["optimizer"] is not None and trainer.stage_index < len(trainer.plan):
-        trainer._new_optimizer(trainer.plan[trainer.stage_index])
-        trainer.optimizer.load_state_dict(opt_state["optimizer"])
-        trainer.scheduler.load_state_dict(opt_state["scheduler"])
-    _set_rng_state(rng)
+    _set_rng_state(_torch_load(ckpt / f"rng-{acc.process_index}.pt"))
+    names = {f.name for f in fields(TrainState)} & set(TrainState.SAVED) - {"branch"}
+    state = TrainState(**{k: saved[k] for k in names if saved.get(k) is not None})  # new branch
+    state.resumed_from = state.global_step
     if acc.is_main_process:
-        truncate_metrics(trainer.out / METRICS, trainer.global_step)
+        truncate_metrics(out / METRICS, state.global_step)
     acc.wait_for_everyone()
-    return ckpt
+    return Restored(ckpt, state, opt_state["optimizer"], opt_state["scheduler"])

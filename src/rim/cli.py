@@ -2,7 +2,7 @@
 
     rim train --config configs/toy/llama_rim.yaml --out runs/x [--set train.lr=1e-3 ...]
     rim eval --checkpoint runs/x/best --data ../shared/data/prosqa/prosqa_valid.json
-    rim generate --checkpoint runs/x/best --all-blocks "3 + 4 + 2"
+    rim generate --checkpoint runs/x/best --decoder all-blocks "3 + 4 + 2"
 
 Bad input (data, config keys, paths) prints one line `rim: error: ...` and exits with 2;
 an OS error while writing (full disk) exits with 74; a training run stopped by SIGTERM or
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from rim.errors import EXIT_INTERRUPTED, Preempted, RimError
@@ -21,7 +22,7 @@ from rim.io import atomic_file
 
 
 def _train(args: argparse.Namespace) -> None:
-    from rim.config import load_config
+    from rim.assembly import load_recipe
     from rim.runs import is_main_rank
     from rim.trainer import train
 
@@ -46,7 +47,7 @@ def _train(args: argparse.Namespace) -> None:
         cfg, changes = _resume_config(args, ckpt, Path(out), resume)
     else:
         ckpt = None
-        cfg = load_config(args.config, args.set)
+        cfg = load_recipe(args.config, args.set)
         out = args.out or f"runs/{cfg.method}"
     result = train(cfg, out, resume=ckpt, overwrite=args.overwrite, changes=changes)
     if is_main_rank():  # one result line from a multi-process launch
@@ -59,12 +60,12 @@ def _resume_config(args, ckpt: Path, out: Path, where: str):
     The checkpoint's own recipe, unless `--config`, `--set` or an edit of `RUN/config.yaml`
     asks for another; then every differing key must be named by `--allow-change`.
     """
-    from rim.config import load_config
+    from rim.assembly import load_recipe
     from rim.runs import check_changes, config_changes, edited_config
 
-    saved = load_config(ckpt / "config.yaml")
+    saved = load_recipe(ckpt / "config.yaml")
     source = args.config or edited_config(out) or ckpt / "config.yaml"
-    cfg = load_config(source, args.set)
+    cfg = load_recipe(source, args.set)
     changes = config_changes(saved.to_dict(), cfg.to_dict())
     check_changes(changes, args.allow_change, where)
     return cfg, changes
@@ -89,58 +90,52 @@ def _load_eval_data(args, cfg):
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from rim.decoding import Reasoner, check_questions
+    from rim.decoders import check_questions, default_for
     from rim.evaluation import evaluate, format_table
+    from rim.reasoner import Reasoner
 
     r = Reasoner.load(args.checkpoint, args.device)
-    examples = _load_eval_data(args, r.method.cfg)
+    examples = _load_eval_data(args, r.config)
     source = args.data or f"data.{args.split}"
+    where = lambda i: f"{source}: example {i + 1}"  # noqa: E731
     check_questions(
-        r.method,
-        r.model,
-        [e.question for e in examples],
-        args.blocks,
-        args.truncate,
-        where=lambda i: f"{source}: example {i + 1}",
+        r.method, r.model, [e.question for e in examples], args.blocks, args.truncate, where
     )
+    decoder = args.decoder or default_for(r.method)
     res = evaluate(
-        r.method,
-        r.model,
-        examples,
-        args.batch_size,
-        blocks=args.blocks,
-        timing_examples=args.timing_examples,
-        truncate=args.truncate,
-    )
-    fields = [
-        ("accuracy", "final acc", ".3f"),
-        ("any_block_accuracy", "any-block acc", ".3f"),
-        ("forward_passes", "passes", ".2f"),
-        ("generated_tokens", "gen tokens", ".2f"),
-        ("ttft_ms", "TTFT ms", ".2f"),
-        ("latency_ms", "latency ms", ".2f"),
-    ]
-    print(format_table({r.method.name: res}, fields))
+        r.method, r.model, examples, args.batch_size, args.blocks, decoder,
+        args.timing_examples, truncate=args.truncate,
+    )  # fmt: skip
+    print(format_table({r.method.name: res}, EVAL_FIELDS))
     if "per_block_accuracy" in res:
         print("per block: " + " ".join(f"{a:.3f}" for a in res["per_block_accuracy"]))
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
-    record = {k: v for k, v in res.items() if k != "predictions"}
+    record = {k: v for k, v in res.items() if k not in ("predictions", "records")}
     record |= {"checkpoint": str(args.checkpoint), "data": args.data or args.split}
+    record |= {"decoder": decoder, "records": [asdict(x) for x in res["records"]]}
     atomic_file(out, json.dumps(record, indent=2))
     print(f"wrote {out}")
 
 
+EVAL_FIELDS = [
+    ("accuracy", "final acc", ".3f"),
+    ("any_block_accuracy", "any-block acc", ".3f"),
+    ("forward_passes", "passes", ".2f"),
+    ("generated_tokens", "gen tokens", ".2f"),
+    ("ttft_ms", "TTFT ms", ".2f"),
+    ("latency_ms", "latency ms", ".2f"),
+]
+
+
 def _generate(args: argparse.Namespace) -> None:
-    from rim.decoding import Reasoner
+    from rim.decoders import get
+    from rim.reasoner import Reasoner
 
     r = Reasoner.load(args.checkpoint, args.device)
-    if args.all_blocks and not r.method.uses_blocks:
-        raise RimError(f"--all-blocks: method {r.method.name} has no memory blocks")
-    answers = r.generate(
-        args.questions, blocks=args.blocks, all_blocks=args.all_blocks, truncate=args.truncate
-    )
+    get(args.decoder, r.method)
+    answers = r.generate(args.questions, args.blocks, args.decoder, args.truncate)
     for q, a in zip(args.questions, answers):
-        if args.all_blocks:
+        if isinstance(a, list):
             print(q)
             for k, text in enumerate(a, start=1):
                 print(f"  block {k}: {text}")
@@ -166,43 +161,46 @@ def _export(args: argparse.Namespace) -> None:
     export(args.checkpoint, args.out)
 
 
-def parser() -> argparse.ArgumentParser:
-    from rim import __version__
+def _repeatable(p: argparse.ArgumentParser, flag: str, metavar: str, help: str) -> None:
+    p.add_argument(flag, action="append", default=[], metavar=metavar, help=help)
 
-    p = argparse.ArgumentParser(prog="rim", description="Reasoning in Memory")
-    p.add_argument("--version", action="version", version=f"rim {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
 
+def _flag(p: argparse.ArgumentParser, flag: str, help: str) -> None:
+    p.add_argument(flag, action="store_true", help=help)
+
+
+TRUNCATE = "drop the oldest tokens of a question too long for the model (default: an error)"
+DECODER = "final | all-blocks (rim.decoders; default: all-blocks for block methods in eval)"
+
+
+def _train_parser(sub) -> None:
     t = sub.add_parser("train", help="train a recipe")
     t.add_argument("--config", help="YAML recipe (configs/...)")
-    t.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe key, e.g. --set train.lr=1e-3 (repeatable)",
+    _repeatable(
+        t, "--set", "KEY=VALUE", "override a recipe key, e.g. --set train.lr=1e-3 (repeatable)"
     )
     t.add_argument("--out", help="run folder (default runs/<method>)")
     t.add_argument("--resume", help="continue from a run folder or checkpoint")
-    t.add_argument(
+    _flag(
+        t,
         "--resume-if-exists",
-        action="store_true",
-        help="continue --out RUN if it has a checkpoint, else start it (for requeued jobs)",
+        "continue --out RUN if it has a checkpoint, else start it (for requeued jobs)",
     )
-    t.add_argument(
+    _flag(
+        t,
         "--overwrite",
-        action="store_true",
-        help="start afresh in an existing run folder (its old outputs are removed first)",
+        "start afresh in an existing run folder (its old outputs are removed first)",
     )
-    t.add_argument(
+    _repeatable(
+        t,
         "--allow-change",
-        action="append",
-        default=[],
-        metavar="KEY",
-        help="with --resume: allow this recipe key (or section) to differ (repeatable)",
+        "KEY",
+        "with --resume: allow this recipe key (or section) to differ (repeatable)",
     )
     t.set_defaults(fn=_train)
 
+
+def _eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a checkpoint")
     e.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. RUN/best)")
     e.add_argument("--data", help="data file (any supported format)")
@@ -212,6 +210,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="valid", help="recipe split when --data is not given")
     e.add_argument("--limit", type=int, help="evaluate the first N examples only")
     e.add_argument("--blocks", type=int, help="memory blocks to use (default K)")
+    e.add_argument("--decoder", help=DECODER)
     e.add_argument("--batch-size", type=int, default=64, help="questions decoded together")
     e.add_argument(
         "--timing-examples",
@@ -221,36 +220,32 @@ def parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     e.add_argument("--out", help="JSON result (default CHECKPOINT/eval.json)")
-    e.add_argument(
-        "--truncate",
-        action="store_true",
-        help="drop the oldest tokens of a question too long for the model (default: an error)",
-    )
+    _flag(e, "--truncate", TRUNCATE)
     e.set_defaults(fn=_eval)
 
+
+def _generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="answer questions")
     g.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. RUN/best)")
     g.add_argument("questions", nargs="+", help="one or more questions (quote each)")
     g.add_argument("--blocks", type=int, help="memory blocks to use (default K)")
-    g.add_argument("--all-blocks", action="store_true", help="answer after every block")
-    g.add_argument(
-        "--truncate",
-        action="store_true",
-        help="drop the oldest tokens of a question too long for the model (default: an error)",
-    )
+    g.add_argument("--decoder", default="final", help=DECODER.split(" (")[0] + " (default final)")
+    _flag(g, "--truncate", TRUNCATE)
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     g.set_defaults(fn=_generate)
 
+
+def _demo_parser(sub) -> None:
     d = sub.add_parser("demo", help="train every method on the toy task, one table")
     d.add_argument("--out", default="runs/demo", help="results folder (default runs/demo)")
     d.add_argument("--seeds", type=int, default=1, help="training seeds per method")
-    d.add_argument("--quick", action="store_true", help="a < 5 minute smoke version")
-    d.add_argument(
-        "--methods", default="direct,cot,pause,rim,coconut,icot,codi", help="comma-separated"
-    )
+    _flag(d, "--quick", "a < 5 minute smoke version")
+    d.add_argument("--methods", help="comma-separated (default: every registered method)")
     d.add_argument("--workers", type=int, default=2, help="parallel training processes")
     d.set_defaults(fn=_demo)
 
+
+def _bench_parser(sub) -> None:
     b = sub.add_parser("bench", help="latency, training-throughput and any-block benchmarks")
     b.add_argument("kind", choices=["latency", "train", "any-block"], help="what to measure")
     b.add_argument(
@@ -272,13 +267,26 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--warmup", type=int, default=2, help="untimed runs first")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    _flag(b, "--json", "print the result as JSON")
     b.set_defaults(fn=_bench)
 
+
+def _export_parser(sub) -> None:
     x = sub.add_parser("export", help="merge LoRA and write a plain HF model folder")
     x.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. RUN/best)")
     x.add_argument("--out", required=True, help="the folder to write (a plain HF model)")
     x.set_defaults(fn=_export)
+
+
+def parser() -> argparse.ArgumentParser:
+    from rim import __version__
+
+    p = argparse.ArgumentParser(prog="rim", description="Reasoning in Memory")
+    p.add_argument("--version", action="version", version=f"rim {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_train_parser, _eval_parser, _generate_parser, _demo_parser, _bench_parser):
+        add(sub)
+    _export_parser(sub)
     return p
 
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
-from types import MappingProxyType
 from typing import Any
 
 from rim.errors import ConfigError
@@ -164,9 +163,10 @@ class Stage:
     """One entry of a training plan; the trainer resets optimizer and LR schedule per stage.
 
     `dropout=None` leaves the model's dropout as it is; `warmup=None` uses `train.warmup` (a
-    baseline whose original resets the optimizer without warm-up sets 0.0); `options`
-    carries method-specific settings (e.g. {"kind": "grounding"}, {"k": 2}) and is stored as
-    a read-only mapping so a plan cannot be mutated mid-run.
+    baseline whose original resets the optimizer without warm-up sets 0.0); `payload` is the
+    method's own frozen dataclass for the stage (e.g. RiM's `Grounding(t_max)`, Coconut's
+    `Latent(k)`); `selects_best`: whether validation in this stage may write `best/` (None:
+    only in the plan's last stage).
     """
 
     name: str
@@ -174,8 +174,9 @@ class Stage:
     steps: int
     lr: float
     dropout: float | None = None
-    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    payload: Any = None
     warmup: float | None = None  # fraction of steps in LR warm-up; None = train.warmup
+    selects_best: bool | None = None
 
     def __post_init__(self) -> None:
         where = f"stage {self.name!r}"
@@ -191,7 +192,8 @@ class Stage:
             raise ConfigError(f"{where}: dropout must be in [0, 1) or null, got {self.dropout}")
         if self.warmup is not None and not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"{where}: warmup must be in [0, 1) or null, got {self.warmup}")
-        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+        if isinstance(self.payload, dict | list | set):
+            raise ConfigError(f"{where}: payload must be immutable (a frozen dataclass)")
 
 
 def steps_for(epochs: float | None, steps: int | None, n_examples: int, batch_size: int) -> int:

@@ -60,7 +60,6 @@ QUICK: dict[str, object] = {
     "eval.timing_examples": 8,
 }
 
-DEFAULT_METHODS = ("direct", "cot", "pause", "rim", "coconut", "icot", "codi")
 RESULT_KEYS = (
     "accuracy",
     "token_accuracy",
@@ -102,21 +101,21 @@ class Job:
 # --------------------------------------------------------------------------- planning
 
 
-def _methods(spec: str) -> list[str]:
-    from rim.config import METHODS as KNOWN
+def _methods(spec: str | None) -> list[str]:
+    """The methods to run: `spec` (comma-separated) or every registered one with a recipe."""
     from rim.methods import METHODS
 
+    if spec is None:
+        spec = ",".join(METHODS)
     names = list(dict.fromkeys(m.strip() for m in spec.split(",") if m.strip()))
     if not names:
         raise RimError("--methods: no method given")
-    unknown = [m for m in names if m not in KNOWN]
+    unknown = [m for m in names if m not in METHODS]
     if unknown:
-        raise RimError(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(KNOWN)})")
+        raise RimError(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)})")
     ready = []
     for m in names:
-        if m not in METHODS:
-            print(f"[demo] note: method {m} is not registered in rim.methods yet; skipped")
-        elif not (config_dir() / f"{m}.yaml").is_file():
+        if not (config_dir() / f"{m}.yaml").is_file():
             print(f"[demo] note: no recipe configs/demo/{m}.yaml; {m} skipped")
         else:
             ready.append(m)
@@ -126,32 +125,20 @@ def _methods(spec: str) -> list[str]:
 
 
 def _total_steps(cfg) -> int:
-    """Optimizer steps of a run (for the progress display only)."""
-    from rim.curriculum import coconut_stages, steps_for
+    """Optimizer steps of a run (for the progress display only): the method's own plan."""
+    from rim.methods import plan
 
-    n, bs, t = cfg.data.train.size, cfg.train.batch_size, cfg.train
-    if cfg.method == "rim":
-        c = cfg.curriculum
-        return steps_for(c.stage1_epochs, c.stage1_steps, n, bs) + steps_for(
-            c.stage2_epochs, c.stage2_steps, n, bs
-        )
-    if cfg.method == "coconut":  # as Coconut.plan: the whole run, or the stages up to max
-        c = cfg.coconut
-        if c.epochs is not None or c.steps is not None:
-            return steps_for(c.epochs, c.steps, n, bs)
-        per = steps_for(c.epochs_per_stage, c.steps_per_stage, n, bs)
-        return per * len(coconut_stages(c.max_stage, c.stage0, final=False))
-    return steps_for(t.epochs, t.steps, n, bs)
+    return sum(s.steps for s in plan(cfg, cfg.data.train.size))
 
 
 def plan_jobs(methods: list[str], seeds: int, out: Path, sets: list[str]) -> tuple[list[Job], dict]:
     """One job per (method, seed), every recipe validated before anything starts."""
-    from rim.config import load_config
+    from rim.assembly import load_recipe
 
     jobs, cfgs = [], {}
     for m in methods:
         recipe = config_dir() / f"{m}.yaml"
-        cfgs[m] = load_config(recipe, sets)  # a bad override fails here, not in a worker
+        cfgs[m] = load_recipe(recipe, sets)  # a bad override fails here, not in a worker
         if cfgs[m].method != m:
             raise RimError(f"{recipe}: method is {cfgs[m].method!r}, expected {m!r}")
         if cfgs[m].data.test is None:
@@ -338,8 +325,8 @@ def time_jobs(jobs: list[Job], test: list, n: int, device: str) -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from rim.decoding import Reasoner
     from rim.evaluation import latency
+    from rim.reasoner import Reasoner
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would break the table output
     if device == "cpu":
@@ -496,7 +483,10 @@ def machine_info(device: str, workers: int) -> dict:
 
 
 def _command(args) -> str:
-    cmd = f"rim demo --out {args.out} --seeds {args.seeds} --methods {args.methods}"
+    from rim.methods import METHODS
+
+    methods = args.methods or ",".join(METHODS)
+    cmd = f"rim demo --out {args.out} --seeds {args.seeds} --methods {methods}"
     return cmd + f" --workers {args.workers}" + (" --quick" if args.quick else "")
 
 

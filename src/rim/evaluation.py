@@ -1,18 +1,21 @@
 """Evaluation: answer normalisation, accuracy (final, any, per block), cost and latency.
 
 Greedy and deterministic. Accuracy is computed on batched decoding; latency medians on
-separate batch-1 runs of the same code path (`rim.decoding.decode`), device-synchronised.
+separate batch-1 runs of the same code path (`rim.decoders.decode`), device-synchronised.
+Every example's outcome is kept as a `Record`; the aggregates are computed from them.
 """
 
 from __future__ import annotations
 
 import re
 import statistics
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
 from rim.data import Example
-from rim.decoding import decode, wall_clock
+from rim.decoders import decode, default_for
+from rim.decoding import wall_clock
 from rim.progress import live as live_progress
 
 _NUM = re.compile(r"^[-+]?\d+(?:\.\d+)?$")
@@ -47,8 +50,62 @@ def token_accuracy(pred: str, gold: str) -> float:
     return sum(a == b for a, b in zip(pred, gold)) / n
 
 
-def _texts(tokenizer, rows: list[list[int]]) -> list[str]:
-    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+@dataclass(frozen=True)
+class Record:
+    """One example's outcome: normalised answers (one per block for the all-blocks decoder,
+    else one), whether each is right, and the cost of the final answer."""
+
+    index: int
+    gold: str
+    answers: tuple[str, ...]
+    correct: tuple[bool, ...]
+    tokens: int  # generated tokens of the final answer, EOS excluded
+    passes: int  # sequential forward passes of the final answer
+
+    @property
+    def final(self) -> str:
+        return self.answers[-1]
+
+
+def _records(method, out, golds: list[str], first: int) -> list[Record]:
+    """Records of one decoded chunk; rows b*K..b*K+K-1 belong to question b."""
+    K, tok = out.rows_per_question, method.tokenizer
+    answers = [method.answer_tokens(t) for t in out.tokens]
+    texts = [
+        normalize(t, method.marker) for t in tok.batch_decode(answers, skip_special_tokens=True)
+    ]
+    recs = []
+    for b, gold in enumerate(golds):
+        rows = range(b * K, (b + 1) * K)
+        mine = tuple(texts[r] for r in rows)
+        last = rows[-1]
+        recs.append(
+            Record(first + b, gold, mine, tuple(a == gold for a in mine),
+                   len(out.tokens[last]), out.passes[last])
+        )  # fmt: skip
+    return recs
+
+
+def summarize(records: list[Record]) -> dict:
+    """Accuracy (final, token, per block, any block) and mean cost over `records`."""
+    n = max(len(records), 1)
+    golds = [r.gold for r in records]
+    result = {
+        "n": len(records),
+        "accuracy": sum(r.correct[-1] for r in records) / n,
+        "token_accuracy": statistics.fmean(
+            token_accuracy(r.final, g) for r, g in zip(records, golds)
+        )
+        if records
+        else 0.0,
+        "forward_passes": statistics.fmean(r.passes for r in records) if records else 0.0,
+        "generated_tokens": statistics.fmean(r.tokens for r in records) if records else 0.0,
+    }
+    K = len(records[0].answers) if records else 1
+    if K > 1:
+        result["per_block_accuracy"] = [sum(r.correct[k] for r in records) / n for k in range(K)]
+        result["any_block_accuracy"] = sum(any(r.correct) for r in records) / n
+    return result
 
 
 def evaluate(
@@ -57,65 +114,34 @@ def evaluate(
     examples: list[Example],
     batch_size: int = 64,
     blocks: int | None = None,
-    all_blocks: bool | None = None,
+    decoder: str | None = None,
     timing_examples: int = 16,
     progress: bool = True,
     truncate: bool = False,
 ) -> dict:
-    """Accuracy and cost of `method` on `examples`; any-block fields for block methods."""
+    """Accuracy and cost of `method` on `examples` with the decoder called `decoder` (default:
+    all-blocks for block methods, else final); `records` holds every example's `Record`."""
     tok = method.tokenizer
-    marker = method.marker
-    device = next(model.parameters()).device
+    decoder = decoder or default_for(method)
     model.eval()
-    all_blocks = method.uses_blocks if all_blocks is None else all_blocks
-    K = (blocks or method.mem.num_blocks) if method.uses_blocks else 1
     # gold answers go through the tokenizer too, so both sides decode the same way
     golds = [
-        normalize(tok.decode(list(method.text_ids(e.answer)), skip_special_tokens=True), marker)
+        normalize(
+            tok.decode(list(method.text_ids(e.answer)), skip_special_tokens=True), method.marker
+        )
         for e in examples
     ]
-    per_block = [[] for _ in range(K)] if all_blocks else []
-    finals, passes, gen_tokens = [], [], []
-    bar = tqdm(
-        range(0, len(examples), batch_size),
-        desc="eval",
-        disable=not progress or not live_progress(),
-        leave=False,
-    )
-    for lo in bar:
-        chunk = examples[lo : lo + batch_size]
-        questions = [e.question for e in chunk]
-        out = decode(method, model, questions, blocks, all_blocks, truncate=truncate)
-        answers = [method.answer_tokens(t) for t in out.tokens]
-        texts = [normalize(t, marker) for t in _texts(tok, answers)]
-        if all_blocks:
-            for b in range(len(chunk)):
-                for k in range(K):
-                    per_block[k].append(texts[b * K + k])
-            rows = [b * K + K - 1 for b in range(len(chunk))]
-        else:
-            rows = list(range(len(chunk)))
-        finals += [texts[r] for r in rows]
-        passes += [out.passes[r] for r in rows]
-        gen_tokens += [len(out.tokens[r]) for r in rows]
-    correct = [p == g for p, g in zip(finals, golds)]
-    result = {
-        "n": len(examples),
-        "accuracy": sum(correct) / max(len(examples), 1),
-        "token_accuracy": statistics.fmean(token_accuracy(p, g) for p, g in zip(finals, golds))
-        if examples
-        else 0.0,
-        "forward_passes": statistics.fmean(passes) if passes else 0.0,
-        "generated_tokens": statistics.fmean(gen_tokens) if gen_tokens else 0.0,
-    }
-    if all_blocks:
-        hits = [[p == g for p, g in zip(col, golds)] for col in per_block]
-        result["per_block_accuracy"] = [sum(h) / max(len(examples), 1) for h in hits]
-        result["any_block_accuracy"] = sum(
-            any(h[i] for h in hits) for i in range(len(golds))
-        ) / max(len(golds), 1)
+    records: list[Record] = []
+    live = progress and live_progress()
+    for lo in tqdm(range(0, len(examples), batch_size), desc="eval", disable=not live, leave=False):
+        questions = [e.question for e in examples[lo : lo + batch_size]]
+        out = decode(method, model, questions, decoder, blocks, truncate=truncate)
+        records += _records(method, out, golds[lo : lo + len(questions)], lo)
+    result = summarize(records)
+    device = next(model.parameters()).device
     result.update(latency(method, model, examples[:timing_examples], blocks, device, truncate))
-    result["predictions"] = finals
+    result["predictions"] = [r.final for r in records]
+    result["records"] = records
     return result
 
 
@@ -126,10 +152,10 @@ def latency(
     if not examples:
         return {"ttft_ms": None, "latency_ms": None}
     clock = wall_clock(device)
-    decode(method, model, [examples[0].question], blocks, clock=clock, truncate=truncate)
+    decode(method, model, [examples[0].question], "final", blocks, clock, truncate)
     ttft, full = [], []
     for e in examples:
-        out = decode(method, model, [e.question], blocks, clock=clock, truncate=truncate)
+        out = decode(method, model, [e.question], "final", blocks, clock, truncate)
         times = out.token_times
         first = method.first_answer_index(out.tokens[0])
         ttft.append(times[min(first, len(times) - 1)] * 1e3)

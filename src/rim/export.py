@@ -28,13 +28,6 @@ FORMAT = 1
 _PROBES = ("3 + 4 - 2", "What is 12 * 7?", "Every wumpus is a yumpus. Is Alex a yumpus?")
 
 
-def _plain_prompt(method) -> bool:
-    """True when inference is one plain causal prefill of `method.prompt` (not Coconut)."""
-    from rim.methods.base import Method
-
-    return type(method).prefill is Method.prefill
-
-
 def prompt_template(method, tokenizer) -> tuple[str, list[int]]:
     """(`"{question}" + suffix text`, suffix ids): the K blocks appended to the question."""
     probe = _PROBES[0]
@@ -108,20 +101,16 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
 
     from transformers import GenerationConfig
 
-    from rim.config import load_config
+    from rim.assembly import from_checkpoint
     from rim.io import atomic_dir
-    from rim.memory import memory_tokens
-    from rim.methods import method_class
-    from rim.model import load_checkpoint
+    from rim.model import load_meta
 
     ckpt, out = _resolve(Path(checkpoint)), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RimError(f"--out {out}: already exists and is not empty")
-    cfg = load_config(ckpt / "config.yaml")
-    model, tok, meta = load_checkpoint(ckpt)
-    cls = method_class(meta.get("method", cfg.method))
-    method = cls(cfg, tok, memory_tokens(tok, cfg.memory) if cls.uses_blocks else None)
-    if not _plain_prompt(method):
+    model, tok, method, cfg = from_checkpoint(ckpt)
+    meta = load_meta(ckpt)
+    if not method.plain_prompt:
         raise RimError(
             f"--checkpoint {ckpt}: method {method.name} needs sequential forward passes at "
             "inference; only plain-prompt methods can be exported"

@@ -154,20 +154,30 @@ def collate(items: list[Packed], pad_id: int, dtype: torch.dtype = torch.float32
     return Batch(input_ids, labels, weights, position_ids, mask)
 
 
-def weighted_loss(logits: torch.Tensor, batch: Batch, num_examples: int) -> torch.Tensor:
-    """Sum over readouts of weight * mean token NLL, divided by `num_examples`.
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, L) NLL of `labels` under `logits` (B, L, V), in fp32; 0 where the label is IGNORE."""
+    B, L, V = logits.shape
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(B * L, V), labels.reshape(B * L), ignore_index=IGNORE,
+        reduction="none",
+    ).reshape(B, L)  # fmt: skip
+
+
+def weighted_nll(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, num_examples: int
+) -> torch.Tensor:
+    """Sum of per-token weight * NLL, divided by `num_examples`: the one training loss.
 
     Dividing by the global number of examples (not tokens) makes gradient accumulation and
     multi-process training exact: (batch 8 x accumulation 1) == (batch 1 x accumulation 8).
+    A readout's tokens each weigh weight / length, so a readout counts its mean token NLL.
     """
-    B, L, V = logits.shape
-    nll = torch.nn.functional.cross_entropy(
-        logits.float().reshape(B * L, V),
-        batch.labels.reshape(B * L),
-        ignore_index=IGNORE,
-        reduction="none",
-    ).reshape(B, L)  # (B, L), 0 where IGNORE
-    return (nll * batch.weights).sum() / num_examples
+    return (token_nll(logits, labels) * weights).sum() / num_examples
+
+
+def weighted_loss(logits: torch.Tensor, batch: Batch, num_examples: int) -> torch.Tensor:
+    """Sum over readouts of weight * mean token NLL, divided by `num_examples`."""
+    return weighted_nll(logits, batch.labels, batch.weights, num_examples)
 
 
 def render(p: Packed, names: list[str] | None = None) -> str:

@@ -19,14 +19,11 @@ import contextlib
 import json
 import math
 import os
-import random
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
@@ -34,116 +31,13 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from rim import fsdp, progress, runs
-from rim.config import Config, save_config
+from rim.assembly import Setup, assemble, t_max
+from rim.checkpoint import Parts, TrainState, find_latest, load_state, save_model, save_state
+from rim.config import Config
 from rim.curriculum import Stage, stage_progress, warmup_constant
-from rim.data import Example, load_split
 from rim.errors import Preempted, RimError
 from rim.evaluation import evaluate
-from rim.io import atomic_dir, os_error, storage_error
-from rim.memory import memory_tokens
-from rim.methods import Method, method_class
-from rim.model import (
-    build_model,
-    build_tokenizer,
-    load_pretrained,
-    load_tokenizer,
-    max_positions,
-    resize_for,
-    save_meta,
-    wrap_lora,
-)
-
-
-@dataclass
-class Setup:
-    cfg: Config
-    model: torch.nn.Module
-    tokenizer: object
-    method: Method
-    train: list[Example]
-    valid: list[Example]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build(cfg: Config, log=print) -> Setup:
-    """Data, tokenizer, model and method for `cfg` (no training state)."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.train.seed)
-    d = cfg.data
-    train = load_split(**vars(d.train))
-    valid = load_split(**vars(d.valid))
-    cls = method_class(cfg.method)
-    new_tokens = cls.new_tokens(cfg)
-    if cfg.model.path is None:
-        if cfg.model.tokenizer:
-            tok = load_tokenizer(cfg.model.tokenizer)
-        else:
-            texts = [e.question for e in train] + [s for e in train for s in e.steps]
-            texts += sorted({e.step_sep for e in train})  # the CoT's own ` + ` is a token too
-            texts += [e.answer for e in train] + [cfg.eval.answer_marker]
-            tok = build_tokenizer(texts)
-        memory_ids = _add_tokens(tok, new_tokens)
-        model = build_model(cfg.model, vocab_size=len(tok), max_positions=_positions_needed(cfg))
-    else:
-        if not Path(cfg.model.path).is_dir():  # before the tokenizer, which defaults to it
-            raise RimError(f"model.path: {cfg.model.path}: no such model folder")
-        key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
-        tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, key)
-        memory_ids = _add_tokens(tok, new_tokens)
-        model = load_pretrained(cfg.model)
-    resize_for(model, tok)
-    if cfg.model.path is not None and not cfg.model.full_finetune:
-        model = wrap_lora(model, cfg.model, memory_ids)
-    mem = memory_tokens(tok, cfg.memory) if cls.uses_blocks else None
-    method = cls(cfg, tok, mem)
-    model = method.attach(model)  # method-owned modules (CODI's projection)
-    train = _check_lengths(method, model, train, cfg, "data.train")
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(
-        f"[rim] {cfg.method}: {len(train)} train / {len(valid)} valid examples, "
-        f"{n_params / 1e6:.2f}M trainable parameters"
-    )
-    return Setup(cfg, model, tok, method, train, valid)
-
-
-def _add_tokens(tok, strings: list[str]) -> list[int]:
-    from rim.memory import add_special_tokens
-
-    return add_special_tokens(tok, strings) if strings else []
-
-
-def _positions_needed(cfg: Config) -> int:
-    return cfg.data.max_length or 1024
-
-
-def _check_lengths(method: Method, model, examples: list[Example], cfg: Config, key: str):
-    """Drop (and count) or reject examples whose training sequence exceeds the model's limit."""
-    limit = cfg.data.max_length or max_positions(model)
-    if limit is None:
-        return examples
-    stages = method.plan(max(len(examples), 1), _t_max(examples))
-    kept = []
-    for i, ex in enumerate(examples):
-        n = max(method.train_length(ex, s) for s in stages)
-        if n <= limit:
-            kept.append(ex)
-        elif cfg.data.too_long == "error":
-            raise RimError(f"{key}: example {i + 1} needs {n} tokens > max_length {limit}")
-    if len(kept) < len(examples):
-        print(f"[rim] skipped {len(examples) - len(kept)} examples longer than {limit} tokens")
-    if not kept:
-        raise RimError(f"{key}: no example fits in {limit} tokens")
-    return kept
-
-
-def _t_max(examples: list[Example]) -> int:
-    return max((len(e.steps) for e in examples), default=0)
+from rim.io import os_error, storage_error
 
 
 class ExampleStream:
@@ -175,29 +69,6 @@ def set_dropout(model: torch.nn.Module, p: float | None) -> None:
             m.attention_dropout = p
 
 
-def save_model(
-    setup: Setup, model, path: Path, state_dict: dict | None = None, run: dict | None = None
-) -> None:
-    """A loadable checkpoint: weights (or adapter), tokenizer, config.yaml and rim.json.
-
-    `state_dict`: the gathered full weights when the model is sharded (FSDP). `run`: the run
-    id, branch and step that wrote it (so a resumed branch knows which `best/` is its own).
-    """
-
-    def write(tmp: Path) -> None:
-        extra = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
-        # the adapter's trainable-token rows hold the new embeddings; the rest is the base's
-        setup.method.save_modules(model, tmp, state_dict)  # before: HF prunes state_dict
-        model.save_pretrained(tmp, state_dict=state_dict, **extra)
-        setup.tokenizer.save_pretrained(tmp)
-        save_config(setup.cfg, tmp / "config.yaml")
-        adapter = setup.cfg.model.path is not None and not setup.cfg.model.full_finetune
-        meta = setup.method.meta() | {"adapter": adapter, "base_model": setup.cfg.model.path}
-        save_meta(tmp, meta | {"format": 1} | ({"run": run} if run else {}))
-
-    atomic_dir(path, write)
-
-
 class Trainer:
     def __init__(self, setup: Setup, out: str | Path, accelerator: Accelerator | None = None):
         self.s = setup
@@ -208,15 +79,11 @@ class Trainer:
             self.model = fsdp.shard(setup.model, self.acc.device)
         else:
             self.model = self.acc.prepare_model(setup.model)
-        self.plan = setup.method.plan(len(setup.train), _t_max(setup.train))
+        self.plan = setup.method.plan(len(setup.train), t_max(setup.train))
         self.stream = ExampleStream(len(setup.train), self.cfg.train.seed)
-        self.stage_index, self.step_in_stage, self.global_step = 0, 0, 0
-        self.best = -1.0
+        self.state = TrainState()
         self.optimizer = self.scheduler = None
         self.main = self.acc.is_main_process
-        self.run_id, self.branch = runs.new_run_id(), runs.new_run_id()
-        self.resumed_from: int | None = None  # step of the checkpoint this branch resumed
-        self.superseded = False  # the abandoned branch's later outputs moved aside
         self.stop_signal: str | None = None
         # FSDP shards the weights: forward passes and weight gathering need every process
         self.sharded = fsdp.is_sharded(self.model)
@@ -225,7 +92,8 @@ class Trainer:
             raise RimError(f"train.batch_size: must be a multiple of the {n} FSDP processes")
 
     # ---- state ----
-    def _new_optimizer(self, stage: Stage) -> None:
+    def new_optimizer(self, stage: Stage) -> None:
+        """A fresh AdamW and LR schedule for `stage` (every stage starts with one)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=self.cfg.train.weight_decay)
         frac = self.cfg.train.warmup if stage.warmup is None else stage.warmup
@@ -247,15 +115,20 @@ class Trainer:
             except OSError as err:
                 raise storage_error(file, err) from None
 
-    def _run_info(self) -> dict:
-        return {"id": self.run_id, "branch": self.branch, "step": self.global_step}
-
     def _save_model(self, name: str) -> None:
-        """`final/` or `best/` (a collective call under FSDP: every process gathers)."""
+        """`final/` or `best/` (a collective call under FSDP: every process gathers).
+
+        rim.json records the run id, branch and step, so a resumed branch knows which
+        `best/` is its own."""
         full = fsdp.full_state_dict(self.model) if self.sharded else None
         if self.main:
+            st, cfg, method = self.state, self.cfg, self.s.method
+            run = {"id": st.run_id, "branch": st.branch, "step": st.global_step}
+            adapter = cfg.model.path is not None and not cfg.model.full_finetune
+            meta = method.meta(self.plan) | {"adapter": adapter, "base_model": cfg.model.path}
             model = self.acc.unwrap_model(self.model)
-            save_model(self.s, model, self.out / name, full, self._run_info())
+            meta |= {"format": 1, "run": run}
+            save_model(self.out / name, model, self.s.tokenizer, cfg, meta, method, full)
 
     # ---- one optimizer step ----
     def step(self, stage: Stage) -> float:
@@ -264,7 +137,7 @@ class Trainer:
         mine = idx[self.acc.process_index :: self.acc.num_processes]
         micro = t.micro_batch_size or t.batch_size
         chunks = [mine[i : i + micro] for i in range(0, len(mine), micro)] or [[]]
-        progress = stage_progress(self.step_in_stage, stage.steps)
+        progress = stage_progress(self.state.step_in_stage, stage.steps)
         self.model.train()
         total = 0.0
         for j, chunk in enumerate(chunks):
@@ -286,12 +159,11 @@ class Trainer:
         norm = self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
         norm = float(fsdp.replicated(norm)) if norm is not None else 0.0
         if not (math.isfinite(total) and math.isfinite(norm)):  # before the update: the
-            from rim.checkpoint import find_latest  # weights and checkpoints stay good
-
-            good = find_latest(self.out)
+            good = find_latest(self.out)  # weights and checkpoints stay good
             raise RimError(
                 f"train: non-finite loss or gradient (loss {total}, gradient norm {norm}) "
-                f"at step {self.global_step + 1} ({stage.name} step {self.step_in_stage + 1});"
+                f"at step {self.state.global_step + 1} ({stage.name} step "
+                f"{self.state.step_in_stage + 1});"
                 " stopped, last good checkpoint: "
                 + (str(good) if good else "none written yet (set train.save_every)")
             )
@@ -304,18 +176,18 @@ class Trainer:
     def fit(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.main:
-            runs.write_run(
-                self.out, self.run_id, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
-            )
+            recipe = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+            runs.write_run(self.out, self.state.run_id, recipe)
         t0 = time.perf_counter()
+        st = self.state
         with self._signals():
-            while self.stage_index < len(self.plan):
-                stage = self.plan[self.stage_index]
+            while st.stage_index < len(self.plan):
+                stage = self.plan[st.stage_index]
                 if self.optimizer is None:
-                    self._new_optimizer(stage)
+                    self.new_optimizer(stage)
                 self._run_stage(stage)
-                self.stage_index += 1
-                self.step_in_stage = 0
+                st.stage_index += 1
+                st.step_in_stage = 0
                 self.optimizer = None
                 self.save_resumable()
                 self._stop_if_asked(saved=True)
@@ -323,8 +195,8 @@ class Trainer:
         self._save_model("final")
         if not (self.out / "best").exists():
             self._save_model("best")
-        self.log({"event": "done", "train_s": train_s, "best_valid_accuracy": self.best})
-        return {"train_s": train_s, "best_valid_accuracy": self.best}
+        self.log({"event": "done", "train_s": train_s, "best_valid_accuracy": st.best})
+        return {"train_s": train_s, "best_valid_accuracy": st.best}
 
     # ---- preemption ----
     @contextlib.contextmanager
@@ -355,15 +227,15 @@ class Trainer:
         if not saved:
             self.save_resumable()
         raise Preempted(
-            f"stopped by {self.stop_signal or 'a signal'} at step {self.global_step}; "
+            f"stopped by {self.stop_signal or 'a signal'} at step {self.state.global_step}; "
             f"resume with: rim train --resume {self.out}"
         )
 
     def _run_stage(self, stage: Stage) -> None:
-        t = self.cfg.train
+        t, st = self.cfg.train, self.state
         bar = tqdm(
             total=stage.steps,
-            initial=self.step_in_stage,
+            initial=st.step_in_stage,
             desc=f"{self.cfg.method}:{stage.name}",
             disable=not self.main or not progress.live(),
             dynamic_ncols=True,
@@ -371,65 +243,58 @@ class Trainer:
         logged = self.main and progress.enabled() and not progress.live()
         status = progress.Status()
         tick, seen = time.perf_counter(), 0
-        while self.step_in_stage < stage.steps:
+        while st.step_in_stage < stage.steps:
             loss = self.step(stage)
-            self.step_in_stage += 1
-            self.global_step += 1
+            st.step_in_stage += 1
+            st.global_step += 1
             seen += t.batch_size
             rate = seen / max(time.perf_counter() - tick, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.0f}")
             if logged and status.due():  # in a log: a line every 30 s, not a redrawn bar
                 print(
-                    f"[rim] {bar.desc} step {self.step_in_stage}/{stage.steps}: "
+                    f"[rim] {bar.desc} step {st.step_in_stage}/{stage.steps}: "
                     f"loss {loss:.4f}, {rate:.0f} examples/s",
                     flush=True,
                 )
-            if self.global_step % t.log_every == 0 or self.step_in_stage == stage.steps:
-                self.log(
-                    {
-                        "stage": stage.name,
-                        "step": self.global_step,
-                        "stage_step": self.step_in_stage,
-                        "loss": loss,
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "examples_per_s": rate,
-                    }
-                )
-            last = self.step_in_stage == stage.steps
-            if (t.eval_every and self.global_step % t.eval_every == 0) or last:
+            last = st.step_in_stage == stage.steps
+            if st.global_step % t.log_every == 0 or last:
+                self._log_step(stage, loss, rate)
+            if (t.eval_every and st.global_step % t.eval_every == 0) or last:
                 self.validate(stage)
-            saved = bool(t.save_every and self.global_step % t.save_every == 0 and not last)
+            saved = bool(t.save_every and st.global_step % t.save_every == 0 and not last)
             if saved:
                 self.save_resumable()
             if not last:  # at a stage end fit() saves first
                 self._stop_if_asked(saved)
         bar.close()
 
+    def _log_step(self, stage: Stage, loss: float, rate: float) -> None:
+        st = self.state
+        lr = self.scheduler.get_last_lr()[0]
+        record = {"stage": stage.name, "step": st.global_step, "stage_step": st.step_in_stage}
+        self.log(record | {"loss": loss, "lr": lr, "examples_per_s": rate})
+
     def validate(self, stage: Stage) -> float:
+        st = self.state
         if not self.main and not self.sharded:
             self.acc.wait_for_everyone()
-            return self.best
+            return st.best
         e = self.cfg.eval
         valid = self.s.valid[: e.val_limit] if e.val_limit else self.s.valid
-        model = self.acc.unwrap_model(self.model)
         # sharded: every process decodes the same examples (identical steps) through FSDP
+        model = self.model if self.sharded else self.acc.unwrap_model(self.model)
         res = evaluate(
-            self.s.method,
-            self.model if self.sharded else model,
-            valid,
-            e.batch_size,
-            all_blocks=False,
-            timing_examples=0,
+            self.s.method, model, valid, e.batch_size, decoder="final", timing_examples=0,
             progress=False,
-        )
+        )  # fmt: skip
         if self.sharded:
             fsdp.reshard(self.model)
         acc = res["accuracy"]
         self.log(
             {
                 "stage": stage.name,
-                "step": self.global_step,
+                "step": st.global_step,
                 "valid_accuracy": acc,
                 "valid_token_accuracy": res["token_accuracy"],
             }
@@ -437,18 +302,34 @@ class Trainer:
         # only the last stage trains what inference runs (RiM stage 2, Coconut's final number of
         # thoughts, iCoT's full removal), so only it may provide best/; ties go to the later one.
         # A stage split in several (one optimizer each) marks its parts with `selects_best`.
-        final = stage.options.get("selects_best", stage.index == len(self.plan) - 1)
-        if final and acc >= self.best:
-            self.best = acc
+        final = stage.selects_best
+        if final is None:
+            final = stage.index == len(self.plan) - 1
+        if final and acc >= st.best:
+            st.best = acc
             self._save_model("best")
         self.acc.wait_for_everyone()
         return acc
 
-    # ---- resumable checkpoints (see rim.checkpoint for loading) ----
-    def save_resumable(self) -> None:
-        from rim.checkpoint import save_state
+    # ---- resumable checkpoints (rim.checkpoint) ----
+    def _parts(self) -> Parts:
+        return Parts(self.acc, self.model, self.optimizer, self.scheduler, self.sharded)
 
-        save_state(self)
+    def save_resumable(self) -> None:
+        self.state.cursor = self.stream.cursor
+        save_state(self.out, self.state, self._parts(), self.cfg)
+
+    def resume(self, folder: Path) -> Path:
+        """Continue from a checkpoint (or a run folder's newest intact one): weights, RNG,
+        state, data cursor and, mid-stage, the optimizer and LR schedule."""
+        got = load_state(folder, self.out, self._parts())
+        self.state = got.state
+        self.stream.cursor = got.state.cursor
+        if got.optimizer is not None and self.state.stage_index < len(self.plan):
+            self.new_optimizer(self.plan[self.state.stage_index])
+            self.optimizer.load_state_dict(got.optimizer)
+            self.scheduler.load_state_dict(got.scheduler)
+        return got.checkpoint
 
 
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
@@ -499,7 +380,7 @@ def train(
         runs.check_unlocked(out)
     if resume is None and not overwrite:
         runs.refuse_existing(out)
-    setup = build(cfg, log=print if rank0 else lambda *a: None)
+    setup = assemble(cfg, log=print if rank0 else lambda *a: None)
     if rank0:
         try:
             runs.lock(out)
@@ -512,11 +393,9 @@ def train(
             runs.refuse_existing(out)
         trainer = Trainer(setup, out)
         if resume is not None:
-            from rim.checkpoint import load_state
-
-            ckpt = load_state(trainer, Path(resume))
+            ckpt = trainer.resume(Path(resume))
             if changes:
-                step = trainer.global_step
+                step = trainer.state.global_step
                 trainer.log(
                     {"event": "resume", "step": step, "from": str(ckpt), "changed": changes}
                 )

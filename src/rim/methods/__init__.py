@@ -1,27 +1,17 @@
-"""Methods by name: `method: rim|direct|cot|pause|coconut|icot|codi` in a recipe picks one."""
+"""Methods by name: `method: rim|direct|cot|pause|coconut|icot|codi` in a recipe picks one.
+
+Each built-in method registers itself in its own module (`@register`); importing this
+package imports them. `build(cfg, tokenizer)` is the one way to make a method.
+"""
 
 from __future__ import annotations
 
-from rim.methods.base import Method
-from rim.methods.coconut import Coconut
-from rim.methods.codi import CODI
-from rim.methods.cot import CoT
-from rim.methods.direct import Direct
-from rim.methods.icot import ICoT
-from rim.methods.pause import Pause
-from rim.methods.rim import RiM
+# ruff: noqa: I001 (registration order is the order `rim demo` and error messages list them)
+from rim.methods import direct, cot, pause, rim, coconut, icot, codi  # noqa: F401
+from rim.methods.base import Common, Method, Tokens
+from rim.methods.registry import METHODS, build, check, method_class, plan, register
 
-METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (Direct, CoT, Pause, RiM, Coconut, ICoT, CODI)
-}
-
-
-def method_class(name: str) -> type[Method]:
-    from rim.errors import ConfigError
-
-    if name not in METHODS:
-        raise ConfigError(f"method: {name!r} is not one of {', '.join(METHODS)}")
-    return METHODS[name]
-
-
-__all__ = ["METHODS", "Method", "method_class"]
+__all__ = [
+    "METHODS", "Common", "Method", "Tokens", "build", "check", "method_class", "plan",
+    "register",
+]  # fmt: skip

@@ -7,39 +7,89 @@ Coconut, whose thoughts need sequential passes, overrides `loss` and `prefill`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
 from rim.config import Config
 from rim.curriculum import Stage, steps_for
 from rim.data import Example
+from rim.decoding import Prefill, prefill
 from rim.layout import Segment, collate, pack, weighted_loss
 from rim.memory import MemoryTokens
 
 
-class Method:
-    name = "base"
-    uses_blocks = False  # inference appends K memory blocks to the question
-    writes_reasoning = False  # generates reasoning before the answer marker (CoT-like)
+@dataclass(frozen=True)
+class Common:
+    """What every method reads of a recipe: the answer format, budgets and the training budget.
 
-    def __init__(self, cfg: Config, tokenizer, mem: MemoryTokens | None = None):
-        self.cfg = cfg
+    A method gets this, its own section (`Method.settings_from`) and its `Tokens`, never
+    the whole `Config`, so what a method depends on is written down in one place.
+    """
+
+    answer_marker: str = "####"
+    max_new_tokens: int = 32  # eval.max_new_tokens: answer tokens
+    cot_max_new_tokens: int = 256  # eval.cot_max_new_tokens: CoT-like methods
+    cot_join: str = "source"  # data.cot_join
+    max_length: int | None = None  # data.max_length
+    epochs: float | None = None  # train.epochs / train.steps: single-stage budget
+    steps: int | None = None
+    batch_size: int = 128  # train.batch_size (global)
+    lr: float = 1e-4
+    dropout: float | None = None
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Common:
+        t, e = cfg.train, cfg.eval
+        return cls(
+            e.answer_marker, e.max_new_tokens, e.cot_max_new_tokens, cfg.data.cot_join,
+            cfg.data.max_length, t.epochs, t.steps, t.batch_size, t.lr, t.dropout, t.seed,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The token spec: EOS, padding, and the ids of `new_tokens` in their order."""
+
+    eos: int
+    pad: int
+    new: tuple[int, ...] = ()
+
+
+class Method:
+    """One training recipe and inference prompt. Subclasses register with
+    `rim.methods.registry.register` and are made by `rim.methods.build(cfg, tokenizer)`."""
+
+    name: ClassVar[str] = "base"
+    uses_blocks: ClassVar[bool] = False  # inference appends K memory blocks to the question
+    writes_reasoning: ClassVar[bool] = False  # writes reasoning before the answer marker
+    section: ClassVar[str | None] = None  # the recipe section with this method's settings
+    # inference is one causal prefill of `prompt()` then greedy tokens, so a stock
+    # `generate()` serves it (`rim export`); False for latent thoughts (Coconut, CODI)
+    plain_prompt: ClassVar[bool] = True
+
+    def __init__(self, common: Common, settings: Any, tokens: Tokens, tokenizer):
+        self.common, self.settings, self.tokens = common, settings, tokens
         self.tokenizer = tokenizer
-        self.mem = mem
-        self.eos_id: int = tokenizer.eos_token_id
-        self.pad_id: int = tokenizer.pad_token_id
-        self.marker = cfg.eval.answer_marker
+        self.eos_id: int = tokens.eos
+        self.pad_id: int = tokens.pad
+        self.marker = common.answer_marker
+        self.mem: MemoryTokens | None = None  # set by block methods
         self._question = lru_cache(maxsize=200_000)(self._encode_question)
         self._text = lru_cache(maxsize=200_000)(self._encode_text)
 
     @classmethod
-    def new_tokens(cls, cfg: Config) -> list[str]:
+    def settings_from(cls, cfg: Config) -> Any:
+        """This method's typed settings: its recipe section (`section`), or None."""
+        return getattr(cfg, cls.section) if cls.section else None
+
+    @classmethod
+    def new_tokens(cls, settings: Any) -> list[str]:
         """Special tokens this method adds to the vocabulary (their rows are trained)."""
-        if cls.uses_blocks:
-            m = cfg.memory
-            return [m.start_token, m.mem_token, m.end_token]
         return []
 
     # ---- tokenisation (segments are tokenised separately, then concatenated) ----
@@ -70,15 +120,15 @@ class Method:
         `data.cot_join: space` joins with spaces instead (the iCoT multiplication then loses
         its ` + ` tokens, which moves every iCoT removal cut point).
         """
-        sep = ex.step_sep if self.cfg.data.cot_join == "source" else " "
+        sep = ex.step_sep if self.common.cot_join == "source" else " "
         return self.reasoning_ids(ex.steps[start:], sep)
 
     # ---- training ----
     def plan(self, n_train: int, t_max: int) -> list[Stage]:
         """Single-stage default: `train.epochs` or `train.steps`."""
-        t = self.cfg.train
-        steps = steps_for(t.epochs, t.steps, n_train, t.batch_size)
-        return [Stage(self.name, 0, steps, t.lr, t.dropout)]
+        c = self.common
+        steps = steps_for(c.epochs, c.steps, n_train, c.batch_size)
+        return [Stage(self.name, 0, steps, c.lr, c.dropout)]
 
     def segments(self, ex: Example, stage: Stage, progress: float) -> list[Segment]:
         raise NotImplementedError
@@ -112,38 +162,43 @@ class Method:
         return list(self.question_ids(question))
 
     def max_new_tokens(self) -> int:
-        e = self.cfg.eval
-        return e.cot_max_new_tokens if self.writes_reasoning else e.max_new_tokens
+        c = self.common
+        return c.cot_max_new_tokens if self.writes_reasoning else c.max_new_tokens
 
-    def prefill(self, model, prompts: list[list[int]]):
-        from rim.decoding import prefill
+    def latent_positions(self) -> int:
+        """Positions a prefill adds after the prompt (latent thoughts), for length checks."""
+        return 0
 
-        return prefill(model, prompts, self.pad_id)
+    def prefill(self, model, prompts: list[list[int]], keep_states: int = 0) -> Prefill:
+        """The state greedy decoding starts from; `keep_states`: see `rim.decoding.prefill`."""
+        return prefill(model, prompts, self.pad_id, keep_states)
 
     def answer_tokens(self, generated: list[int]) -> list[int]:
-        """The answer part of `generated`: after the marker for CoT-like methods (none = no answer).
+        """The answer part of `generated`: after the marker for CoT-like methods (none = no answer)."""
+        start = self.answer_start(generated)
+        return [] if start is None else generated[start:]
+
+    def first_answer_index(self, generated: list[int]) -> int:
+        """Index of the first answer token in `generated` (for time to first answer token):
+        where `answer_tokens` starts, the last token when the answer is empty or missing."""
+        start = self.answer_start(generated)
+        last = max(len(generated) - 1, 0)
+        return last if start is None else min(start, last)
+
+    def answer_start(self, generated: list[int]) -> int | None:
+        """Where the answer starts in `generated`: 0, or after the LAST marker for CoT-like
+        methods (None without one). The one marker rule for accuracy and for latency.
 
         Split on token ids, not text: a tokenizer may decode the marker differently (`# # # #`).
         """
         if not self.writes_reasoning:
-            return generated
+            return 0
         marker = list(self.text_ids(self.marker))
         n = len(marker)
         for i in range(len(generated) - n, -1, -1):  # the last marker wins
             if generated[i : i + n] == marker:
-                return generated[i + n :]
-        return []
-
-    def first_answer_index(self, generated: list[int]) -> int:
-        """Index of the first answer token in `generated` (for time to first answer token)."""
-        if not self.writes_reasoning:
-            return 0
-        marker = list(self.text_ids(self.marker))
-        n = len(marker)
-        for i in range(len(generated) - n + 1):
-            if generated[i : i + n] == marker:
-                return min(i + n, len(generated) - 1)
-        return max(len(generated) - 1, 0)
+                return i + n
+        return None
 
     # ---- method-owned modules (CODI's projection): none by default ----
     def attach(self, model, checkpoint: Path | None = None):
@@ -154,8 +209,9 @@ class Method:
     def save_modules(self, model, folder: Path, state_dict: dict | None = None) -> None:
         """Write the weights of the modules `attach` added into a checkpoint `folder`."""
 
-    def meta(self) -> dict:
-        """What a checkpoint needs to reproduce inference (written to rim.json)."""
+    def meta(self, plan: list[Stage] | None = None) -> dict:
+        """What a checkpoint needs to reproduce inference (written to rim.json); `plan`: the
+        stages it was trained with."""
         return {"method": self.name, "answer_marker": self.marker}
 
 

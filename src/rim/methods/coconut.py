@@ -25,14 +25,21 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from rim.config import Config
+from rim.config import CoconutConfig
 from rim.curriculum import Stage, coconut_plan, steps_for
 from rim.data import Example
 from rim.decoding import Prefill, left_pad, positions
 from rim.errors import ConfigError
-from rim.layout import IGNORE, Segment
-from rim.memory import MemoryTokens
-from rim.methods.base import Method, readout
+from rim.layout import IGNORE, Segment, weighted_nll
+from rim.methods.base import Common, Method, Tokens, readout
+from rim.methods.registry import register
+
+
+@dataclass(frozen=True)
+class Latent:
+    """A stage's payload: stage k of the curriculum (k > max_stage: fully latent)."""
+
+    k: int
 
 
 @dataclass
@@ -166,27 +173,23 @@ def run(
     return Passes(out.cache, mask, out.logits, tpos[:, 0] + tmask.sum(1), n_max + 1)
 
 
+@register
 class Coconut(Method):
     name = "coconut"
+    section = "coconut"
+    plain_prompt = False  # sequential latent passes at inference: not exportable
     # the target after <eot> is `remaining steps ++ marker ++ answer`, as the original's
     # `steps ++ "### " answer`; fully latent at the final stage, the marker still comes first
     writes_reasoning = True
+    settings: CoconutConfig
 
-    def __init__(self, cfg: Config, tokenizer, mem: MemoryTokens | None = None):
-        super().__init__(cfg, tokenizer, mem)
-        vocab = tokenizer.get_vocab()
-        missing = [s for s in self.new_tokens(cfg) if s not in vocab]
-        if missing:
-            raise ValueError(f"coconut: the tokenizer lacks {missing} (add new_tokens first)")
-        c = cfg.coconut
-        self.bot_id, self.thought_id, self.eot_id = (
-            vocab[s] for s in (c.start_token, c.thought_token, c.end_token)
-        )
+    def __init__(self, common: Common, settings: CoconutConfig, tokens: Tokens, tokenizer):
+        super().__init__(common, settings, tokens, tokenizer)
+        self.bot_id, self.thought_id, self.eot_id = tokens.new
 
     @classmethod
-    def new_tokens(cls, cfg: Config) -> list[str]:
-        c = cfg.coconut
-        return [c.start_token, c.thought_token, c.end_token]
+    def new_tokens(cls, settings: CoconutConfig) -> list[str]:
+        return [settings.start_token, settings.thought_token, settings.end_token]
 
     # ---- training ----
     def plan(self, n_train: int, t_max: int) -> list[Stage]:
@@ -195,7 +198,7 @@ class Coconut(Method):
         The trainer resets optimizer and LR schedule at each Stage; every Stage of the last
         k may provide best/ (only it trains what inference runs).
         """
-        c, t = self.cfg.coconut, self.cfg.train
+        c, t = self.settings, self.common
         bs = t.batch_size
         per = steps_for(c.epochs_per_stage, c.steps_per_stage, n_train, bs)
         total = (
@@ -218,8 +221,8 @@ class Coconut(Method):
         for i, (k, steps) in enumerate(spans):
             j = seen[k] = seen.get(k, -1) + 1
             name = f"stage{k}" if epoch is None else f"stage{k}.{j}"
-            opts = {"k": k, "selects_best": k == last_k}
-            stages.append(Stage(name, i, steps, t.lr, t.dropout, opts, c.warmup))
+            stage = Stage(name, i, steps, t.lr, t.dropout, Latent(k), c.warmup, k == last_k)
+            stages.append(stage)
         return stages
 
     def parts(self, ex: Example, k: int) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
@@ -229,7 +232,7 @@ class Coconut(Method):
         steps, a later stage drops all of them; thoughts c * min(k, max_stage), or with
         `pad_latent_to_max: false` c * min(k, max_stage, T).
         """
-        c = self.cfg.coconut
+        c = self.settings
         dropped = k if k <= c.max_stage else len(ex.steps)
         latent = min(k, c.max_stage)
         if not c.pad_latent_to_max:
@@ -250,13 +253,13 @@ class Coconut(Method):
 
     def segments(self, ex: Example, stage: Stage, progress: float) -> list[Segment]:
         """The sequence with placeholder thought tokens (for length checks and inspection)."""
-        prefix, n, target = self.parts(ex, int(stage.options.get("k", 0)))
+        prefix, n, target = self.parts(ex, _k(stage))
         x = Segment(prefix + (self.thought_id,) * n + (self.eot_id,))
         return [x, readout(target, 0, 1.0)]
 
     def train_length(self, ex: Example, stage: Stage) -> int:
         """Tokens of the training sequence, counted without laying it out (many Stages)."""
-        prefix, n, target = self.parts(ex, int(stage.options.get("k", 0)))
+        prefix, n, target = self.parts(ex, _k(stage))
         return len(prefix) + n + 1 + len(target)
 
     def loss(
@@ -269,7 +272,7 @@ class Coconut(Method):
         device: torch.device,
     ) -> torch.Tensor:
         """Per-example mean target NLL, summed and divided by `num_examples` (as packed methods)."""
-        k = int(stage.options.get("k", 0))
+        k = _k(stage)
         prefixes, counts, targets = zip(*(self.parts(ex, k) for ex in examples))
         tails = [[self.eot_id, *t] for t in targets]  # <eot> predicts t_1, t_m predicts EOS
         logits = run(model, list(prefixes), list(counts), tails, self.pad_id).logits  # (B, Lt, V)
@@ -279,37 +282,39 @@ class Coconut(Method):
         for b, t in enumerate(targets):
             labels[b, : len(t) + 1] = torch.tensor(t + (self.eos_id,))
             weights[b, : len(t) + 1] = 1.0 / (len(t) + 1)
-        labels, weights = labels.to(device), weights.to(device)
-        nll = torch.nn.functional.cross_entropy(
-            logits.float().reshape(B * Lt, -1),
-            labels.reshape(-1),
-            ignore_index=IGNORE,
-            reduction="none",
-        ).reshape(B, Lt)  # (B, Lt), 0 where IGNORE
-        return (nll * weights).sum() / num_examples
+        return weighted_nll(logits, labels.to(device), weights.to(device), num_examples)
 
     # ---- inference ----
     def thoughts(self) -> int:
         """Thoughts at inference: those of the final stage."""
-        c = self.cfg.coconut
+        c = self.settings
         return c.thoughts_per_step * c.max_stage
+
+    def latent_positions(self) -> int:
+        return self.thoughts() + 1  # + <eot>
 
     def prompt(self, question: str, blocks: int | None = None) -> list[int]:
         return list(self.question_ids(question)) + [self.bot_id]
 
     @torch.no_grad()
-    def prefill(self, model, prompts: list[list[int]]) -> Prefill:
-        """Prefix, thoughts and `<eot>` in n + 1 passes: greedy decoding continues from here."""
+    def prefill(self, model, prompts: list[list[int]], keep_states: int = 0) -> Prefill:
+        """Prefix, thoughts and `<eot>` in n + 1 passes: greedy decoding continues from here.
+        (No memory blocks: `keep_states` is ignored.)"""
         n = self.thoughts()
         out = run(
             model, prompts, [n] * len(prompts), [[self.eot_id]] * len(prompts), self.pad_id, 1
         )
         return Prefill(out.cache, out.mask, out.logits[:, -1].float(), out.next_pos, out.passes)
 
-    def meta(self) -> dict:
-        c = self.cfg.coconut
-        return super().meta() | {
+    def meta(self, plan: list[Stage] | None = None) -> dict:
+        c = self.settings
+        return super().meta(plan) | {
             "thoughts": self.thoughts(),
             "thoughts_per_step": c.thoughts_per_step,
             "max_stage": c.max_stage,
         }
+
+
+def _k(stage: Stage) -> int:
+    """Stage k of a Coconut plan (0 for a stage without a `Latent` payload)."""
+    return stage.payload.k if isinstance(stage.payload, Latent) else 0

@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from rim.config import Config
+from rim.config import CODIConfig
 from rim.curriculum import Stage
 from rim.data import Example
 from rim.decoding import Prefill, left_pad, positions
 from rim.errors import RimError
-from rim.layout import IGNORE, Segment
-from rim.memory import MemoryTokens
-from rim.methods.base import Method, readout
+from rim.layout import IGNORE, Segment, token_nll
+from rim.methods.base import Common, Method, Tokens, readout
+from rim.methods.registry import register
 
 PROJECTION = "codi_projection"  # the submodule's name on the model
 PROJECTION_FILE = "codi_projection.safetensors"
@@ -77,27 +77,27 @@ def right_pad(rows: list[tuple[int, ...]], fill: int) -> torch.Tensor:
     return out  # (B, L)
 
 
+@register
 class CODI(Method):
     name = "codi"
+    section = "codi"
+    plain_prompt = False  # sequential latent passes at inference: not exportable
     writes_reasoning = True  # the student writes the marker, then the answer
+    settings: CODIConfig
 
-    def __init__(self, cfg: Config, tokenizer, mem: MemoryTokens | None = None):
-        super().__init__(cfg, tokenizer, mem)
-        vocab = tokenizer.get_vocab()
-        missing = [s for s in self.new_tokens(cfg) if s not in vocab]
-        if missing:
-            raise ValueError(f"codi: the tokenizer lacks {missing} (add new_tokens first)")
-        self.bot_id, self.eot_id = (vocab[s] for s in self.new_tokens(cfg))
+    def __init__(self, common: Common, settings: CODIConfig, tokens: Tokens, tokenizer):
+        super().__init__(common, settings, tokens, tokenizer)
+        self.bot_id, self.eot_id = tokens.new
         self.projection: nn.Module | None = None  # set by `attach`
         self.layout = lru_cache(maxsize=200_000)(self._layout)
 
     @classmethod
-    def new_tokens(cls, cfg: Config) -> list[str]:
-        return [cfg.codi.start_token, cfg.codi.end_token]
+    def new_tokens(cls, settings: CODIConfig) -> list[str]:
+        return [settings.start_token, settings.end_token]
 
     # ---- the projection, owned by the model ----
     def attach(self, model, checkpoint: Path | None = None):
-        c = self.cfg.codi
+        c = self.settings
         if checkpoint is None and not c.train_new_tokens and hasattr(model, "peft_config"):
             for name, p in model.named_parameters():  # the original: frozen under LoRA
                 if "trainable_tokens_delta" in name:
@@ -136,7 +136,7 @@ class CODI(Method):
         )
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
-        if not self.cfg.codi.projection:
+        if not self.settings.projection:
             return h
         if self.projection is None:
             raise RimError("codi: no projection on the model; call method.attach(model) first")
@@ -145,7 +145,7 @@ class CODI(Method):
     # ---- layout ----
     def _layout(self, ex: Example) -> Layout:
         q = self.question_ids(ex.question)
-        steps = ex.steps[:-1] if self.cfg.codi.drop_last_step else ex.steps
+        steps = ex.steps[:-1] if self.settings.drop_last_step else ex.steps
         answer = self.answer_ids(ex.answer)
         k = self.distill_index(answer)
         cot = self.reasoning_ids(steps)
@@ -180,7 +180,7 @@ class CODI(Method):
 
     def train_length(self, ex: Example, stage: Stage) -> int:
         lay = self.layout(ex)
-        student = len(lay.encoder) + self.cfg.codi.latents + len(lay.decoder) - 1
+        student = len(lay.encoder) + self.settings.latents + len(lay.decoder) - 1
         return max(len(lay.teacher) - 1, student)
 
     # ---- training ----
@@ -197,7 +197,7 @@ class CODI(Method):
         or per example (`codi.reduction`), scaled so that the global batch sums to its mean."""
         if "FSDP" in type(model).__name__ or "FullyShardedDataParallel" in type(model).__name__:
             raise RimError("codi: FSDP is not supported (the projection runs outside the model)")
-        c = self.cfg.codi
+        c = self.settings
         lays = [self.layout(ex) for ex in examples]
         per_example = c.reduction == "example"
         t_nll, t_mask, targets = self.teacher_pass(model, lays, device)
@@ -221,10 +221,10 @@ class CODI(Method):
         ).to(device)  # (B, L): position t predicts teacher[t + 1]
         kw = dict(attention_mask=mask, position_ids=positions(mask), use_cache=False)
         out = model(input_ids=ids, output_hidden_states=True, **kw)
-        nll = _nll(out.logits, labels)  # (B, L)
+        nll = token_nll(out.logits, labels)  # (B, L)
         idx = torch.tensor([lay.teacher_distill for lay in lays], device=device)  # (B,)
         hidden = out.hidden_states
-        if self.cfg.codi.separate_target_pass:  # the original: a 2nd pass, own dropout draw
+        if self.settings.separate_target_pass:  # the original: a 2nd pass, own dropout draw
             with torch.no_grad():
                 hidden = model(input_ids=ids, output_hidden_states=True, **kw).hidden_states
         rows_ = torch.arange(len(lays), device=device)
@@ -250,7 +250,7 @@ class CODI(Method):
         )
         cache, latent = out.cache, self.project(out.hidden_states[-1][:, -1:])  # (B, 1, D)
         next_pos = pos[:, -1] + 1  # (B,)
-        for _ in range(self.cfg.codi.latents - 1):
+        for _ in range(self.settings.latents - 1):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             out = model(
                 inputs_embeds=latent,
@@ -282,14 +282,16 @@ class CODI(Method):
             use_cache=True,
             output_hidden_states=True,
         )
-        nll = _nll(out.logits[:, 1:], labels)  # (B, Ld): <eot> predicts the marker's first token
+        nll = token_nll(
+            out.logits[:, 1:], labels
+        )  # (B, Ld): <eot> predicts the marker's first token
         idx = 1 + torch.tensor([lay.student_distill for lay in lays], device=device)  # (B,)
         rows_ = torch.arange(len(lays), device=device)
         return nll, labels != IGNORE, [h[rows_, idx] for h in out.hidden_states]
 
     def distill(self, states, targets, per_example: bool) -> torch.Tensor:
         """Mean over layers of the std-normalised loss between student and teacher states."""
-        kind, norm = self.cfg.codi.distill_loss, self.cfg.codi.distill_std_norm
+        kind, norm = self.settings.distill_loss, self.settings.distill_std_norm
         total = 0.0
         for s, t in zip(states, targets):  # (B, D) each
             s, t = s.float(), t.float()
@@ -311,11 +313,12 @@ class CODI(Method):
         return list(self.question_ids(question)) + [self.bot_id]
 
     def max_new_tokens(self) -> int:
-        return self.cfg.eval.max_new_tokens + len(self.text_ids(self.marker))
+        return self.common.max_new_tokens + len(self.text_ids(self.marker))
 
     @torch.no_grad()
-    def prefill(self, model, prompts: list[list[int]]) -> Prefill:
-        """Prefix, latents, then the last latent with `<eot>`: n + 1 passes."""
+    def prefill(self, model, prompts: list[list[int]], keep_states: int = 0) -> Prefill:
+        """Prefix, latents, then the last latent with `<eot>`: n + 1 passes (no memory
+        blocks: `keep_states` is ignored)."""
         cache, mask, latent, next_pos = self.think(model, prompts)
         N, device = latent.shape[0], latent.device
         eot = torch.full((N, 1), self.eot_id, dtype=torch.long, device=device)
@@ -330,18 +333,14 @@ class CODI(Method):
             logits_to_keep=1,
         )
         logits = out.logits[:, -1].float()  # (N, V)
-        return Prefill(out.cache, mask, logits, next_pos + 2, self.cfg.codi.latents + 1)
+        return Prefill(out.cache, mask, logits, next_pos + 2, self.settings.latents + 1)
 
-    def meta(self) -> dict:
-        c = self.cfg.codi
-        return super().meta() | {"latents": c.latents, "projection": c.projection}
+    def latent_positions(self) -> int:
+        return self.settings.latents + 1  # + <eot>
 
-
-def _nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    B, L, V = logits.shape
-    return F.cross_entropy(
-        logits.float().reshape(B * L, V), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
-    ).reshape(B, L)  # (B, L), 0 where IGNORE
+    def meta(self, plan: list[Stage] | None = None) -> dict:
+        c = self.settings
+        return super().meta(plan) | {"latents": c.latents, "projection": c.projection}
 
 
 def _mean(nll: torch.Tensor, mask: torch.Tensor, per_example: bool) -> torch.Tensor:

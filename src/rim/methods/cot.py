@@ -6,8 +6,10 @@ from rim.curriculum import Stage
 from rim.data import Example
 from rim.layout import Segment
 from rim.methods.base import Method, readout
+from rim.methods.registry import register
 
 
+@register
 class CoT(Method):
     name = "cot"
     writes_reasoning = True

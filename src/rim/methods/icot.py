@@ -16,11 +16,12 @@ docs/baselines.md.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
-from rim.config import Config
+from rim.config import ICoTConfig
 from rim.curriculum import (
     Stage,
     icot_offset,
@@ -31,23 +32,31 @@ from rim.curriculum import (
 )
 from rim.data import Example
 from rim.layout import Segment
-from rim.memory import MemoryTokens
 from rim.methods.base import Method, readout
+from rim.methods.registry import register
 
 
+@dataclass(frozen=True)
+class Removal:
+    """A stage's payload: CoT tokens removed from the left (`all`: the whole CoT), and the
+    global step the stage starts at (removal smoothing draws per step)."""
+
+    removed: int = 0
+    all: bool = False
+    start: int = 0
+
+
+@register
 class ICoT(Method):
     name = "icot"
+    section = "icot"
     writes_reasoning = True
-
-    def __init__(self, cfg: Config, tokenizer, mem: MemoryTokens | None = None):
-        super().__init__(cfg, tokenizer, mem)
-        # rim.json reports the final removal; meta() has no other way to the train size
-        self.final_removed: tuple[int, bool] | None = None
+    settings: ICoTConfig
 
     # ---- the schedule ----
     def plan(self, n_train: int, t_max: int) -> list[Stage]:
-        """One stage per removal count; options: removed, all (no CoT left), start (step)."""
-        t, i = self.cfg.train, self.cfg.icot
+        """One stage per removal count, each with its `Removal`."""
+        t, i = self.common, self.settings
         total = steps_for(t.epochs, t.steps, n_train, t.batch_size)
         per_epoch = max(1, math.ceil(n_train / t.batch_size))
         if i.schedule == "step":
@@ -60,15 +69,14 @@ class ICoT(Method):
         start = 0
         for steps, removed, every in runs:
             name = "remove_all" if every else f"remove{removed}"
-            opts = {"removed": removed, "all": every, "start": start}
-            stages.append(Stage(name, len(stages), steps, t.lr, t.dropout, opts, i.warmup))
+            payload = Removal(removed, every, start)
+            stages.append(Stage(name, len(stages), steps, t.lr, t.dropout, payload, i.warmup))
             start += steps
-        self.final_removed = (removed, every)
         return stages
 
     def _epoch_runs(self, total: int, per_epoch: int) -> list[tuple[int, int, bool]]:
         """`schedule: epoch`: remove_per_epoch more tokens at each epoch boundary."""
-        i = self.cfg.icot
+        i = self.settings
         runs: list[tuple[int, int, bool]] = []
         for e, done in enumerate(range(0, total, per_epoch)):
             steps = min(per_epoch, total - done)
@@ -82,14 +90,14 @@ class ICoT(Method):
 
     def removal(self, ex: Example, stage: Stage, progress: float) -> int | None:
         """Tokens removed from `ex` at this step (None = the whole CoT), smoothing included."""
-        o, i = stage.options, self.cfg.icot
-        if o.get("all"):
+        o, i = _removal(stage), self.settings
+        if o.all:
             return None
-        removed = int(o.get("removed", 0))
+        removed = o.removed
         if i.removal_smoothing_lambda is not None:
-            step = int(o.get("start", 0)) + round(progress * stage.steps)
+            step = o.start + round(progress * stage.steps)
             key = f"{ex.question}\x1f{ex.cot}\x1f{ex.answer}"
-            removed += icot_offset(i.removal_smoothing_lambda, self.cfg.train.seed, step, key)
+            removed += icot_offset(i.removal_smoothing_lambda, self.common.seed, step, key)
         return removed if i.max_remove is None else min(removed, i.max_remove)
 
     # ---- the training sequence ----
@@ -103,7 +111,7 @@ class ICoT(Method):
         """Question, then one readout; `loss: token` weighs every target token 1."""
         x = Segment(self.question_ids(ex.question))
         target = self.target(ex, self.removal(ex, stage, progress))
-        weight = len(target) + 1.0 if self.cfg.icot.loss == "token" else 1.0
+        weight = len(target) + 1.0 if self.settings.loss == "token" else 1.0
         return [x, readout(target, 0, weight)]
 
     def loss(
@@ -119,7 +127,7 @@ class ICoT(Method):
         times this micro-batch's share of the global batch (its `loss.div(accumulate)`);
         `loss: example`: each example's mean token NLL, summed / `num_examples` (rim)."""
         loss = super().loss(model, examples, stage, progress, num_examples, device)
-        if self.cfg.icot.loss == "example":
+        if self.settings.loss == "example":
             return loss
         # the packed weights are 1 per token: loss = sum NLL / num_examples
         n_tok = sum(len(self.target(ex, self.removal(ex, stage, progress))) + 1 for ex in examples)
@@ -131,8 +139,8 @@ class ICoT(Method):
         Cheap: the length check calls it for every example and each of dozens of stages.
         """
         q, cot, answer = self._lengths(ex)
-        o = stage.options
-        kept = 0 if o.get("all") else max(0, cot - int(o.get("removed", 0)))
+        o = _removal(stage)
+        kept = 0 if o.all else max(0, cot - o.removed)
         return q + kept + answer
 
     @lru_cache(maxsize=4096)  # noqa: B019 (one method per run; examples come in order)
@@ -140,6 +148,10 @@ class ICoT(Method):
         q = len(self.question_ids(ex.question))
         return q, len(self.cot_ids(ex)), len(self.answer_ids(ex.answer))
 
-    def meta(self) -> dict:
-        removed, every = self.final_removed or (0, False)
-        return super().meta() | {"removed_tokens": removed, "removed_all": every}
+    def meta(self, plan: list[Stage] | None = None) -> dict:
+        last = _removal(plan[-1]) if plan else Removal()
+        return super().meta(plan) | {"removed_tokens": last.removed, "removed_all": last.all}
+
+
+def _removal(stage: Stage) -> Removal:
+    return stage.payload if isinstance(stage.payload, Removal) else Removal()

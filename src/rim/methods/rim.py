@@ -8,36 +8,78 @@ with weights alpha_k. All readouts of an example share one forward pass (`rim.la
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from rim.config import Config, CurriculumConfig, MemoryConfig
 from rim.curriculum import Stage, alpha_weights, stage1_weights, steps_for
 from rim.data import Example
 from rim.layout import Segment
-from rim.methods.base import Method, block_chain, readout
+from rim.memory import MemoryTokens, token_strings
+from rim.methods.base import Common, Method, Tokens, block_chain, readout
+from rim.methods.registry import register
 
 
+@dataclass(frozen=True)
+class RiMSettings:
+    """`memory`, `curriculum` and the stage-2 overrides of `train`."""
+
+    memory: MemoryConfig
+    curriculum: CurriculumConfig
+    stage2_lr: float | None = None  # None = train.lr
+    stage2_dropout: float | None = None  # None = train.dropout
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """Stage 1's payload: `t_max`, the most steps of any training example."""
+
+    t_max: int
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """Stage 2's payload."""
+
+
+@register
 class RiM(Method):
     name = "rim"
     uses_blocks = True
 
+    def __init__(self, common: Common, settings: RiMSettings, tokens: Tokens, tokenizer):
+        super().__init__(common, settings, tokens, tokenizer)
+        m = settings.memory
+        self.mem = MemoryTokens(*tokens.new, m.mem_tokens, m.blocks)
+
+    @classmethod
+    def settings_from(cls, cfg: Config) -> RiMSettings:
+        t = cfg.train
+        return RiMSettings(cfg.memory, cfg.curriculum, t.stage2_lr, t.stage2_dropout)
+
+    @classmethod
+    def new_tokens(cls, settings: RiMSettings) -> list[str]:
+        return token_strings(settings.memory)
+
     def plan(self, n_train: int, t_max: int) -> list[Stage]:
-        c, t = self.cfg.curriculum, self.cfg.train
-        bs = t.batch_size
-        s1 = steps_for(c.stage1_epochs, c.stage1_steps, n_train, bs)
-        s2 = steps_for(c.stage2_epochs, c.stage2_steps, n_train, bs)
-        lr2 = t.stage2_lr if t.stage2_lr is not None else t.lr
-        drop2 = t.stage2_dropout if t.stage2_dropout is not None else t.dropout
+        c, s = self.common, self.settings
+        cur = s.curriculum
+        s1 = steps_for(cur.stage1_epochs, cur.stage1_steps, n_train, c.batch_size)
+        s2 = steps_for(cur.stage2_epochs, cur.stage2_steps, n_train, c.batch_size)
+        lr2 = s.stage2_lr if s.stage2_lr is not None else c.lr
+        drop2 = s.stage2_dropout if s.stage2_dropout is not None else c.dropout
         return [
-            Stage("stage1", 0, s1, t.lr, t.dropout, {"kind": "grounding", "t_max": t_max}),
-            Stage("stage2", 1, s2, lr2, drop2, {"kind": "refinement"}),
+            Stage("stage1", 0, s1, c.lr, c.dropout, Grounding(t_max)),
+            Stage("stage2", 1, s2, lr2, drop2, Refinement()),
         ]
 
     def segments(self, ex: Example, stage: Stage, progress: float) -> list[Segment]:
-        if stage.options.get("kind") == "grounding":
-            return self.grounding(ex, progress, stage.options.get("t_max"))
+        if isinstance(stage.payload, Grounding):
+            return self.grounding(ex, progress, stage.payload.t_max)
         return self.refinement(ex, self.mem.num_blocks)
 
     def grounding(self, ex: Example, progress: float, t_max: int | None) -> list[Segment]:
         T = len(ex.steps)
-        weights = stage1_weights(T, progress, self.cfg.curriculum.schedule, t_max)
+        weights = stage1_weights(T, progress, self.settings.curriculum.schedule, t_max)
         targets = [self.text_ids(s) for s in ex.steps] + [self.answer_ids(ex.answer)]
         segs = [Segment(self.question_ids(ex.question))] + block_chain(self.mem, T + 1)
         for k, (ids, w) in enumerate(zip(targets, weights), start=1):
@@ -54,6 +96,6 @@ class RiM(Method):
     def prompt(self, question: str, blocks: int | None = None) -> list[int]:
         return list(self.question_ids(question)) + self.mem.blocks(blocks)
 
-    def meta(self) -> dict:
+    def meta(self, plan: list[Stage] | None = None) -> dict:
         m = self.mem
-        return super().meta() | {"blocks": m.num_blocks, "mem_tokens": m.mem_tokens}
+        return super().meta(plan) | {"blocks": m.num_blocks, "mem_tokens": m.mem_tokens}

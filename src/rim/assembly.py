@@ -1,0 +1,138 @@
+"""Putting a run together: recipe, data, tokenizer, method, model (and LoRA), in that order.
+
+    cfg = load_recipe("configs/toy/llama_rim.yaml", ["train.lr=1e-3"])
+    setup = assemble(cfg)                      # for training (rim.trainer.Trainer)
+    model, tok, method, cfg = from_checkpoint("runs/x/best")   # for inference
+
+The method is built first (`rim.methods.build` registers its special tokens), so that the
+model is created or resized for the final vocabulary and LoRA knows the new token rows.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rim import methods
+from rim.config import Config, load_config
+from rim.data import Example, load_split
+from rim.errors import ConfigError, RimError
+from rim.methods import Method
+from rim.model import (
+    build_model,
+    build_tokenizer,
+    load_checkpoint,
+    load_pretrained,
+    load_tokenizer,
+    max_positions,
+    resize_for,
+    wrap_lora,
+)
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    model: torch.nn.Module
+    tokenizer: object
+    method: Method
+    train: list[Example]
+    valid: list[Example]
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """`rim.config.load_config`, then the method name checked against the registry."""
+    cfg = load_config(path, overrides)
+    try:
+        return methods.check(cfg)
+    except ConfigError as err:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{err}") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _tokenizer(cfg: Config, train: list[Example]):
+    """The recipe's tokenizer; for a model built from a config without one, a word-level
+    tokenizer of the training data."""
+    if cfg.model.path is not None:
+        if not Path(cfg.model.path).is_dir():  # before the tokenizer, which defaults to it
+            raise RimError(f"model.path: {cfg.model.path}: no such model folder")
+        key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
+        return load_tokenizer(cfg.model.tokenizer or cfg.model.path, key)
+    if cfg.model.tokenizer:
+        return load_tokenizer(cfg.model.tokenizer)
+    texts = [e.question for e in train] + [s for e in train for s in e.steps]
+    texts += sorted({e.step_sep for e in train})  # the CoT's own ` + ` is a token too
+    texts += [e.answer for e in train] + [cfg.eval.answer_marker]
+    return build_tokenizer(texts)
+
+
+def assemble(cfg: Config, log=print) -> Setup:
+    """Data, tokenizer, method and model for `cfg` (no training state)."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    d = cfg.data
+    train = load_split(**vars(d.train))
+    valid = load_split(**vars(d.valid))
+    tok = _tokenizer(cfg, train)
+    method = methods.build(cfg, tok)  # registers the method's tokens
+    if cfg.model.path is None:
+        model = build_model(cfg.model, vocab_size=len(tok), max_positions=d.max_length or 1024)
+    else:
+        model = load_pretrained(cfg.model)
+    resize_for(model, tok)
+    if cfg.model.path is not None and not cfg.model.full_finetune:
+        model = wrap_lora(model, cfg.model, list(method.tokens.new))
+    model = method.attach(model)  # method-owned modules (CODI's projection)
+    train = check_lengths(method, model, train, cfg, "data.train")
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(
+        f"[rim] {cfg.method}: {len(train)} train / {len(valid)} valid examples, "
+        f"{n_params / 1e6:.2f}M trainable parameters"
+    )
+    return Setup(cfg, model, tok, method, train, valid)
+
+
+def t_max(examples: list[Example]) -> int:
+    """The most reasoning steps of any example (RiM's grounding schedule needs it)."""
+    return max((len(e.steps) for e in examples), default=0)
+
+
+def check_lengths(method: Method, model, examples: list[Example], cfg: Config, key: str):
+    """Drop (and count) or reject examples whose training sequence exceeds the model's limit."""
+    limit = cfg.data.max_length or max_positions(model)
+    if limit is None:
+        return examples
+    stages = method.plan(max(len(examples), 1), t_max(examples))
+    kept = []
+    for i, ex in enumerate(examples):
+        n = max(method.train_length(ex, s) for s in stages)
+        if n <= limit:
+            kept.append(ex)
+        elif cfg.data.too_long == "error":
+            raise RimError(f"{key}: example {i + 1} needs {n} tokens > max_length {limit}")
+    if len(kept) < len(examples):
+        print(f"[rim] skipped {len(examples) - len(kept)} examples longer than {limit} tokens")
+    if not kept:
+        raise RimError(f"{key}: no example fits in {limit} tokens")
+    return kept
+
+
+def from_checkpoint(checkpoint: str | Path, device: str = "cpu"):
+    """(model, tokenizer, method, recipe) of a saved checkpoint, the method's own modules
+    attached to the model."""
+    model, tok, meta = load_checkpoint(checkpoint, device)
+    cfg = load_config(Path(checkpoint) / "config.yaml")
+    cfg.method = meta.get("method", cfg.method)
+    method = methods.build(cfg, tok)
+    return method.attach(model, Path(checkpoint)), tok, method, cfg

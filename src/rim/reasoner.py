@@ -1,0 +1,45 @@
+"""A trained checkpoint ready to answer: `Reasoner.load(dir).generate(["3 + 4"])`.
+
+The user-facing layer over `rim.decoders`: it loads weights, tokenizer and method from a
+checkpoint folder (`rim.assembly.from_checkpoint`), checks the questions and decodes them.
+"""
+
+from __future__ import annotations
+
+from rim.assembly import from_checkpoint
+from rim.decoders import check_questions, decode
+
+
+class Reasoner:
+    def __init__(self, model, tokenizer, method, config=None):
+        self.model, self.tokenizer, self.method = model, tokenizer, method
+        self.config = config  # the checkpoint's recipe (rim.config.Config), when loaded
+
+    @classmethod
+    def load(cls, checkpoint: str, device: str = "cpu") -> Reasoner:
+        return cls(*from_checkpoint(checkpoint, device))
+
+    def generate(
+        self,
+        questions: list[str],
+        blocks: int | None = None,
+        decoder: str = "final",
+        truncate: bool = False,
+    ) -> list[str] | list[list[str]]:
+        """Greedy answers; with `decoder="all-blocks"`, K answers (after blocks 1..K) each.
+
+        Questions are checked first (`check_questions`): too long is an error unless
+        `truncate`, which drops their oldest tokens."""
+        check_questions(self.method, self.model, questions, blocks, truncate)
+        out = decode(self.method, self.model, questions, decoder, blocks, truncate=truncate)
+        texts = self.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+        texts = [t.strip() for t in texts]
+        K = out.rows_per_question
+        if K == 1:
+            return texts
+        return [texts[i * K : (i + 1) * K] for i in range(len(questions))]
+
+
+def generate(checkpoint: str, questions: list[str], **kwargs) -> list[str] | list[list[str]]:
+    """One-call API: load `checkpoint` and answer `questions` (see `Reasoner.generate`)."""
+    return Reasoner.load(checkpoint).generate(questions, **kwargs)
