@@ -231,13 +231,19 @@ def test_demo_rejects_unknown_methods(tmp_path):
         run_demo(args)
 
 
-def test_demo_skips_a_method_not_registered_yet(monkeypatch, capsys):
-    import rim.methods
+def test_demo_skips_a_registered_method_without_a_demo_recipe(tmp_path, monkeypatch, capsys):
+    """One registry (rim.methods.METHODS): a method registered but without
+    configs/demo/<name>.yaml is skipped with a note; by default every registered one runs."""
+    import rim.demo
     from rim.demo import _methods
+    from rim.methods import METHODS
 
-    monkeypatch.delitem(rim.methods.METHODS, "icot")
+    (tmp_path / "direct.yaml").write_text("method: direct\n")
+    monkeypatch.setattr(rim.demo, "config_dir", lambda: tmp_path)
     assert _methods("direct, icot,direct") == ["direct"]
-    assert "icot is not registered" in capsys.readouterr().out
+    assert "no recipe configs/demo/icot.yaml; icot skipped" in capsys.readouterr().out
+    assert _methods(None) == ["direct"]
+    assert capsys.readouterr().out.count("skipped") == len(METHODS) - 1
 
 
 @settings(max_examples=50, deadline=None)

@@ -201,10 +201,10 @@ def test_pretrained_training_changes_only_new_token_rows(runs, tmp_path) -> None
     emb0, out0 = rows()
     tr = Trainer(setup, tmp_path / "run")
     stage = tr.plan[0]
-    tr._new_optimizer(stage)
+    tr.new_optimizer(stage)
     for _ in range(3):
         tr.step(stage)
-        tr.step_in_stage += 1
+        tr.state.step_in_stage += 1
     emb1, out1 = rows()
     old = slice(0, runs["vocab"])
     assert torch.equal(emb1[old], emb0[old]) and torch.equal(out1[old], out0[old])

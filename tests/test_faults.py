@@ -312,12 +312,12 @@ def test_full_disk_during_a_checkpoint(tmp_path, capsys, monkeypatch):
 
 
 def test_full_disk_while_writing_best_keeps_the_old_best(tmp_path, capsys, monkeypatch):
-    import rim.trainer
+    import rim.checkpoint
 
     cfg = write_recipe(tmp_path, train={"eval_every": 1})
     run = tmp_path / "run"
     calls, seen = [], {}
-    real = rim.trainer.save_meta
+    real = rim.checkpoint.save_meta
 
     def fill_on_second(path, meta):
         calls.append(path)
@@ -326,7 +326,7 @@ def test_full_disk_while_writing_best_keeps_the_old_best(tmp_path, capsys, monke
             _enospc()
         real(path, meta)
 
-    monkeypatch.setattr(rim.trainer, "save_meta", fill_on_second)
+    monkeypatch.setattr(rim.checkpoint, "save_meta", fill_on_second)
     line = fails(capsys, "train", "--config", str(cfg), "--out", str(run), code=74)
     assert line.endswith(": no space left on device (errno 28)") and "best" in line
     assert not leftovers(run)

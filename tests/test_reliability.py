@@ -215,11 +215,11 @@ def _steps(tmp_path: Path, n: int, accelerator=None, **sections):
     setup = assemble(cfg, log=lambda *a: None)
     tr = Trainer(setup, tmp_path / "run", accelerator)
     stage = tr.plan[0]
-    tr._new_optimizer(stage)
+    tr.new_optimizer(stage)
     losses = []
     for _ in range(n):
         losses.append(tr.step(stage))
-        tr.step_in_stage += 1
+        tr.state.step_in_stage += 1
     return losses, tr.acc.unwrap_model(tr.model)
 
 
@@ -240,7 +240,7 @@ def _first_gradients(tmp_path: Path, per_micro_batch: bool = False, **sections):
         setup.method.loss = lambda m, exs, st, p, n, d: loss(m, exs, st, p, len(exs), d)
     tr = Trainer(setup, tmp_path / "run", None)
     stage = tr.plan[0]
-    tr._new_optimizer(stage)
+    tr.new_optimizer(stage)
     grads: dict[str, torch.Tensor] = {}
     clip = tr.acc.clip_grad_norm_  # the first thing `step` does after the backward passes
 
@@ -304,11 +304,11 @@ def test_bf16_is_autocast_with_fp32_master_weights(tmp_path: Path, fresh_acceler
     linear.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
     tr = Trainer(setup, tmp_path / "bf16", acc)
     stage = tr.plan[0]
-    tr._new_optimizer(stage)
+    tr.new_optimizer(stage)
     bf16 = []
     for _ in range(2):
         bf16.append(tr.step(stage))
-        tr.step_in_stage += 1
+        tr.state.step_in_stage += 1
     assert seen and set(seen) == {torch.bfloat16}  # matmuls ran in bf16 ...
     assert {p.dtype for p in tr.model.parameters()} == {torch.float32}  # ... weights stay fp32
     for a, b in zip(fp32, bf16):
