@@ -90,7 +90,8 @@ def _load_eval_data(args, cfg):
 
 def _eval(args: argparse.Namespace) -> None:
     from rim.decoding import Reasoner, check_questions
-    from rim.evaluation import evaluate, format_table
+    from rim.evaluation import evaluate
+    from rim.report import format_table
 
     r = Reasoner.load(args.checkpoint, args.device)
     examples = _load_eval_data(args, r.method.cfg)
