@@ -91,8 +91,9 @@ def _load_eval_data(args, cfg):
 
 def _eval(args: argparse.Namespace) -> None:
     from rim.decoders import check_questions, default_for
-    from rim.evaluation import evaluate, format_table
+    from rim.evaluation import evaluate
     from rim.reasoner import Reasoner
+    from rim.report import format_table
 
     r = Reasoner.load(args.checkpoint, args.device)
     examples = _load_eval_data(args, r.config)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -38,9 +37,10 @@ from tqdm import tqdm
 
 from rim import progress
 from rim.errors import RimError
-from rim.machine import cpu_model
+from rim.machine import describe
 from rim.plots import plot_accuracy_vs_ttft, plot_per_block, task_line
 from rim.progress import Status
+from rim.report import fmt, table
 
 # `--quick`: the same recipes, shrunk (applied after the recipe, before validation).
 QUICK: dict[str, object] = {
@@ -382,32 +382,36 @@ def summarise(jobs: list[Job]) -> dict[str, dict]:
     return out
 
 
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def markdown_table(methods: dict[str, dict]) -> str:
-    head = (
-        "| method | final-block acc (mean ± s.d.) | any-block acc | TTFT ms | latency ms "
-        "| forward passes | generated tokens | train s |"
-    )
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    """The demo's results table: one row per method, means over seeds."""
+    header = [
+        "method",
+        "final-block acc (mean ± s.d.)",
+        "any-block acc",
+        "TTFT ms",
+        "latency ms",
+        "forward passes",
+        "generated tokens",
+        "train s",
+    ]
+    rows = []
     for name, r in methods.items():
-        acc = _fmt(r["accuracy"], ".3f") + (
+        acc = fmt(r["accuracy"], ".3f") + (
             f" ± {r['accuracy_sd']:.3f}" if r.get("accuracy_sd") is not None else ""
         )
-        cells = [
-            name,
-            acc,
-            _fmt(r.get("any_block_accuracy"), ".3f"),
-            _fmt(r.get("ttft_ms"), ".2f"),
-            _fmt(r.get("latency_ms"), ".2f"),
-            _fmt(r.get("forward_passes"), ".2f"),
-            _fmt(r.get("generated_tokens"), ".2f"),
-            _fmt(r.get("train_s"), ".0f"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(
+            [
+                name,
+                acc,
+                fmt(r.get("any_block_accuracy"), ".3f"),
+                fmt(r.get("ttft_ms"), ".2f"),
+                fmt(r.get("latency_ms"), ".2f"),
+                fmt(r.get("forward_passes"), ".2f"),
+                fmt(r.get("generated_tokens"), ".2f"),
+                fmt(r.get("train_s"), ".0f"),
+            ]
+        )
+    return table(header, rows)
 
 
 def _budget(c: dict) -> str:
@@ -451,34 +455,6 @@ def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
     path.write_text("\n".join(notes) + "\n")
 
 
-def machine_info(device: str, workers: int) -> dict:
-    import torch
-    import transformers
-
-    gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "device": device,
-        "gpu": gpu,
-        "workers": workers,
-        "threads_per_job": 1,
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-    where = gpu or (
-        f"CPU {info['cpu']} ({os.cpu_count()} cores, {workers} parallel jobs, 1 thread each)"
-    )
-    info["summary"] = (
-        f"{where}; {info['platform']}; Python {info['python']}, torch "
-        f"{info['torch']}, transformers {info['transformers']}"
-    )
-    return info
-
-
 # --------------------------------------------------------------------------- plots
 
 
@@ -516,7 +492,7 @@ def run_demo(args, overrides: dict | None = None) -> dict:
         f"[demo] {len(jobs)} jobs ({', '.join(methods)} x {args.seeds} seed(s)), "
         f"{workers} at a time on {device}; logs in {out / 'runs'}/<method>/seed<s>/train.log"
     )
-    machine = machine_info(device, workers)
+    machine = describe(device).demo_dict(workers)
     runner = Runner(device, base.eval.batch_size)
     run_jobs(jobs, workers, runner)
     from rim.data import load_split

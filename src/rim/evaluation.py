@@ -161,17 +161,3 @@ def latency(
         ttft.append(times[min(first, len(times) - 1)] * 1e3)
         full.append(times[-1] * 1e3)
     return {"ttft_ms": statistics.median(ttft), "latency_ms": statistics.median(full)}
-
-
-def format_table(rows: dict[str, dict], fields: list[tuple[str, str, str]]) -> str:
-    """A Markdown table: one row per name; `fields` = (key, header, format)."""
-    head = "| " + " | ".join(["method"] + [h for _, h, _ in fields]) + " |"
-    sep = "|" + "---|" * (len(fields) + 1)
-    lines = [head, sep]
-    for name, r in rows.items():
-        cells = []
-        for key, _, fmt in fields:
-            v = r.get(key)
-            cells.append("-" if v is None else format(v, fmt) if fmt else str(v))
-        lines.append("| " + " | ".join([name] + cells) + " |")
-    return "\n".join(lines)
