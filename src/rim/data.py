@@ -196,6 +196,43 @@ def _loads(text: str, where: str, lineno: int) -> Any:
         raise DataError(f"{where}:{lineno + e.lineno - 1}: invalid JSON: {e.msg}") from None
 
 
+def _json_records(lines: list[str], where: str, limit: int | None) -> list[Example]:
+    """A JSON array of records; errors name the record."""
+    text = "\n".join(lines)
+    if not text.strip():
+        return []
+    records = _loads(text, where, 1)
+    if not isinstance(records, list):
+        raise DataError(f"{where}:1: expected a JSON array of records")
+    out = []
+    for i, rec in enumerate(records[:limit], 1):
+        try:
+            out.append(_from_record(rec))
+        except _Bad as e:
+            raise DataError(f"{where}:record {i}: {e}") from None
+    return out
+
+
+def _line_records(
+    lines: list[str], where: str, format: str, limit: int | None, step_sep: str
+) -> list[Example]:
+    """One example per non-blank line (iCoT text or JSONL); errors name file:line."""
+    out: list[Example] = []
+    for lineno, line in enumerate(lines, 1):
+        if limit is not None and len(out) >= limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            if format == "icot":
+                out.append(_parse_icot(line, step_sep))
+            else:
+                out.append(_RECORD_PARSERS[format](_loads(line, where, lineno)))
+        except _Bad as e:
+            raise DataError(f"{where}:{lineno}: {e}") from None
+    return out
+
+
 def read_examples(
     path: str | Path, format: str = "auto", limit: int | None = None, *, step_sep: str = "auto"
 ) -> list[Example]:
@@ -229,31 +266,10 @@ def read_examples(
     lines = _lines(p, where)
     if format == "auto":
         format = _detect(p, where, lines)
-    out: list[Example] = []
     if format == "json":
-        text = "\n".join(lines)
-        if text.strip():
-            records = _loads(text, where, 1)
-            if not isinstance(records, list):
-                raise DataError(f"{where}:1: expected a JSON array of records")
-            for i, rec in enumerate(records[:limit], 1):
-                try:
-                    out.append(_from_record(rec))
-                except _Bad as e:
-                    raise DataError(f"{where}:record {i}: {e}") from None
+        out = _json_records(lines, where, limit)
     else:
-        for lineno, line in enumerate(lines, 1):
-            if limit is not None and len(out) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                if format == "icot":
-                    out.append(_parse_icot(line, step_sep))
-                else:
-                    out.append(_RECORD_PARSERS[format](_loads(line, where, lineno)))
-            except _Bad as e:
-                raise DataError(f"{where}:{lineno}: {e}") from None
+        out = _line_records(lines, where, format, limit, step_sep)
     if not out:
         raise DataError(f"{where}: no examples")
     return out
