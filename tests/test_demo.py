@@ -175,6 +175,28 @@ def test_demo_writes_results_json(demo):
     assert res["command"].startswith("rim demo --out ") and "--quick" in res["command"]
 
 
+def test_demo_resume_keeps_finished_jobs_of_the_same_recipe(demo):
+    """`--resume`: a finished job of the same recipe is kept as it is; one that does not match
+    (here: rim's run folder claims another seed) goes through `rim train --resume-if-exists`
+    again, which continues from its checkpoint and refuses a changed recipe."""
+    from rim.cli import parser
+    from rim.demo import run_demo
+
+    out, first = demo
+    logs = {m: (out / "runs" / m / "seed0" / "train.log").read_text() for m in ("direct", "rim")}
+    cfg = out / "runs" / "rim" / "seed0" / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("seed: 0", "seed: 7", 1))
+    argv = ["demo", "--quick", "--out", str(out), "--methods", "direct,rim", "--resume"]
+    again = run_demo(parser().parse_args(argv + ["--seeds", "1"]), overrides=TINY)
+    direct = out / "runs" / "direct" / "seed0" / "train.log"
+    assert direct.read_text() == logs["direct"]  # kept: no new command in its log
+    assert again["methods"]["direct"]["accuracy"] == first["methods"]["direct"]["accuracy"]
+    rim_log = (out / "runs" / "rim" / "seed0" / "train.log").read_text()
+    assert rim_log.startswith(logs["rim"]) and "--resume-if-exists" in rim_log[len(logs["rim"]) :]
+    assert not again["failed"]
+    assert again["command"].endswith("--resume")
+
+
 def test_demo_writes_markdown_and_plots(demo):
     out, _ = demo
     md = (out / "results.md").read_text()

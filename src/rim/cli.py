@@ -241,6 +241,11 @@ def _demo_parser(sub) -> None:
     d.add_argument("--out", default="runs/demo", help="results folder (default runs/demo)")
     d.add_argument("--seeds", type=int, default=1, help="training seeds per method")
     _flag(d, "--quick", "a < 5 minute smoke version")
+    _flag(
+        d,
+        "--resume",
+        "continue a stopped demo in --out: finished jobs of the same recipe are kept, unfinished ones resume from their last checkpoint",
+    )
     d.add_argument("--methods", help="comma-separated (default: every registered method)")
     d.add_argument("--workers", type=int, default=2, help="parallel training processes")
     d.set_defaults(fn=_demo)

@@ -162,8 +162,8 @@ def plan_jobs(methods: list[str], seeds: int, out: Path, sets: list[str]) -> tup
 class Runner:
     """Runs jobs in `workers` threads, each driving its own subprocesses; Ctrl-C stops them."""
 
-    def __init__(self, device: str, eval_batch: int):
-        self.device, self.eval_batch = device, eval_batch
+    def __init__(self, device: str, eval_batch: int, resume: bool = False):
+        self.device, self.eval_batch, self.resume = device, eval_batch, resume
         self.procs: set[subprocess.Popen] = set()
         self.lock = threading.Lock()
         self.stopped = False
@@ -195,12 +195,17 @@ class Runner:
 
     def _run(self, job: Job) -> Job:
         py = [sys.executable, "-m", "rim"]
-        shutil.rmtree(job.out, ignore_errors=True)  # a rerun never appends to old metrics
-        job.out.mkdir(parents=True)
+        job.started = time.perf_counter()
+        if self.resume and _finished(job):  # kept: its recipe is the one asked for
+            return self._done(job)
+        if not self.resume:
+            shutil.rmtree(job.out, ignore_errors=True)  # a rerun never appends to old metrics
+        job.out.mkdir(parents=True, exist_ok=True)
         log = job.out / "train.log"
-        job.started, job.state = time.perf_counter(), "train"
+        job.state = "train"
         sets = [*job.sets, f"train.seed={job.seed}", "train.threads=1"]
         cmd = py + ["train", "--config", str(job.recipe), "--out", str(job.out)]
+        cmd += ["--resume-if-exists"] if self.resume else []  # from its last checkpoint
         if self._call(cmd + [a for s in sets for a in ("--set", s)], log):
             return self._fail(job, "training failed", log)
         job.state = "eval"
@@ -221,7 +226,12 @@ class Runner:
         ]
         if self._call(cmd, log):
             return self._fail(job, "test evaluation failed", log)
+        return self._done(job)
+
+    def _done(self, job: Job) -> Job:
+        """The job's result from its test evaluation and the training log's `done` record."""
         res = json.loads((job.out / "test_eval.json").read_text())
+        res.pop("records", None)  # per-example records stay in test_eval.json
         done = [json.loads(x) for x in (job.out / "metrics.jsonl").read_text().splitlines()]
         done = [r for r in done if r.get("event") == "done"][-1]
         job.result = res | {
@@ -243,6 +253,22 @@ class Runner:
             self.stopped = True
             for p in self.procs:
                 p.terminate()
+
+
+def _finished(job: Job) -> bool:
+    """A job folder with a test evaluation and a finished training of the job's recipe."""
+    from rim.assembly import load_recipe
+
+    try:
+        lines = (job.out / "metrics.jsonl").read_text().splitlines()
+        done = any(json.loads(x).get("event") == "done" for x in lines)
+        if not (done and (job.out / "test_eval.json").is_file()):
+            return False
+        sets = [*job.sets, f"train.seed={job.seed}", "train.threads=1"]
+        saved = load_recipe(job.out / "config.yaml").to_dict()
+        return saved == load_recipe(job.recipe, sets).to_dict()
+    except (OSError, ValueError, RimError):
+        return False
 
 
 def _last_step(job: Job) -> int:
@@ -463,7 +489,8 @@ def _command(args) -> str:
 
     methods = args.methods or ",".join(METHODS)
     cmd = f"rim demo --out {args.out} --seeds {args.seeds} --methods {methods}"
-    return cmd + f" --workers {args.workers}" + (" --quick" if args.quick else "")
+    cmd += f" --workers {args.workers}" + (" --quick" if args.quick else "")
+    return cmd + (" --resume" if getattr(args, "resume", False) else "")
 
 
 def run_demo(args, overrides: dict | None = None) -> dict:
@@ -493,7 +520,7 @@ def run_demo(args, overrides: dict | None = None) -> dict:
         f"{workers} at a time on {device}; logs in {out / 'runs'}/<method>/seed<s>/train.log"
     )
     machine = describe(device).demo_dict(workers)
-    runner = Runner(device, base.eval.batch_size)
+    runner = Runner(device, base.eval.batch_size, resume=getattr(args, "resume", False))
     run_jobs(jobs, workers, runner)
     from rim.data import load_split
 
