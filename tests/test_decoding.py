@@ -54,3 +54,25 @@ def test_blocks_override_changes_the_prompt():
     q = list(method.question_ids("1 + 1"))
     assert method.prompt("1 + 1") == q + method.mem.blocks(3)
     assert method.prompt("1 + 1", blocks=1) == q + method.mem.block()
+
+
+@pytest.mark.parametrize("decoder", ["final", "all-blocks"])
+def test_decoders_return_the_memory_blocks_hidden_states(decoder):
+    """`keep_states`: every layer's states of the K blocks, as a plain forward computes them,
+    and the same answers as without."""
+    from rim.decoders import DECODERS
+
+    cfg, tok, model, method = make_setup("rim", "llama", "sdpa", memory__blocks=3)
+    out = decode(method, model, QUESTIONS, decoder, keep_states=True)
+    plain = decode(method, model, QUESTIONS, decoder)
+    assert out.tokens == plain.tokens and plain.memory_states is None
+    K, Lb = 3, method.mem.block_len
+    assert len(out.memory_states) == model.config.num_hidden_layers + 1
+    for i, q in enumerate(QUESTIONS):
+        prompt = method.prompt(q)
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([prompt]), output_hidden_states=True).hidden_states
+        for layer, h in enumerate(out.memory_states):
+            assert h.shape == (len(QUESTIONS), K * Lb, model.config.hidden_size)
+            torch.testing.assert_close(h[i], ref[layer][0, -K * Lb :], atol=1e-4, rtol=1e-4)
+    assert set(DECODERS) >= {"final", "all-blocks"}
