@@ -112,3 +112,27 @@ def test_unknown_config_key_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == f"rim: error: {bad}: train.learning_rate: unknown config key"
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_probe_and_selection_from_the_cli(trained, tmp_path):
+    """`rim probe` on valid, then `rim eval --select` on test: every selection is at most the
+    oracle, the probe's AUROC is reported, and the probe stays in the checkpoint."""
+    best = trained / "best"
+    r = _rim("probe", "--checkpoint", str(best), "--split", "valid", cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "probe: layer" in r.stdout and (best / "probe.json").is_file()
+    refused = _rim("probe", "--checkpoint", str(best), "--split", "test", cwd=ROOT)
+    assert refused.returncode == 2 and "--split test" in refused.stderr
+    out = tmp_path / "sel.json"
+    args = ["--split", "test", "--timing-examples", "0", "--out", str(out)]
+    r = _rim(
+        "eval", "--checkpoint", str(best), *args, "--select", "final,probe,vote,oracle", cwd=ROOT
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    sel = res["selection"]
+    assert sel["final"] == pytest.approx(res["accuracy"])
+    assert all(sel[h] <= sel["oracle"] for h in sel)
+    assert sel["oracle"] == pytest.approx(res["any_block_accuracy"])
+    assert 0.0 <= res["probe_auroc"] <= 1.0 and "probe AUROC" in r.stdout

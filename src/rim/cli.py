@@ -1,4 +1,4 @@
-"""Command line: rim train | eval | generate | demo | bench | export.
+"""Command line: rim train | eval | probe | generate | demo | bench | export.
 
     rim train --config configs/toy/llama_rim.yaml --out runs/x [--set train.lr=1e-3 ...]
     rim eval --checkpoint runs/x/best --data ../shared/data/prosqa/prosqa_valid.json
@@ -110,12 +110,52 @@ def _eval(args: argparse.Namespace) -> None:
     print(format_table({r.method.name: res}, EVAL_FIELDS))
     if "per_block_accuracy" in res:
         print("per block: " + " ".join(f"{a:.3f}" for a in res["per_block_accuracy"]))
+    if args.select:
+        res |= _selection(args, r, examples)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
     record = {k: v for k, v in res.items() if k not in ("predictions", "records")}
     record |= {"checkpoint": str(args.checkpoint), "data": args.data or args.split}
     record |= {"decoder": decoder, "records": [asdict(x) for x in res["records"]]}
     atomic_file(out, json.dumps(record, indent=2))
     print(f"wrote {out}")
+
+
+def _selection(args, r, examples) -> dict:
+    """`--select`: the accuracy of each way to pick one of the K block answers (rim.probe)."""
+    from rim.probe import SELECTIONS, Probe, block_states, selection_report
+
+    hows = [h.strip() for h in args.select.split(",") if h.strip()]
+    bad = [h for h in hows if h not in SELECTIONS]
+    if bad or not hows:
+        raise RimError(
+            f"--select: {bad[0] if bad else args.select!r} is not one of {', '.join(SELECTIONS)}"
+        )
+    probe = Probe.load(Path(args.checkpoint)) if "probe" in hows else None
+    states, records = block_states(r.method, r.model, examples, args.batch_size, args.blocks)
+    rep = selection_report(records, hows, probe.score(states) if probe else None)
+    print("selection: " + ", ".join(f"{h} {a:.3f}" for h, a in rep["selection"].items()))
+    if rep.get("probe_auroc") is not None:
+        print(f"probe AUROC {rep['probe_auroc']:.3f} (layer {probe.layer})")
+    return rep
+
+
+def _probe(args: argparse.Namespace) -> None:
+    from rim.probe import block_states, correctness, fit
+    from rim.reasoner import Reasoner
+
+    if args.split == "test" and not args.data:
+        raise RimError("--split test: the probe and its layer are chosen on this data; use valid")
+    r = Reasoner.load(args.checkpoint, args.device)
+    examples = _load_eval_data(args, r.config)
+    states, records = block_states(r.method, r.model, examples, args.batch_size)
+    probe = fit(states, correctness(records), seed=args.seed)
+    probe.save(Path(args.checkpoint))
+    auroc = probe.info["selection_auroc"][probe.layer]
+    print(
+        f"probe: layer {probe.layer} of {states.shape[2] - 1} (held-out AUROC {auroc:.3f}, "
+        f"{len(examples)} examples of {args.data or 'data.' + args.split}); "
+        f"wrote {Path(args.checkpoint) / 'probe.json'}"
+    )
 
 
 EVAL_FIELDS = [
@@ -221,8 +261,29 @@ def _eval_parser(sub) -> None:
     )
     e.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     e.add_argument("--out", help="JSON result (default CHECKPOINT/eval.json)")
+    e.add_argument(
+        "--select",
+        help="final,probe,vote,oracle: accuracy of each way to pick a block's answer (rim.probe)",
+    )
     _flag(e, "--truncate", TRUNCATE)
     e.set_defaults(fn=_eval)
+
+
+def _probe_parser(sub) -> None:
+    q = sub.add_parser("probe", help="fit the correctness probe on the memory blocks (rim.probe)")
+    q.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. RUN/best)")
+    q.add_argument("--data", help="data file (default: the recipe's --split)")
+    q.add_argument(
+        "--format", default="auto", help="auto | json | jsonl | icot | gsm8k | gsmhard (--data)"
+    )
+    q.add_argument(
+        "--split", default="valid", help="recipe split (never test: the probe is selected on it)"
+    )
+    q.add_argument("--limit", type=int, help="use the first N examples only")
+    q.add_argument("--batch-size", type=int, default=64, help="questions decoded together")
+    q.add_argument("--seed", type=int, default=0, help="seed of the fit / selection split")
+    q.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    q.set_defaults(fn=_probe)
 
 
 def _generate_parser(sub) -> None:
@@ -290,8 +351,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rim", description="Reasoning in Memory")
     p.add_argument("--version", action="version", version=f"rim {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _eval_parser, _generate_parser, _demo_parser, _bench_parser):
+    for add in (_train_parser, _eval_parser, _probe_parser, _generate_parser, _demo_parser):
         add(sub)
+    _bench_parser(sub)
     _export_parser(sub)
     return p
 

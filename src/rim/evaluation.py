@@ -67,7 +67,7 @@ class Record:
         return self.answers[-1]
 
 
-def _records(method, out, golds: list[str], first: int) -> list[Record]:
+def records_of(method, out, golds: list[str], first: int) -> list[Record]:
     """Records of one decoded chunk; rows b*K..b*K+K-1 belong to question b."""
     K, tok = out.rows_per_question, method.tokenizer
     answers = [method.answer_tokens(t) for t in out.tokens]
@@ -108,6 +108,18 @@ def summarize(records: list[Record]) -> dict:
     return result
 
 
+def gold_answers(method, examples: list[Example]) -> list[str]:
+    """Normalised gold answers; they go through the tokenizer too, so both sides decode the
+    same way."""
+    tok = method.tokenizer
+    return [
+        normalize(
+            tok.decode(list(method.text_ids(e.answer)), skip_special_tokens=True), method.marker
+        )
+        for e in examples
+    ]
+
+
 def evaluate(
     method,
     model,
@@ -121,22 +133,15 @@ def evaluate(
 ) -> dict:
     """Accuracy and cost of `method` on `examples` with the decoder called `decoder` (default:
     all-blocks for block methods, else final); `records` holds every example's `Record`."""
-    tok = method.tokenizer
     decoder = decoder or default_for(method)
     model.eval()
-    # gold answers go through the tokenizer too, so both sides decode the same way
-    golds = [
-        normalize(
-            tok.decode(list(method.text_ids(e.answer)), skip_special_tokens=True), method.marker
-        )
-        for e in examples
-    ]
+    golds = gold_answers(method, examples)
     records: list[Record] = []
     live = progress and live_progress()
     for lo in tqdm(range(0, len(examples), batch_size), desc="eval", disable=not live, leave=False):
         questions = [e.question for e in examples[lo : lo + batch_size]]
         out = decode(method, model, questions, decoder, blocks, truncate=truncate)
-        records += _records(method, out, golds[lo : lo + len(questions)], lo)
+        records += records_of(method, out, golds[lo : lo + len(questions)], lo)
     result = summarize(records)
     device = next(model.parameters()).device
     result.update(latency(method, model, examples[:timing_examples], blocks, device, truncate))
