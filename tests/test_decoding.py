@@ -76,3 +76,29 @@ def test_decoders_return_the_memory_blocks_hidden_states(decoder):
             assert h.shape == (len(QUESTIONS), K * Lb, model.config.hidden_size)
             torch.testing.assert_close(h[i], ref[layer][0, -K * Lb :], atol=1e-4, rtol=1e-4)
     assert set(DECODERS) >= {"final", "all-blocks"}
+
+
+def test_early_exit_runs_to_k_like_final_and_stops_at_block_one_like_k_1():
+    """The early-exit decoder (blocks one at a time with the KV cache): never stopping gives
+    the final decoder's answers with K more passes; stopping at once gives `--blocks 1`."""
+    import numpy as np
+
+    import rim  # noqa: F401 (registers early-exit)
+    from rim.probe import Probe
+
+    cfg, tok, model, method = make_setup(
+        "rim", "llama", "sdpa", memory__blocks=3, eval__max_new_tokens=4
+    )
+    method.eos_id = -1
+    D = model.config.hidden_size
+    never = Probe(1, np.zeros(D), np.ones(D), np.zeros(D), -50.0)  # score ~0: never stops
+    at_once = Probe(1, np.zeros(D), np.ones(D), np.zeros(D), 50.0)  # score ~1: stops at 1
+    full = decode(method, model, QUESTIONS, "early-exit", options={"probe": never})
+    final = decode(method, model, QUESTIONS, "final")
+    assert full.tokens == final.tokens and full.blocks_used == [3] * len(QUESTIONS)
+    assert full.passes == [p + 3 for p in final.passes]
+    one = decode(method, model, QUESTIONS, "early-exit", options={"probe": at_once})
+    assert one.tokens == decode(method, model, QUESTIONS, "final", blocks=1).tokens
+    assert one.blocks_used == [1] * len(QUESTIONS)
+    stable = decode(method, model, QUESTIONS, "early-exit")  # no probe: two blocks agree
+    assert all(2 <= k <= 3 for k in stable.blocks_used)

@@ -136,3 +136,10 @@ def test_probe_and_selection_from_the_cli(trained, tmp_path):
     assert all(sel[h] <= sel["oracle"] for h in sel)
     assert sel["oracle"] == pytest.approx(res["any_block_accuracy"])
     assert 0.0 <= res["probe_auroc"] <= 1.0 and "probe AUROC" in r.stdout
+    ee = tmp_path / "ee.json"
+    args = ["--split", "test", "--timing-examples", "2", "--out", str(ee), "--limit", "64"]
+    r = _rim("eval", "--checkpoint", str(best), *args, "--decoder", "early-exit", cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(ee.read_text())
+    assert res["decoder"] == "early-exit" and 1 <= res["mean_blocks"] <= 2
+    assert all(1 <= x["blocks"] <= 2 for x in res["records"]) and res["ttft_ms"] > 0

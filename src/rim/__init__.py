@@ -1,5 +1,6 @@
 """rim: Reasoning in Memory. Latent reasoning in K memory blocks, answered in one forward pass."""
 
+from rim import early_exit as _early_exit  # noqa: F401, I001 (registers the early-exit decoder)
 from rim.config import Config, load_config
 from rim.data import Example, read_examples
 from rim.data import generate as generate_data

@@ -103,9 +103,10 @@ def _eval(args: argparse.Namespace) -> None:
         r.method, r.model, [e.question for e in examples], args.blocks, args.truncate, where
     )
     decoder = args.decoder or default_for(r.method)
+    options = _decoder_options(args, decoder)
     res = evaluate(
         r.method, r.model, examples, args.batch_size, args.blocks, decoder,
-        args.timing_examples, truncate=args.truncate,
+        args.timing_examples, truncate=args.truncate, options=options,
     )  # fmt: skip
     print(format_table({r.method.name: res}, EVAL_FIELDS))
     if "per_block_accuracy" in res:
@@ -118,6 +119,19 @@ def _eval(args: argparse.Namespace) -> None:
     record |= {"decoder": decoder, "records": [asdict(x) for x in res["records"]]}
     atomic_file(out, json.dumps(record, indent=2))
     print(f"wrote {out}")
+
+
+def _decoder_options(args, decoder: str) -> dict | None:
+    """early-exit: `--threshold` and the checkpoint's probe (without one: answer stability)."""
+    if decoder != "early-exit":
+        return None
+    from rim.probe import PROBE_JSON, Probe
+
+    ckpt = Path(args.checkpoint)
+    probe = Probe.load(ckpt) if (ckpt / PROBE_JSON).is_file() else None
+    if args.threshold is not None and probe is None:
+        raise RimError(f"--threshold: {ckpt} has no probe (run: rim probe --checkpoint {ckpt})")
+    return {"threshold": 0.9 if args.threshold is None else args.threshold, "probe": probe}
 
 
 def _selection(args, r, examples) -> dict:
@@ -211,7 +225,7 @@ def _flag(p: argparse.ArgumentParser, flag: str, help: str) -> None:
 
 
 TRUNCATE = "drop the oldest tokens of a question too long for the model (default: an error)"
-DECODER = "final | all-blocks (rim.decoders; default: all-blocks for block methods in eval)"
+DECODER = "final | all-blocks | early-exit (rim.decoders; default: all-blocks for block methods)"
 
 
 def _train_parser(sub) -> None:
@@ -251,7 +265,10 @@ def _eval_parser(sub) -> None:
     e.add_argument("--split", default="valid", help="recipe split when --data is not given")
     e.add_argument("--limit", type=int, help="evaluate the first N examples only")
     e.add_argument("--blocks", type=int, help="memory blocks to use (default K)")
-    e.add_argument("--decoder", help=DECODER)
+    e.add_argument("--decoder", help=DECODER + "; early-exit: blocks one at a time")
+    e.add_argument(
+        "--threshold", type=float, help="early-exit: stop at this probe score (default 0.9)"
+    )
     e.add_argument("--batch-size", type=int, default=64, help="questions decoded together")
     e.add_argument(
         "--timing-examples",

@@ -36,6 +36,7 @@ class Request:
     clock: Callable[[], float] | None
     start: float
     keep_states: bool  # return the memory blocks' hidden states (`Decoded.memory_states`)
+    options: dict | None = None  # decoder-specific (early-exit: threshold, probe)
 
 
 @dataclass(frozen=True)
@@ -98,18 +99,20 @@ def decode(
     clock: Callable[[], float] | None = None,
     truncate: bool = False,
     keep_states: bool = False,
+    options: dict | None = None,
 ) -> Decoded:
     """Answer `questions` with `method`'s prompt and the decoder called `decoder`.
 
     `blocks` overrides K (block methods); `truncate` drops a too-long question's oldest
-    tokens (see `check_questions`); `keep_states` returns the memory blocks' hidden states.
+    tokens (see `check_questions`); `keep_states` returns the memory blocks' hidden states;
+    `options` go to the decoder (early-exit: `threshold`, `probe`).
     """
     dec = get(decoder, method)
     fitted = [_truncated(method, model, q, blocks, truncate) for q in questions]
     start = clock() if clock is not None else 0.0
     req = Request(
         method, model, [f[0] for f in fitted], [f[1] for f in fitted], blocks, clock, start,
-        keep_states,
+        keep_states, options,
     )  # fmt: skip
     return dec.run(req)
 

@@ -37,6 +37,7 @@ class Decoded:
     # when asked: the memory blocks' hidden states, one (Q, K*block_len, D) per layer
     # (embeddings first), on the CPU; None for methods without blocks
     memory_states: tuple[torch.Tensor, ...] | None = None
+    blocks_used: list[int] | None = None  # per row, for decoders that choose (early-exit)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,6 +61,7 @@ class Record:
     correct: tuple[bool, ...]
     tokens: int  # generated tokens of the final answer, EOS excluded
     passes: int  # sequential forward passes of the final answer
+    blocks: int | None = None  # memory blocks the decoder used (early-exit), else None
 
     @property
     def final(self) -> str:
@@ -75,13 +76,14 @@ def records_of(method, out, golds: list[str], first: int) -> list[Record]:
         normalize(t, method.marker) for t in tok.batch_decode(answers, skip_special_tokens=True)
     ]
     recs = []
+    used = out.blocks_used
     for b, gold in enumerate(golds):
         rows = range(b * K, (b + 1) * K)
         mine = tuple(texts[r] for r in rows)
         last = rows[-1]
         recs.append(
             Record(first + b, gold, mine, tuple(a == gold for a in mine),
-                   len(out.tokens[last]), out.passes[last])
+                   len(out.tokens[last]), out.passes[last], used[last] if used else None)
         )  # fmt: skip
     return recs
 
@@ -101,6 +103,8 @@ def summarize(records: list[Record]) -> dict:
         "forward_passes": statistics.fmean(r.passes for r in records) if records else 0.0,
         "generated_tokens": statistics.fmean(r.tokens for r in records) if records else 0.0,
     }
+    if records and records[0].blocks is not None:
+        result["mean_blocks"] = statistics.fmean(r.blocks for r in records)
     K = len(records[0].answers) if records else 1
     if K > 1:
         result["per_block_accuracy"] = [sum(r.correct[k] for r in records) / n for k in range(K)]
@@ -130,9 +134,11 @@ def evaluate(
     timing_examples: int = 16,
     progress: bool = True,
     truncate: bool = False,
+    options: dict | None = None,
 ) -> dict:
     """Accuracy and cost of `method` on `examples` with the decoder called `decoder` (default:
-    all-blocks for block methods, else final); `records` holds every example's `Record`."""
+    all-blocks for block methods, else final; `options` go to it); `records` holds every
+    example's `Record`. Latency is timed with the same decoder (all-blocks: with final)."""
     decoder = decoder or default_for(method)
     model.eval()
     golds = gold_answers(method, examples)
@@ -140,27 +146,30 @@ def evaluate(
     live = progress and live_progress()
     for lo in tqdm(range(0, len(examples), batch_size), desc="eval", disable=not live, leave=False):
         questions = [e.question for e in examples[lo : lo + batch_size]]
-        out = decode(method, model, questions, decoder, blocks, truncate=truncate)
+        out = decode(method, model, questions, decoder, blocks, truncate=truncate, options=options)
         records += records_of(method, out, golds[lo : lo + len(questions)], lo)
     result = summarize(records)
     device = next(model.parameters()).device
-    result.update(latency(method, model, examples[:timing_examples], blocks, device, truncate))
+    timed = "final" if decoder == "all-blocks" else decoder
+    timing = examples[:timing_examples]
+    result.update(latency(method, model, timing, blocks, device, truncate, timed, options))
     result["predictions"] = [r.final for r in records]
     result["records"] = records
     return result
 
 
 def latency(
-    method, model, examples: list[Example], blocks: int | None, device, truncate: bool = False
-) -> dict:
+    method, model, examples: list[Example], blocks: int | None, device, truncate: bool = False,
+    decoder: str = "final", options: dict | None = None,
+) -> dict:  # fmt: skip
     """Median time to first answer token and full-answer latency, batch 1, after a warm-up."""
     if not examples:
         return {"ttft_ms": None, "latency_ms": None}
     clock = wall_clock(device)
-    decode(method, model, [examples[0].question], "final", blocks, clock, truncate)
+    decode(method, model, [examples[0].question], decoder, blocks, clock, truncate, options=options)
     ttft, full = [], []
     for e in examples:
-        out = decode(method, model, [e.question], "final", blocks, clock, truncate)
+        out = decode(method, model, [e.question], decoder, blocks, clock, truncate, options=options)
         times = out.token_times
         first = method.first_answer_index(out.tokens[0])
         ttft.append(times[min(first, len(times) - 1)] * 1e3)

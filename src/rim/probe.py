@@ -71,7 +71,11 @@ class Probe:
 
     def score(self, states: np.ndarray) -> np.ndarray:
         """(N, K) probability that each block's answer is right, from (N, K, L+1, D) states."""
-        x = (states[:, :, self.layer].astype(np.float64) - self.mean) / self.scale
+        return self.score_layer(states[:, :, self.layer])
+
+    def score_layer(self, h: np.ndarray) -> np.ndarray:
+        """(...) probabilities from (..., D) states of layer `layer` (a block's last token)."""
+        x = (h.astype(np.float64) - self.mean) / self.scale
         return 1.0 / (1.0 + np.exp(-(x @ self.coef + self.intercept)))
 
     def save(self, folder: Path) -> None:
