@@ -30,7 +30,7 @@ import json
 import random
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -464,8 +464,8 @@ def load_state(folder: Path, out: Path, parts: Parts) -> Restored:
     _load_weights(acc.unwrap_model(parts.model), ckpt / f"weights{sfx}.safetensors")
     opt_state = _torch_load(ckpt / f"optimizer{sfx}.pt")
     _set_rng_state(_torch_load(ckpt / f"rng-{acc.process_index}.pt"))
-    names = {f.name for f in fields(TrainState)} & set(TrainState.SAVED) - {"branch"}
-    state = TrainState(**{k: saved[k] for k in names if saved.get(k) is not None})  # new branch
+    names = set(TrainState.SAVED) - {"branch"}  # a resume starts a new branch
+    state = TrainState(**{k: saved[k] for k in names if saved.get(k) is not None})
     state.resumed_from = state.global_step
     if acc.is_main_process:
         truncate_metrics(out / METRICS, state.global_step)

@@ -255,28 +255,33 @@ def _train_parser(sub) -> None:
     t.set_defaults(fn=_train)
 
 
-def _eval_parser(sub) -> None:
-    e = sub.add_parser("eval", help="evaluate a checkpoint")
-    e.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. RUN/best)")
-    e.add_argument("--data", help="data file (any supported format)")
-    e.add_argument(
+def _checkpoint_data(p: argparse.ArgumentParser, split_help: str) -> None:
+    """The checkpoint, the data it reads and how (shared by `eval` and `probe`)."""
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. RUN/best)")
+    p.add_argument("--data", help="data file (any supported format)")
+    p.add_argument(
         "--format", default="auto", help="auto | json | jsonl | icot | gsm8k | gsmhard (--data)"
     )
-    e.add_argument("--split", default="valid", help="recipe split when --data is not given")
-    e.add_argument("--limit", type=int, help="evaluate the first N examples only")
+    p.add_argument("--split", default="valid", help=split_help)
+    p.add_argument("--limit", type=int, help="use the first N examples only")
+    p.add_argument("--batch-size", type=int, default=64, help="questions decoded together")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+
+
+def _eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="evaluate a checkpoint")
+    _checkpoint_data(e, "recipe split when --data is not given")
     e.add_argument("--blocks", type=int, help="memory blocks to use (default K)")
     e.add_argument("--decoder", help=DECODER + "; early-exit: blocks one at a time")
     e.add_argument(
         "--threshold", type=float, help="early-exit: stop at this probe score (default 0.9)"
     )
-    e.add_argument("--batch-size", type=int, default=64, help="questions decoded together")
     e.add_argument(
         "--timing-examples",
         type=int,
         default=16,
         help="batch-1 runs timed for TTFT and latency (0: no timing)",
     )
-    e.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     e.add_argument("--out", help="JSON result (default CHECKPOINT/eval.json)")
     e.add_argument(
         "--select",
@@ -288,18 +293,8 @@ def _eval_parser(sub) -> None:
 
 def _probe_parser(sub) -> None:
     q = sub.add_parser("probe", help="fit the correctness probe on the memory blocks (rim.probe)")
-    q.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. RUN/best)")
-    q.add_argument("--data", help="data file (default: the recipe's --split)")
-    q.add_argument(
-        "--format", default="auto", help="auto | json | jsonl | icot | gsm8k | gsmhard (--data)"
-    )
-    q.add_argument(
-        "--split", default="valid", help="recipe split (never test: the probe is selected on it)"
-    )
-    q.add_argument("--limit", type=int, help="use the first N examples only")
-    q.add_argument("--batch-size", type=int, default=64, help="questions decoded together")
+    _checkpoint_data(q, "recipe split (never test: the probe is selected on it)")
     q.add_argument("--seed", type=int, default=0, help="seed of the fit / selection split")
-    q.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     q.set_defaults(fn=_probe)
 
 
