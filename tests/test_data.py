@@ -409,3 +409,17 @@ def test_icot_roundtrip_property(tmp_path_factory: pytest.TempPathFactory, exs: 
 def test_jsonl_roundtrip_property(tmp_path_factory: pytest.TempPathFactory, exs: list) -> None:
     path = write_examples(exs, tmp_path_factory.mktemp("jsonl") / "x.jsonl")
     assert read_examples(path) == exs
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 8), st.integers(0, 2**16))
+def test_pairsum_min_pairs_varies_the_step_count(min_pairs, seed):
+    """The variable-step task: every count in min_pairs..8 steps, flags consistent."""
+    exs = generate("pairsum", 200, seed, min_pairs=min_pairs)
+    counts = {len(e.steps) for e in exs}
+    assert min(counts) >= min_pairs and max(counts) <= 8
+    assert len(counts) == 9 - min_pairs  # 200 draws reach every count
+    for e in exs:
+        assert e.question.count(",") == len(e.steps)
+        assert int(e.answer) == e.steps.count("yes")
+    assert generate("pairsum", 20, seed) == generate("pairsum", 20, seed, min_pairs=None)

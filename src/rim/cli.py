@@ -113,6 +113,8 @@ def _eval(args: argparse.Namespace) -> None:
         print("per block: " + " ".join(f"{a:.3f}" for a in res["per_block_accuracy"]))
     if args.select:
         res |= _selection(args, r, examples)
+    if args.explain:
+        res |= _explained(args, r, examples)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
     record = {k: v for k, v in res.items() if k not in ("predictions", "records")}
     record |= {"checkpoint": str(args.checkpoint), "data": args.data or args.split}
@@ -153,6 +155,18 @@ def _selection(args, r, examples) -> dict:
     return rep
 
 
+def _explained(args, r, examples) -> dict:
+    """`--explain`: how well each block spells the step it was grounded on (rim.explain)."""
+    from rim.explain import step_accuracy
+
+    rep = step_accuracy(r.method, r.model, examples, args.batch_size, args.blocks)
+    per = " ".join(f"{a:.3f}" for a in rep["step_accuracy_per_block"])
+    quiet = rep["quiet_after_steps"]
+    print(f"step accuracy {rep['step_accuracy']:.3f}; per block: {per}", end="")
+    print("" if quiet is None else f"; quiet after the last step {quiet:.3f}")
+    return rep
+
+
 def _probe(args: argparse.Namespace) -> None:
     from rim.probe import block_states, correctness, fit
     from rim.reasoner import Reasoner
@@ -188,7 +202,13 @@ def _generate(args: argparse.Namespace) -> None:
 
     r = Reasoner.load(args.checkpoint, args.device)
     get(args.decoder, r.method)
+    if args.explain:
+        from rim.explain import check_explainable
+
+        check_explainable(r.method)
     answers = r.generate(args.questions, args.blocks, args.decoder, args.truncate)
+    if args.explain:
+        return _print_explained(r, args, answers)
     for q, a in zip(args.questions, answers):
         if isinstance(a, list):
             print(q)
@@ -196,6 +216,17 @@ def _generate(args: argparse.Namespace) -> None:
                 print(f"  block {k}: {text}")
         else:
             print(a)
+
+
+def _print_explained(r, args, answers) -> None:
+    """The answer (as the chosen decoder gives it), then the step each block spells."""
+    from rim.explain import explain
+
+    steps = explain(r.method, r.model, args.questions, args.blocks)
+    for q, a, said in zip(args.questions, answers, steps):
+        print(f"{q}\n  answer: {a[-1] if isinstance(a, list) else a}")
+        for k, text in enumerate(said, start=1):
+            print(f"  block {k}: {text or '(quiet)'}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -287,6 +318,7 @@ def _eval_parser(sub) -> None:
         "--select",
         help="final,probe,vote,oracle: accuracy of each way to pick a block's answer (rim.probe)",
     )
+    _flag(e, "--explain", "also the step accuracy of each block (explain mode, rim.explain)")
     _flag(e, "--truncate", TRUNCATE)
     e.set_defaults(fn=_eval)
 
@@ -304,6 +336,7 @@ def _generate_parser(sub) -> None:
     g.add_argument("questions", nargs="+", help="one or more questions (quote each)")
     g.add_argument("--blocks", type=int, help="memory blocks to use (default K)")
     g.add_argument("--decoder", default="final", help=DECODER.split(" (")[0] + " (default final)")
+    _flag(g, "--explain", "also print the step each block holds (explain-mode checkpoints)")
     _flag(g, "--truncate", TRUNCATE)
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     g.set_defaults(fn=_generate)

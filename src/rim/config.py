@@ -84,6 +84,7 @@ class MemoryConfig:
     start_token: str = "<|mem_start|>"
     mem_token: str = "<|mem|>"
     end_token: str = "<|mem_end|>"
+    explain_token: str = "<|explain|>"  # the step cue of explain mode (curriculum.explain_weight)
 
     def __post_init__(self) -> None:
         if self.blocks < 1:
@@ -99,12 +100,18 @@ class CurriculumConfig:
     stage1_steps: int | None = None  # or a number of optimizer steps (then set epochs to null)
     stage2_epochs: float | None = 2.0  # paper: 2 epochs of refinement
     stage2_steps: int | None = None
+    # explain mode: > 0 keeps a step readout after every block, behind the explain token, at
+    # this weight in both stages (`rim generate --explain`); 0 = the paper's schedule
+    explain_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.schedule not in ("relative", "absolute", "uniform", "none"):
             raise ConfigError(
                 "curriculum.schedule: must be one of relative, absolute, uniform, none"
             )
+        w = self.explain_weight
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0.0 <= w <= 10.0:
+            raise ConfigError(f"curriculum.explain_weight: must be a number in [0, 10], got {w!r}")
 
 
 @dataclass

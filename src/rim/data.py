@@ -419,7 +419,13 @@ _NUMBER_WORDS = (
 
 
 def _gen_pairsum(
-    n: int, rng: random.Random, pairs: int = 8, low: int = 7, high: int = 11, per_step: int = 1
+    n: int,
+    rng: random.Random,
+    pairs: int = 8,
+    low: int = 7,
+    high: int = 11,
+    per_step: int = 1,
+    min_pairs: int | None = None,
 ) -> list[Example]:
     """`6 + 6 , 0 + 4 , ... ; above twelve`: how many pair sums exceed the final threshold?
 
@@ -428,7 +434,9 @@ def _gen_pairsum(
     answer: the count. The threshold comes last, as a word (its own token), so question
     positions cannot precompute the flags: a direct answer must compare every sum with it at
     one position. `per_step` flags make one step (pairs must divide evenly), so T = pairs /
-    per_step steps need T + 1 memory blocks.
+    per_step steps need T + 1 memory blocks. `min_pairs` makes the step count vary: each
+    question gets between `min_pairs` and `pairs` pairs, uniformly (the variable-step task of
+    docs/inspect.md, for memory allocated by difficulty).
     """
     _positive("pairsum", "pairs", pairs)
     _positive("pairsum", "per_step", per_step)
@@ -436,14 +444,25 @@ def _gen_pairsum(
         raise ConfigError("generator 'pairsum': pairs must be a multiple of per_step")
     if not 0 <= low <= high <= 18:
         raise ConfigError("generator 'pairsum': options need 0 <= low <= high <= 18")
+    if min_pairs is not None and not (
+        _positive("pairsum", "min_pairs", min_pairs) <= pairs and min_pairs % per_step == 0
+    ):
+        raise ConfigError(
+            "generator 'pairsum': min_pairs must be <= pairs and a multiple of per_step"
+        )
     out = []
     for _ in range(n):
-        xy = [(rng.randrange(10), rng.randrange(10)) for _ in range(pairs)]
+        size = (
+            pairs
+            if min_pairs is None
+            else per_step * rng.randint(min_pairs // per_step, pairs // per_step)
+        )
+        xy = [(rng.randrange(10), rng.randrange(10)) for _ in range(size)]
         t = rng.randint(low, high)
         flags = [x + y > t for x, y in xy]
         question = " ".join(f"{x} + {y} ," for x, y in xy) + f" ; above {_NUMBER_WORDS[t]}"
         words = ["yes" if f else "no" for f in flags]
-        steps = tuple(" ".join(words[i : i + per_step]) for i in range(0, pairs, per_step))
+        steps = tuple(" ".join(words[i : i + per_step]) for i in range(0, size, per_step))
         out.append(Example(question, steps, str(sum(flags))))
     return out
 

@@ -98,15 +98,18 @@ def all_blocks_greedy(
     clock: Callable[[], float] | None = None,
     start: float = 0.0,
     keep_states: bool = False,
+    cue: int | None = None,
 ) -> Decoded:
     """The answer after every block from one prefill and ONE shared KV cache (row b*K + k-1).
 
     Training's packed layout, at inference: each decoding step appends K tokens per question
     (the next token of every branch) and a 4-D mask lets branch k see the question, blocks
     1..k and its own earlier tokens only, with positions continuing after block k. Branch k's
-    first token comes from block k's last token in the prefill. No cache is copied.
+    first token comes from block k's last token in the prefill, or, with `cue` (explain
+    mode's token), from the cue fed to every branch first (one more pass, not returned).
+    No cache is copied.
     """
-    device, dtype = _device(model), next(model.parameters()).dtype
+    device = _device(model)
     K = len(blocks) // block_len
     ids, mask = left_pad([q + blocks for q in questions], pad_id, device)
     pos = positions(mask)
@@ -122,30 +125,47 @@ def all_blocks_greedy(
         output_hidden_states=keep_states,
         logits_to_keep=keep,
     )
-    logits, cache = out.logits[:, ends - (P - keep)].float(), out.cache  # (B, K, V)
+    logits = out.logits[:, ends - (P - keep)].float()  # (B, K, V)
     states = kept_states(out, len(blocks) if keep_states else 0)  # (B, K * block_len, D) each
     cols = torch.arange(P, device=device)
     seen = mask.bool()[:, None, :] & (cols[None, None, :] <= ends[None, :, None])  # (B, K, P)
-    own = torch.eye(K, dtype=torch.bool, device=device).expand(B, K, K)  # branch k sees its own
-    next_pos = pos[:, ends] + 1  # (B, K)
-    track = _Tracker(B * K, 1, eos_id)
+    branches = _Branches(model, out.cache, seen, pos[:, ends] + 1)  # next positions (B, K)
+    base = 1
+    if cue is not None:
+        logits, base = branches.step(torch.full((B, K), cue, device=device)), 2
+    track = _Tracker(B * K, base, eos_id)
     for step in range(max_new_tokens):
         nxt = logits.argmax(-1)  # (B, K)
         track.record(nxt.reshape(-1).tolist(), step, clock, start)
         if track.finished or step == max_new_tokens - 1:
             break
-        seen = torch.cat([seen, own], dim=-1)  # (B, K, P + (step + 1) K)
-        mask4 = torch.zeros(seen.shape, dtype=dtype, device=device)
-        mask4.masked_fill_(~seen, torch.finfo(dtype).min)
-        out = model(
+        logits = branches.step(nxt)
+    return track.result(start, rows_per_question=K, states=states)
+
+
+class _Branches:
+    """K decoding branches per question over one shared cache (see `all_blocks_greedy`)."""
+
+    def __init__(self, model, cache, seen: torch.Tensor, next_pos: torch.Tensor):
+        self.model, self.cache, self.seen, self.next_pos = model, cache, seen, next_pos
+        B, K, _ = seen.shape
+        self.own = torch.eye(K, dtype=torch.bool, device=seen.device).expand(B, K, K)
+        self.dtype = next(model.parameters()).dtype
+
+    def step(self, nxt: torch.Tensor) -> torch.Tensor:
+        """Append token `nxt[b, k]` to branch k of question b; (B, K, V) next-token logits."""
+        self.seen = torch.cat([self.seen, self.own], dim=-1)  # (B, K, kv + K)
+        mask4 = torch.zeros(self.seen.shape, dtype=self.dtype, device=self.seen.device)
+        mask4.masked_fill_(~self.seen, torch.finfo(self.dtype).min)
+        out = self.model(
             input_ids=nxt,
             attention_mask=mask4[:, None],  # (B, 1, K, kv)
-            position_ids=next_pos,
-            cache=cache,
+            position_ids=self.next_pos,
+            cache=self.cache,
             use_cache=True,
         )
-        cache, logits, next_pos = out.cache, out.logits.float(), next_pos + 1
-    return track.result(start, rows_per_question=K, states=states)
+        self.cache, self.next_pos = out.cache, self.next_pos + 1
+        return out.logits.float()
 
 
 class _Tracker:

@@ -9,7 +9,9 @@ later block, and nothing attends to a readout: exactly the plain causal run of
 
 A readout with target tokens `t_1..t_n` holds inputs `t_1..t_n`; the parent's last token
 predicts `t_1`, and `t_n` predicts EOS. Each readout's tokens share its weight equally, so
-the loss of a readout is `weight * mean token NLL`.
+the loss of a readout is `weight * mean token NLL`. A readout with a *cue* (explain mode's
+`<|explain|>`) starts with input-only tokens: the cue's last token predicts `t_1`, so two
+readouts (the answer, and the step behind the cue) can hang under the same block.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Segment:
     parent: int = -1  # index of the parent segment; -1 for the root
     weight: float | None = None  # a readout's loss weight; None = not supervised
     kind: str = "x"  # x | block | readout | thought: for inspection only
+    cue: int = 0  # a readout's leading input-only tokens: the parent does not predict them
 
 
 @dataclass
@@ -57,6 +60,9 @@ def pack(segments: list[Segment], eos_id: int) -> Packed:
     [-100, -100, -100, 7, 0]
     >>> p.weights
     [0.0, 0.0, 0.0, 0.5, 0.5]
+    >>> cued = Segment((9, 7), parent=1, weight=1.0, cue=1)   # 9: the cue, input only
+    >>> pack([x, blk, out, cued], eos_id=0).labels   # the cue predicts 7, 7 predicts EOS
+    [-100, -100, -100, 7, 0, 7, 0]
     """
     input_ids: list[int] = []
     labels: list[int] = []
@@ -83,9 +89,12 @@ def pack(segments: list[Segment], eos_id: int) -> Packed:
         if seg.weight is not None:
             if seg.parent < 0:
                 raise ValueError("the root segment cannot be a readout")
-            w = seg.weight / (len(seg.ids) + 1)
-            targets = list(seg.ids) + [eos_id]
-            pred = [last_index[seg.parent]] + list(range(first, first + len(seg.ids)))
+            if not 0 <= seg.cue <= len(seg.ids):
+                raise ValueError(f"segment {s}: cue {seg.cue} outside 0..{len(seg.ids)}")
+            targets = list(seg.ids[seg.cue :]) + [eos_id]
+            w = seg.weight / len(targets)
+            before = [last_index[seg.parent]] if seg.cue == 0 else []
+            pred = before + list(range(first + max(seg.cue - 1, 0), first + len(seg.ids)))
             for i, t in zip(pred, targets):
                 if labels[i] != IGNORE:
                     raise ValueError(f"segment {s}: its parent already predicts another readout")

@@ -4,6 +4,11 @@ Stage 1 (grounding): an example with T steps gets T+1 blocks; the readout after 
 predicts step t with an annealed weight, the readout after block T+1 predicts the answer.
 Stage 2 (refinement): exactly K blocks, the readout after every block predicts the answer
 with weights alpha_k. All readouts of an example share one forward pass (`rim.layout`).
+
+Explain mode (`curriculum.explain_weight` w > 0, ours; issue 14): in both stages, block k
+also gets a second readout behind the explain token (a cue the block does not predict) that
+spells step k (nothing after the last step) at weight w, so `rim generate --explain` can
+externalise each block on demand while the answer still needs only the one prefill.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ class RiM(Method):
     def __init__(self, common: Common, settings: RiMSettings, tokens: Tokens, tokenizer):
         super().__init__(common, settings, tokens, tokenizer)
         m = settings.memory
-        self.mem = MemoryTokens(*tokens.new, m.mem_tokens, m.blocks)
+        self.mem = MemoryTokens(*tokens.new[:3], m.mem_tokens, m.blocks)
+        self.explain_id: int | None = tokens.new[3] if len(tokens.new) > 3 else None
 
     @classmethod
     def settings_from(cls, cfg: Config) -> RiMSettings:
@@ -58,7 +64,8 @@ class RiM(Method):
 
     @classmethod
     def new_tokens(cls, settings: RiMSettings) -> list[str]:
-        return token_strings(settings.memory)
+        explain = [settings.memory.explain_token] if settings.curriculum.explain_weight else []
+        return token_strings(settings.memory) + explain
 
     def plan(self, n_train: int, t_max: int) -> list[Stage]:
         c, s = self.common, self.settings
@@ -85,17 +92,27 @@ class RiM(Method):
         for k, (ids, w) in enumerate(zip(targets, weights), start=1):
             if w > 0:  # a faded readout costs compute and adds nothing: leave it out
                 segs.append(readout(ids, k, w))
-        return segs
+        return segs + self.explanations(ex, T + 1)
 
     def refinement(self, ex: Example, K: int) -> list[Segment]:
         answer = self.answer_ids(ex.answer)
         segs = [Segment(self.question_ids(ex.question))] + block_chain(self.mem, K)
         segs += [readout(answer, k, a) for k, a in enumerate(alpha_weights(K), start=1)]
-        return segs
+        return segs + self.explanations(ex, K)
+
+    def explanations(self, ex: Example, k: int) -> list[Segment]:
+        """Explain mode's readouts under blocks 1..k: the cue, then step j (none after T)."""
+        w = self.settings.curriculum.explain_weight
+        if not w or self.explain_id is None:
+            return []
+        steps = [self.text_ids(s) for s in ex.steps[:k]] + [()] * max(k - len(ex.steps), 0)
+        cue = (self.explain_id,)
+        return [Segment(cue + ids, j, w, "readout", cue=1) for j, ids in enumerate(steps, 1)]
 
     def prompt(self, question: str, blocks: int | None = None) -> list[int]:
         return list(self.question_ids(question)) + self.mem.blocks(blocks)
 
     def meta(self, plan: list[Stage] | None = None) -> dict:
         m = self.mem
-        return super().meta(plan) | {"blocks": m.num_blocks, "mem_tokens": m.mem_tokens}
+        out = {"blocks": m.num_blocks, "mem_tokens": m.mem_tokens}
+        return super().meta(plan) | out | {"explain": self.explain_id is not None}
