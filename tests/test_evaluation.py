@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from rim.evaluation import normalize, token_accuracy
 
 from .conftest import make_setup
@@ -31,3 +33,19 @@ def test_normalize_and_token_accuracy():
     assert normalize("Polly is a rempus .") == normalize("polly is a rempus.")
     assert token_accuracy("123", "124") == 2 / 3
     assert token_accuracy("", "") == 1.0
+
+
+def test_mean_prompt_tokens_counts_only_the_blocks_a_decoder_used():
+    from rim.data import generate
+    from rim.evaluation import evaluate
+
+    _, _, model, method = make_setup("rim", memory__blocks=3, eval__max_new_tokens=2)
+    exs = generate("chain", 6, seed=3)
+    q = sum(len(method.question_ids(e.question)) for e in exs) / len(exs)
+    Lb = method.mem.block_len
+    full = evaluate(method, model, exs, decoder="final", timing_examples=0, progress=False)
+    assert full["mean_prompt_tokens"] == pytest.approx(q + 3 * Lb)
+    opts = {"threshold": 0.0, "probe": None}  # no probe: stop once two blocks agree
+    early = evaluate(method, model, exs, decoder="early-exit", timing_examples=0, progress=False,
+                     options=opts)  # fmt: skip
+    assert early["mean_prompt_tokens"] == pytest.approx(q + early["mean_blocks"] * Lb)

@@ -109,6 +109,10 @@ def _eval(args: argparse.Namespace) -> None:
         args.timing_examples, truncate=args.truncate, options=options,
     )  # fmt: skip
     print(format_table({r.method.name: res}, EVAL_FIELDS))
+    if "mean_blocks" in res:
+        print(
+            f"mean blocks {res['mean_blocks']:.2f}, prompt tokens {res['mean_prompt_tokens']:.1f}"
+        )
     if "per_block_accuracy" in res:
         print("per block: " + " ".join(f"{a:.3f}" for a in res["per_block_accuracy"]))
     if args.select:

@@ -148,7 +148,10 @@ def evaluate(
         questions = [e.question for e in examples[lo : lo + batch_size]]
         out = decode(method, model, questions, decoder, blocks, truncate=truncate, options=options)
         records += records_of(method, out, golds[lo : lo + len(questions)], lo)
-    result = summarize(records)
+    result = summarize(records) | {"mean_prompt_tokens": _prompt_tokens(method, examples, blocks)}
+    if "mean_blocks" in result and method.uses_blocks:  # early exit: only the blocks it used
+        K = blocks or method.mem.num_blocks
+        result["mean_prompt_tokens"] -= (K - result["mean_blocks"]) * method.mem.block_len
     device = next(model.parameters()).device
     timed = "final" if decoder == "all-blocks" else decoder
     timing = examples[:timing_examples]
@@ -156,6 +159,15 @@ def evaluate(
     result["predictions"] = [r.final for r in records]
     result["records"] = records
     return result
+
+
+def _prompt_tokens(method, examples: list[Example], blocks: int | None) -> float:
+    """Mean prompt length in tokens (question and memory blocks) the decoder prefills."""
+    return (
+        statistics.fmean(len(method.prompt(e.question, blocks)) for e in examples)
+        if examples
+        else 0.0
+    )
 
 
 def latency(
