@@ -1,4 +1,4 @@
-"""Evaluation: answer normalisation, accuracy (final, any, per block), cost and latency.
+"""Evaluation: accuracy (final, any, per block), cost and latency (answers: rim.answers).
 
 Greedy and deterministic. Accuracy is computed on batched decoding; latency medians on
 separate batch-1 runs of the same code path (`rim.decoders.decode`), device-synchronised.
@@ -7,39 +7,16 @@ Every example's outcome is kept as a `Record`; the aggregates are computed from 
 
 from __future__ import annotations
 
-import re
 import statistics
 from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from rim.answers import normalize  # one definition, shipped verbatim with lm-eval tasks
 from rim.data import Example
 from rim.decoders import decode, default_for
 from rim.decoding import wall_clock
 from rim.progress import live as live_progress
-
-_NUM = re.compile(r"^[-+]?\d+(?:\.\d+)?$")
-
-
-def normalize(text: str, marker: str = "####") -> str:
-    """Canonical answer text: after the last marker, trimmed, numbers made canonical.
-
-    >>> normalize("#### 1,000"), normalize("4.0"), normalize(" The answer is 7 . ")
-    ('1000', '4', 'the answer is 7')
-    >>> normalize("1 2") == normalize("12")  # digit-split tokenisers decode with spaces
-    True
-    """
-    if marker and marker in text:
-        text = text.rsplit(marker, 1)[1]
-    text = text.strip().lower()
-    text = re.sub(r"(?<=\d),(?=\d{3})", "", text)  # thousands separators
-    text = re.sub(r"(?<=\d) (?=\d)", "", text)  # "1 2" -> "12"
-    text = re.sub(r"\s+([.,!?;:])", r"\1", text)  # "rempus ." -> "rempus."
-    text = text.rstrip(".").strip()
-    if _NUM.match(text):
-        value = float(text)
-        text = str(int(value)) if value == int(value) else repr(value)
-    return text
 
 
 def token_accuracy(pred: str, gold: str) -> float:
