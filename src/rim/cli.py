@@ -201,6 +201,10 @@ EVAL_FIELDS = [
 
 
 def _generate(args: argparse.Namespace) -> None:
+    if args.runtime == "onnx":
+        return _generate_onnx(args)
+    if args.runtime != "torch":
+        raise RimError(f"--runtime {args.runtime}: not one of torch, onnx")
     from rim.decoders import get
     from rim.reasoner import Reasoner
 
@@ -220,6 +224,26 @@ def _generate(args: argparse.Namespace) -> None:
                 print(f"  block {k}: {text}")
         else:
             print(a)
+
+
+def _generate_onnx(args: argparse.Namespace) -> None:
+    """`--runtime onnx`: greedy answers after all K blocks from an ONNX export, on the CPU."""
+    from rim.onnx_export import require_onnx
+    from rim.onnx_runtime import OnnxReasoner
+
+    require_onnx("--runtime onnx")
+    unsupported = {
+        "--blocks": args.blocks is not None,
+        "--decoder": args.decoder != "final",
+        "--explain": args.explain,
+        "--truncate": args.truncate,
+        "--device": args.device != "cpu",
+    }
+    for flag, used in unsupported.items():
+        if used:
+            raise RimError(f"{flag}: not with --runtime onnx (final answer, CPU; use torch)")
+    for answer in OnnxReasoner(args.checkpoint, args.threads).generate(args.questions):
+        print(answer)
 
 
 def _print_explained(r, args, answers) -> None:
@@ -248,7 +272,10 @@ def _bench(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from rim.export import export
 
-    export(args.checkpoint, args.out)
+    export(
+        args.checkpoint, args.out, args.format, args.lm_eval_data, args.lm_eval_format,
+        args.lm_eval_limit,
+    )  # fmt: skip
 
 
 def _repeatable(p: argparse.ArgumentParser, flag: str, metavar: str, help: str) -> None:
@@ -343,6 +370,12 @@ def _generate_parser(sub) -> None:
     _flag(g, "--explain", "also print the step each block holds (explain-mode checkpoints)")
     _flag(g, "--truncate", TRUNCATE)
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    g.add_argument(
+        "--runtime",
+        default="torch",
+        help="torch (a checkpoint, default) | onnx (a folder of rim export --format onnx)",
+    )
+    g.add_argument("--threads", type=int, help="--runtime onnx: intra-op threads (default: all)")
     g.set_defaults(fn=_generate)
 
 
@@ -388,9 +421,23 @@ def _bench_parser(sub) -> None:
 
 
 def _export_parser(sub) -> None:
-    x = sub.add_parser("export", help="merge LoRA and write a plain HF model folder")
+    x = sub.add_parser("export", help="merge LoRA and write a plain HF (or ONNX) model folder")
     x.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. RUN/best)")
     x.add_argument("--out", required=True, help="the folder to write (a plain HF model)")
+    x.add_argument(
+        "--format",
+        default="hf",
+        help="hf (default: safetensors + an lm-eval task) | onnx (ONNX Runtime, KV cache)",
+    )
+    x.add_argument(
+        "--lm-eval-data",
+        help="examples of the lm-eval task (any format rim reads; default: the recipe's test "
+        "split, else valid)",
+    )
+    x.add_argument("--lm-eval-format", default="auto", help="format of --lm-eval-data")
+    x.add_argument(
+        "--lm-eval-limit", type=int, help="at most N examples in the lm-eval task (default 1000)"
+    )
     x.set_defaults(fn=_export)
 
 

@@ -1,6 +1,7 @@
 """Export a checkpoint for serving: one plain Hugging Face model folder, no rim needed.
 
-    rim export --checkpoint runs/x/best --out exported/x
+    rim export --checkpoint runs/x/best --out exported/x [--lm-eval-data FILE]
+    rim export --checkpoint runs/x/best --out exported/x-onnx --format onnx
 
 RiM inference is plain causal attention over `question ++ K memory blocks` (METHOD.md
 section 3), so any server that can run the base architecture serves a RiM model: LoRA is
@@ -13,17 +14,24 @@ the prompt is the question followed by a fixed text suffix (`prompt_template` in
         generation_config.json           greedy, eos/pad, the trained answer length
         rim.json                         K, M, block tokens and ids, method, prompt template
         prompt_template.txt              the same template, for shell use
+        lm_eval/                         an lm-evaluation-harness task (rim.lm_eval_task)
+
+`--format onnx` writes `model.onnx` (+ `.data`, `export.json`) instead of the safetensors
+weights and no lm_eval/: one graph with a KV cache for ONNX Runtime (rim.onnx_export), a copy
+of its runner `onnx_runtime.py`, and an `onnx` section in rim.json.
 
 The folder is written to a temporary sibling and renamed: it is complete or absent.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rim.errors import RimError
 
 FORMAT = 1
+FORMATS = ("hf", "onnx")
 # questions whose tokenization checks that the text template reproduces the training prompt
 _PROBES = ("3 + 4 - 2", "What is 12 * 7?", "Every wumpus is a yumpus. Is Alex a yumpus?")
 
@@ -95,44 +103,80 @@ def _resolve(checkpoint: Path) -> Path:
     return checkpoint
 
 
-def export(checkpoint: str | Path, out: str | Path) -> Path:
-    """Merge LoRA (if any) and write a plain HF model folder with tokenizer and rim.json."""
-    import json
-
-    from transformers import GenerationConfig
-
+def _load(ckpt: Path):
+    """(model, tokenizer, method, recipe) with LoRA merged; refuses methods without a plain
+    prompt (they need sequential forward passes at inference)."""
     from rim.assembly import from_checkpoint
-    from rim.io import atomic_dir
     from rim.model import load_meta
 
-    ckpt, out = _resolve(Path(checkpoint)), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RimError(f"--out {out}: already exists and is not empty")
     model, tok, method, cfg = from_checkpoint(ckpt)
-    meta = load_meta(ckpt)
     if not method.plain_prompt:
         raise RimError(
             f"--checkpoint {ckpt}: method {method.name} needs sequential forward passes at "
             "inference; only plain-prompt methods can be exported"
         )
-    if meta.get("adapter"):
+    if load_meta(ckpt).get("adapter"):
         model = model.merge_and_unload()  # LoRA and the new token rows into plain weights
+    return model.eval(), tok, method, cfg
+
+
+def _lm_eval(out: Path, cfg, data: str | None, fmt: str, limit: int | None):
+    """(task name, examples) for the lm-eval task folder, or None when the recipe's own split
+    cannot be read here (its files are elsewhere): the model is exported all the same."""
+    from rim.lm_eval_task import task_examples, task_name
+
+    try:
+        examples, source = task_examples(cfg, data, fmt, limit)
+    except RimError as err:
+        if data:
+            raise
+        print(f"[rim] warning: no lm-eval task ({err}); pass --lm-eval-data FILE")
+        return None
+    return task_name(out), examples, source
+
+
+def export(
+    checkpoint: str | Path,
+    out: str | Path,
+    format: str = "hf",
+    lm_eval_data: str | None = None,
+    lm_eval_format: str = "auto",
+    lm_eval_limit: int | None = None,
+) -> Path:
+    """Write a serving folder: `hf` (plain HF model + an lm-eval task folder) or `onnx` (one
+    ONNX graph with a KV cache, rim.onnx_runtime runs it); tokenizer and rim.json in both."""
+    from rim.io import atomic_dir
+
+    if format not in FORMATS:
+        raise RimError(f"--format {format}: not one of {', '.join(FORMATS)}")
+    if format == "onnx":
+        from rim.onnx_export import require_onnx
+
+        require_onnx()
+        if lm_eval_data:
+            raise RimError("--lm-eval-data: lm-eval runs the hf format (--format hf)")
+    ckpt, out = _resolve(Path(checkpoint)), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RimError(f"--out {out}: already exists and is not empty")
+    model, tok, method, cfg = _load(ckpt)
     template, suffix = prompt_template(method, tok)
     exact = template_is_exact(method, tok, template)
-    gen = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=method.max_new_tokens(),
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
     serving = _serving_meta(method, tok, cfg, template, suffix, exact)
     serving["source_checkpoint"] = str(ckpt)
+    task = (
+        _lm_eval(out, cfg, lm_eval_data, lm_eval_format, lm_eval_limit) if format == "hf" else None
+    )
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        gen.save_pretrained(tmp)
+        _write_tokenizer(tmp, tok, method)
+        if format == "onnx":
+            _write_onnx(tmp, model, method, serving)
+        else:
+            model.save_pretrained(tmp)
+        if task:
+            from rim.lm_eval_task import write_task
+
+            write_task(tmp / "lm_eval", task[0], method, template, task[1])
         (tmp / "rim.json").write_text(json.dumps(serving, indent=2))
         (tmp / "prompt_template.txt").write_text(template + "\n")
 
@@ -143,5 +187,46 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
             "[rim] warning: the text template does not tokenize exactly like training; "
             "serve by token ids (rim.json prompt_suffix_ids)"
         )
-    print(f"[rim] exported {method.name} to {out}; prompt: {template}")
+    print(f"[rim] exported {method.name} ({format}) to {out}; prompt: {template}")
+    _print_next(out, format, task)
     return out
+
+
+def _write_tokenizer(tmp: Path, tok, method) -> None:
+    """The tokenizer (block tokens special) and the greedy generation config."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=method.max_new_tokens(),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    tok.save_pretrained(tmp)
+    gen.save_pretrained(tmp)
+
+
+def _write_onnx(tmp: Path, model, method, serving: dict) -> None:
+    """The ONNX graph, traced on a real RiM prompt, and a copy of the runner (rim.onnx_runtime)."""
+    import shutil
+
+    from rim.onnx_export import export_onnx, tokenizer_json_exact
+
+    serving["onnx"] = export_onnx(model, method.prompt(_PROBES[1]), tmp)
+    shutil.copyfile(Path(__file__).with_name("onnx_runtime.py"), tmp / "onnx_runtime.py")
+    serving["onnx"]["tokenizer_json_exact"] = exact = tokenizer_json_exact(tmp, method, _PROBES)
+    if not exact:
+        print("[rim] warning: tokenizer.json alone does not tokenize questions like training")
+
+
+def _print_next(out: Path, format: str, task) -> None:
+    """The command that uses the export, so a user can copy it."""
+    if format == "onnx":
+        print(f'[rim] answer with: rim generate --runtime onnx --checkpoint {out} "QUESTION"')
+    elif task:
+        name, examples, source = task
+        print(
+            f"[rim] lm-eval task {name} ({len(examples)} examples of {source}): lm_eval --model hf "
+            f"--model_args pretrained={out} --include_path {out / 'lm_eval'} --tasks {name}"
+        )

@@ -1,0 +1,83 @@
+"""`rim export --format onnx`: one ONNX graph with a KV cache, for ONNX Runtime on CPU and edge.
+
+    rim export --checkpoint runs/x/best --out exported/x-onnx --format onnx
+    rim generate --runtime onnx --checkpoint exported/x-onnx "3 + 4 - 2"
+
+The graph comes from transformers' own exporter (`transformers.exporters.OnnxExporter`:
+torch.export, then torch.onnx with dynamo), which follows the transformers version rim pins;
+optimum-onnx (0.1.0) needs transformers < 4.58 and cannot be installed beside it.
+
+One graph serves the prompt and every greedy step. It is the exporter's multi-token decode
+step (`multi_token_decode=True`): the number of new tokens and the cache length are both
+dynamic, so the prefill is the same graph fed an empty cache, and the weights are stored
+once. `logits_to_keep=1` is traced in: only the last position's logits are computed, as in
+rim's own prefill (greedy needs no more). The batch axis is fixed at 1 and the graph takes no
+attention mask: one question at a time, the edge case. `rim.onnx_runtime` runs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from rim.errors import RimError
+
+ONNX_FILE = "model.onnx"
+_NEEDS = ("onnx", "onnxscript", "onnxruntime")
+
+
+def require_onnx(flag: str = "--format onnx") -> None:
+    """One-line error naming the extra when the ONNX libraries are missing."""
+    missing = [m for m in _NEEDS if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RimError(f"{flag}: needs {', '.join(missing)} (pip install 'rim[onnx]')")
+
+
+def _quiet_exporter_log() -> None:
+    """The exporter warns that it is experimental and that versions drifted, on every call;
+    the test suite pins what rim relies on, so the warning is noise in `rim export`."""
+    from transformers.utils import logging
+
+    logging.get_logger("transformers.exporters").setLevel(logging.ERROR)
+
+
+def export_onnx(model, prompt_ids: list[int], folder: Path) -> dict:
+    """Write `model.onnx` (+ `.data`, `export.json`, `config.json`) into `folder`, traced on
+    one real prompt; returns the `onnx` section of rim.json (the graph's cache inputs)."""
+    import torch
+    from transformers.exporters import OnnxConfig, OnnxExporter
+    from transformers.exporters.utils import decompose_prefill_decode
+
+    _quiet_exporter_log()
+    model.eval()
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    with torch.no_grad():
+        stages = decompose_prefill_decode(model, {"input_ids": ids}, multi_token_decode=True)
+    step, inputs = stages["decode"]
+    inputs["logits_to_keep"] = 1  # a constant in the graph: logits of the last position only
+    exported = OnnxExporter().export(step, inputs, OnnxConfig(dynamic=True))
+    exported.save_pretrained(folder)
+    graph_inputs = [v.name for v in exported.program.graph.inputs]
+    past = [t for layer in inputs["cache"].layers for t in (layer.keys, layer.values)]
+    names = [n for n in graph_inputs if "cache" in n]
+    if len(names) != len(past) or graph_inputs[: len(graph_inputs) - len(names)] != [
+        "input_ids",
+        "position_ids",
+    ]:
+        raise RimError(f"onnx export: unexpected graph inputs {graph_inputs}")
+    return {
+        "model": ONNX_FILE,
+        "batch": 1,
+        "dtype": str(past[0].dtype).removeprefix("torch."),
+        # an empty cache of each input's shape (sequence axis 2 of length 0) starts the prompt
+        "cache_inputs": [[n, [*t.shape[:2], 0, *t.shape[3:]]] for n, t in zip(names, past)],
+    }
+
+
+def tokenizer_json_exact(folder: Path, method, questions) -> bool:
+    """Does the bare `tokenizers` library (what `rim.onnx_runtime` uses, no transformers)
+    tokenize `questions` exactly as the method does?"""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    return all(tok.encode(q).ids == list(method.question_ids(q)) for q in questions)
