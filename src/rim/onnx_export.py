@@ -18,6 +18,7 @@ attention mask: one question at a time, the edge case. `rim.onnx_runtime` runs i
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 from rim.errors import RimError
@@ -58,20 +59,31 @@ def export_onnx(model, prompt_ids: list[int], folder: Path) -> dict:
     exported = OnnxExporter().export(step, inputs, OnnxConfig(dynamic=True))
     exported.save_pretrained(folder)
     graph_inputs = [v.name for v in exported.program.graph.inputs]
-    past = [t for layer in inputs["cache"].layers for t in (layer.keys, layer.values)]
-    names = [n for n in graph_inputs if "cache" in n]
-    if len(names) != len(past) or graph_inputs[: len(graph_inputs) - len(names)] != [
-        "input_ids",
-        "position_ids",
-    ]:
-        raise RimError(f"onnx export: unexpected graph inputs {graph_inputs}")
+    cache = _cache_inputs(graph_inputs, inputs["cache"])
     return {
         "model": ONNX_FILE,
         "batch": 1,
-        "dtype": str(past[0].dtype).removeprefix("torch."),
-        # an empty cache of each input's shape (sequence axis 2 of length 0) starts the prompt
-        "cache_inputs": [[n, [*t.shape[:2], 0, *t.shape[3:]]] for n, t in zip(names, past)],
+        "dtype": str(inputs["cache"].layers[0].keys.dtype).removeprefix("torch."),
+        "cache_inputs": cache,
     }
+
+
+def _cache_inputs(names: list[str], cache) -> list[list]:
+    """[[graph input name, shape of an empty cache]] for the cache inputs of the graph: each
+    named `...layers.I.keys|values`, shaped like the traced layer's tensor with its sequence
+    axis (2) of length 0, which is what the prompt's pass starts from."""
+    out = []
+    for name in names:
+        if name in ("input_ids", "position_ids"):
+            continue
+        found = re.search(r"layers\.(\d+)\.(keys|values)$", name)
+        if not found:
+            raise RimError(f"onnx export: unexpected graph input {name!r} (of {names})")
+        shape = getattr(cache.layers[int(found[1])], found[2]).shape
+        out.append([name, [*shape[:2], 0, *shape[3:]]])
+    if len(out) != 2 * len(cache.layers) or len(names) != len(out) + 2:
+        raise RimError(f"onnx export: unexpected graph inputs {names}")
+    return out
 
 
 def tokenizer_json_exact(folder: Path, method, questions) -> bool:
