@@ -149,7 +149,8 @@ def test_lm_eval_exact_match_equals_rim_eval(runs, hf_export, tmp_path, capsys) 
 
 @pytest.fixture(scope="module")
 def onnx_exports(runs, tmp_path_factory) -> dict[str, Path]:
-    pytest.importorskip("onnxruntime")
+    for module in ("onnxruntime", "onnx", "onnxscript"):  # the extra rim[onnx]
+        pytest.importorskip(module)
     root = tmp_path_factory.mktemp("onnx")
     for name, ckpt in runs.items():
         rim_main("export", "--checkpoint", str(ckpt), "--out", str(root / name), "--format", "onnx")
