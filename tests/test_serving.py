@@ -31,7 +31,9 @@ RUNS = {  # name: recipe changes
     "rim_llama": {},
     "direct_llama": {"method": "direct", "train": RECIPE["train"] | {"steps": 100}},
     "rim_gpt2": {"model": {"arch": "gpt2", "size": "tiny"}},
+    "rim_lora": {},  # a "pretrained" base (tests/test_export.py) with LoRA: merged on export
 }
+LORA = ["model.lora_rank=8", "model.lora_alpha=16", "train.lr=3e-3"]
 
 
 def rim_main(*args: str) -> None:
@@ -62,12 +64,17 @@ def rim_error(capsys, *args: str) -> str:
 def runs(tmp_path_factory) -> dict[str, Path]:
     """name -> a trained checkpoint (RUN/final) for each of RUNS."""
     os.environ["RIM_NO_PROGRESS"] = "1"
+    from .test_export import make_base
+
     root = tmp_path_factory.mktemp("serving")
+    base, _ = make_base(root / "base")
     out = {}
     for name, change in RUNS.items():
         recipe = root / f"{name}.yaml"
         recipe.write_text(yaml.safe_dump(RECIPE | change))
-        rim_main("train", "--config", str(recipe), "--out", str(root / name))
+        lora = [f"model.path={base}", *LORA] if name.endswith("lora") else []
+        sets = [arg for s in lora for arg in ("--set", s)]
+        rim_main("train", "--config", str(recipe), "--out", str(root / name), *sets)
         out[name] = root / name / "final"
     return out
 

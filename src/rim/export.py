@@ -168,11 +168,13 @@ def export(
     )
 
     def write(tmp: Path) -> None:
-        _write_tokenizer(tmp, tok, method)
         if format == "onnx":
             _write_onnx(tmp, model, method, serving)
         else:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp)  # before ours: it writes a generation_config.json too
+        _write_tokenizer(tmp, tok, method)
+        if format == "onnx":
+            _check_tokenizer_json(tmp, method, serving)
         if task:
             from rim.lm_eval_task import write_task
 
@@ -211,10 +213,17 @@ def _write_onnx(tmp: Path, model, method, serving: dict) -> None:
     """The ONNX graph, traced on a real RiM prompt, and a copy of the runner (rim.onnx_runtime)."""
     import shutil
 
-    from rim.onnx_export import export_onnx, tokenizer_json_exact
+    from rim.onnx_export import export_onnx
 
     serving["onnx"] = export_onnx(model, method.prompt(_PROBES[1]), tmp)
     shutil.copyfile(Path(__file__).with_name("onnx_runtime.py"), tmp / "onnx_runtime.py")
+
+
+def _check_tokenizer_json(tmp: Path, method, serving: dict) -> None:
+    """The ONNX runner tokenizes with the bare `tokenizers` library: record (and warn) if it
+    differs from training's tokenization."""
+    from rim.onnx_export import tokenizer_json_exact
+
     serving["onnx"]["tokenizer_json_exact"] = exact = tokenizer_json_exact(tmp, method, _PROBES)
     if not exact:
         print("[rim] warning: tokenizer.json alone does not tokenize questions like training")
