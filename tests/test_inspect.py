@@ -7,6 +7,7 @@ and blocks, and the probe, the ROC and the early-exit curve have both classes to
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,7 +30,7 @@ from rim.inspection.analyses import (
 from rim.inspection.internals import attention_mass, lens_logits, lens_parts
 from rim.probe import PROBE_JSON, Probe
 
-from .conftest import make_setup
+from .conftest import TINY_RECIPE, make_setup, recipe_file
 
 K = 4
 PNGS = ("per_block", "roc", "early_exit", "pca_steps", "pca_blocks", "attention")
@@ -175,3 +176,31 @@ def test_bad_thresholds_are_one_line(text: str):
     with pytest.raises(RimError, match="--thresholds"):
         parse_thresholds(text)
     assert parse_thresholds("0.9, 0.5,0.9") == [0.5, 0.9]
+
+
+def test_rim_inspect_from_the_cli(tmp_path: Path, monkeypatch, capsys):
+    """Train the shared tiny recipe, then `rim inspect` it: the report folder is complete."""
+    from rim.cli import main
+
+    monkeypatch.setenv("RIM_NO_PROGRESS", "1")
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["curriculum"]["stage1_steps"], recipe["curriculum"]["stage2_steps"] = 3, 2
+    run = tmp_path / "run"
+    main(["train", "--config", str(recipe_file(recipe, tmp_path)), "--out", str(run)])
+    out = tmp_path / "report"
+    capsys.readouterr()
+    main(["inspect", "--checkpoint", str(run / "best"), "--out", str(out), "--limit", "8",
+          "--timing-examples", "1", "--thresholds", "0.5,0.9"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert f"wrote {out / 'report.md'}" in printed and "final-block accuracy" in printed
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["n"] == 8 and rep["blocks"] == 3
+    # the tiny run is barely trained: a probe needs right and wrong answers on data.valid
+    fitted = (run / "best" / PROBE_JSON).is_file()
+    assert rep["probe"]["source"] == ("fitted" if fitted else None)
+    for name in ("per_block", "early_exit", "pca_steps", "pca_blocks", "attention"):
+        assert (out / f"{name}.png").is_file()
+    with pytest.raises(SystemExit) as stop:
+        main(["inspect", "--checkpoint", str(run / "best"), "--out", str(out),
+              "--thresholds", "2"])  # fmt: skip
+    assert stop.value.code == 2 and "--thresholds" in capsys.readouterr().err

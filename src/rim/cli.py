@@ -190,6 +190,29 @@ def _probe(args: argparse.Namespace) -> None:
     )
 
 
+def _inspect(args: argparse.Namespace) -> None:
+    from rim.decoders import check_questions
+    from rim.inspection import parse_thresholds, run_inspect
+    from rim.reasoner import Reasoner
+
+    thresholds = parse_thresholds(args.thresholds)
+    r = Reasoner.load(args.checkpoint, args.device)
+    examples = _load_eval_data(args, r.config)
+    source = args.data or f"data.{args.split}"
+    where = lambda i: f"{source}: example {i + 1}"  # noqa: E731
+    check_questions(r.method, r.model, [e.question for e in examples], where=where)
+    rep = run_inspect(
+        r, Path(args.checkpoint), examples, Path(args.out), source,
+        same_data=args.split == "valid" and not args.data, thresholds=thresholds,
+        timing_examples=args.timing_examples, batch_size=args.batch_size,
+    )  # fmt: skip
+    print(f"inspect: {rep['n']} examples of {source}, K = {rep['blocks']}: final-block accuracy "
+          f"{rep['final_accuracy']:.3f}, any block {rep['any_block_accuracy']:.3f}")  # fmt: skip
+    print(f"probe: {rep['probe']['note']}" + (
+        f" (AUROC {rep['probe_auroc']:.3f})" if rep["probe_auroc"] is not None else ""))  # fmt: skip
+    print(f"wrote {Path(args.out) / 'report.md'}")
+
+
 EVAL_FIELDS = [
     ("accuracy", "final acc", ".3f"),
     ("any_block_accuracy", "any-block acc", ".3f"),
@@ -334,6 +357,24 @@ def _probe_parser(sub) -> None:
     q.set_defaults(fn=_probe)
 
 
+def _inspect_parser(sub) -> None:
+    i = sub.add_parser("inspect", help="one report on the memory blocks (rim.inspection)")
+    _checkpoint_data(i, "recipe split when --data is not given (default valid)")
+    i.add_argument("--out", required=True, help="report folder: report.md, report.json, PNGs")
+    i.add_argument(
+        "--thresholds",
+        default="0.5,0.7,0.9,0.95,0.99",
+        help="early-exit probe thresholds to simulate and time (comma-separated)",
+    )
+    i.add_argument(
+        "--timing-examples",
+        type=int,
+        default=16,
+        help="batch-1 runs timed per decoder for TTFT (0: no timing)",
+    )
+    i.set_defaults(fn=_inspect)
+
+
 def _generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="answer questions")
     g.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. RUN/best)")
@@ -404,6 +445,7 @@ def parser() -> argparse.ArgumentParser:
         add(sub)
     _bench_parser(sub)
     _export_parser(sub)
+    _inspect_parser(sub)
     return p
 
 
