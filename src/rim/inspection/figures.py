@@ -82,13 +82,13 @@ def early_exit(curve: dict, path: Path, where: str) -> Path:
             label="fixed budget: always k blocks")  # fmt: skip
     pts = curve["thresholds"]
     if pts:
-        ax.plot([p["mean_blocks"] for p in pts], [p["accuracy"] for p in pts], "s--", color="C1",
-                label="early exit: probe score >= t")  # fmt: skip
-        for i, ((x, y), ts) in enumerate(_same_place(pts).items()):
-            # alternate above-left / below-right: neighbouring thresholds stay readable
-            dx, dy, ha = (-5, 7, "right") if i % 2 == 0 else (5, -13, "left")
-            ax.annotate("t=" + ", ".join(f"{t:g}" for t in ts), (x, y), fontsize=8, ha=ha,
-                        textcoords="offset points", xytext=(dx, dy), color="C1")  # fmt: skip
+        xs, ys = [p["mean_blocks"] for p in pts], [p["accuracy"] for p in pts]
+        ax.plot(xs, ys, "--", color="C1", lw=1, label="early exit: probe score >= t")
+        shades = plt.get_cmap("Oranges")(np.linspace(0.45, 0.95, len(pts)))
+        for i, p in enumerate(pts):  # larger first: thresholds on one spot stay visible
+            ax.plot([p["mean_blocks"]], [p["accuracy"]], "s", ms=11 - 6 * i / max(len(pts) - 1, 1),
+                    color=shades[i], mec="black", mew=0.5, ls="none",
+                    label=f"  t = {p['threshold']:g}: {p['mean_blocks']:.2f} blocks")  # fmt: skip
     s = curve["stable"]
     ax.plot([s["mean_blocks"]], [s["accuracy"]], "D", ms=8, color="C2",
             label="early exit: first answer token same for 2 blocks")  # fmt: skip
@@ -99,15 +99,6 @@ def early_exit(curve: dict, path: Path, where: str) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8.5, framealpha=0.85)
     return _save(fig, path)
-
-
-def _same_place(pts: list[dict]) -> dict[tuple[float, float], list[float]]:
-    """Thresholds that land on the same point (same blocks and accuracy), for one label."""
-    out: dict[tuple[float, float], list[float]] = {}
-    for p in pts:
-        key = (round(p["mean_blocks"], 2), round(p["accuracy"], 3))
-        out.setdefault(key, []).append(p["threshold"])
-    return out
 
 
 def pca_steps(xy: np.ndarray, labels: np.ndarray, cats: list[str], info: dict, path: Path) -> Path:
@@ -193,7 +184,7 @@ def attention(mass: np.ndarray, path: Path, where: str) -> Path:
     bar = fig.colorbar(im, ax=ax)
     bar.set_label("share of attention (heads and examples averaged)")
     ax.set_xlabel("attended part of the prompt (b k = memory block k)")
-    ax.set_ylabel("layer")
+    ax.set_ylabel("layer (1 = the first transformer layer)")
     ax.set_title(f"Attention from the first-answer-token position (each row sums to 1)\n{where}",
                  fontsize=TITLE)  # fmt: skip
     return _save(fig, path)
