@@ -114,9 +114,16 @@ def test_attention_masses_sum_to_one_and_sdpa_comes_back(tiny):
     assert tiny.model.config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "llama-lora"])
 def test_the_logit_lens_at_the_last_layer_is_the_models_logits(arch: str):
-    method, model = _scrambled(arch)
+    """`lens_parts` finds the final norm and head (through a LoRA wrapper too), and the last
+    layer's lens is the model's own logits at every block's last token."""
+    method, model = _scrambled(arch.removesuffix("-lora"))
+    if arch.endswith("-lora"):
+        from rim.config import ModelConfig
+        from rim.model import wrap_lora
+
+        model = wrap_lora(model, ModelConfig(arch="llama"), list(method.tokens.new)).eval()
     examples = generate("chain", 3, seed=5)
     states = collect(method, model, examples, batch_size=3).states  # (N, K, L+1, D)
     L, Lb = states.shape[2] - 1, method.mem.block_len
