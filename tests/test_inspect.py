@@ -91,10 +91,12 @@ def test_the_report_has_every_section(tiny, tmp_path: Path):
 
 
 def test_without_a_probe_the_report_says_so(tiny, tmp_path: Path):
+    (tmp_path / "roc.png").write_bytes(b"an earlier report's")
     info = {"source": None, "layer": None, "note": "no probe: every block answer is wrong"}
     rep = inspect_checkpoint(tiny.method, tiny.model, tiny.examples[:6], tmp_path, None, info,
                              timing_examples=0, batch_size=8)  # fmt: skip
     assert rep["roc"] is None and rep["figures"]["roc"] is None
+    assert not (tmp_path / "roc.png").exists()
     assert rep["early_exit"]["thresholds"] == [] and "probe" not in rep["selection"]
     assert rep["pca"]["layer"] == rep["layers"]  # the last layer without a probe
     md = (tmp_path / "report.md").read_text()
@@ -193,7 +195,11 @@ def test_rim_inspect_from_the_cli(tmp_path: Path, monkeypatch, capsys):
     recipe = copy.deepcopy(TINY_RECIPE)
     recipe["curriculum"]["stage1_steps"], recipe["curriculum"]["stage2_steps"] = 3, 2
     run = tmp_path / "run"
-    main(["train", "--config", str(recipe_file(recipe, tmp_path)), "--out", str(run)])
+    threads = torch.get_num_threads()  # training sets train.threads for this process
+    try:
+        main(["train", "--config", str(recipe_file(recipe, tmp_path)), "--out", str(run)])
+    finally:
+        torch.set_num_threads(threads)
     out = tmp_path / "report"
     capsys.readouterr()
     main(["inspect", "--checkpoint", str(run / "best"), "--out", str(out), "--limit", "8",

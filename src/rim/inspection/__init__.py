@@ -195,4 +195,7 @@ def _figures(rep: dict, a: dict, out: Path, where: str) -> dict:
                                          out / "pca_blocks.png"),
         "attention": figures.attention(np.asarray(a["mass"]), out / "attention.png", where),
     }  # fmt: skip
+    for key, path in files.items():  # no stale figure of an earlier report in `out`
+        if path is None:
+            (out / f"{key}.png").unlink(missing_ok=True)
     return {k: (p.name if p is not None else None) for k, p in files.items()}
