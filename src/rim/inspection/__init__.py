@@ -105,7 +105,7 @@ def run_inspect(reasoner, checkpoint: Path, examples: list[Example], out: Path, 
 
     bs = options.get("batch_size", 64)
     probe, info = checkpoint_probe(checkpoint, m, reasoner.model, load_valid, bs, same_data)
-    where = f"{_short(checkpoint)}, {source}"
+    where = f"{_short(checkpoint)}, {source} ({len(examples)} examples)"
     return inspect_checkpoint(m, reasoner.model, examples, out, probe, info, where, **options)
 
 

@@ -13,9 +13,9 @@ def render(rep: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def _figure(rep: dict, key: str, alt: str) -> str:
+def _figure(rep: dict, key: str, alt: str, why: str = "nothing to plot") -> str:
     name = rep["figures"].get(key)
-    return f"![{alt}]({name})" if name else f"(no {alt} figure: nothing to plot)"
+    return f"![{alt}]({name})" if name else f"(no {alt} figure: {why})"
 
 
 def _header(rep: dict) -> str:
@@ -53,7 +53,11 @@ def _probe(rep: dict) -> str:
         head += (
             f"Probe on layer {p['layer']} (0 = embeddings): {p['note']}. It predicts from a "
             f"block's state whether the answer decoded after that block is right. AUROC on "
-            f"this data: {auroc}.\n\n" + _figure(rep, "roc", "probe ROC") + "\n\n"
+            f"this data: {auroc}.\n\n"
+            + _figure(
+                rep, "roc", "probe ROC", "every block answer here is right, or every one wrong"
+            )
+            + "\n\n"
         )
     rows = [[fmt(sel[h], ".3f") for h in sel]]
     return (
@@ -77,7 +81,7 @@ def _early_exit(rep: dict) -> str:
     rows.append(["early exit, 2 blocks agree", "-", fmt(s["accuracy"], ".3f"),
                  f"{s['mean_blocks']:.2f}", f"{s['block_share']:.0%}",
                  fmt(t["stable_ttft_ms"], ".1f")])  # fmt: skip
-    header = ["decoder", "threshold", "accuracy", "mean blocks", "block tokens", "TTFT ms"]
+    header = ["decoder", "threshold", "accuracy", "mean blocks", "block tokens used", "TTFT ms"]
     return (
         "## 3. Early exit: accuracy against memory used\n\n"
         "Stop adding blocks at the first block whose probe score is at least t (else K), or, "
@@ -136,7 +140,8 @@ def _logit_lens(rep: dict) -> str:
         "## 6. Logit lens\n\n"
         "Each block's last-token state at every layer through the model's final norm and LM "
         "head: the most frequent top-1 token over the examples and its share (emb = the "
-        "embeddings; the last layer is the model's own next-token prediction). Last column: "
+        "embedding layer, where every block's last token is the same end token; the last "
+        "layer is the model's own next-token prediction). Last column: "
         "the share of the examples with a step k whose top-1 token at block k is the first "
         "token of gold step k, what stage 1's grounding trained it to emit ('-': no example "
         "has that many steps).\n\n" + table(header, rows)
