@@ -87,7 +87,7 @@ def test_the_report_has_every_section(tiny, tmp_path: Path):
         assert f"]({name}.png)" in md
     for section in ("Accuracy per block", "correctness probe", "Early exit", "PCA",
                     "Attention", "Logit lens"):  # fmt: skip
-        assert f"{section}" in md, section
+        assert section in md, section
 
 
 def test_without_a_probe_the_report_says_so(tiny, tmp_path: Path):
@@ -110,7 +110,11 @@ def test_a_method_without_blocks_is_refused(tmp_path: Path):
 
 
 def test_attention_masses_sum_to_one_and_sdpa_comes_back(tiny):
-    mass = attention_mass(tiny.method, tiny.model, tiny.examples[:10])  # (layers, 1 + K)
+    """Over the question and the blocks, padding included in the batch (left-padded rows)."""
+    examples = tiny.examples[:9] + [Example("12 + 34 + 56 + 7", ("46", "102", "109"), "109")]
+    lengths = {len(tiny.method.prompt(e.question)) for e in examples}
+    assert len(lengths) > 1  # rows of different lengths share a batch
+    mass = attention_mass(tiny.method, tiny.model, examples)  # (layers, 1 + K)
     assert mass.shape == (2, 1 + K)
     np.testing.assert_allclose(mass.sum(axis=1), 1.0, atol=1e-5)
     assert tiny.model.config._attn_implementation == "sdpa"
