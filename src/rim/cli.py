@@ -239,6 +239,12 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args)
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from rim.sweep import run_sweep
+
+    run_sweep(args)
+
+
 def _bench(args: argparse.Namespace) -> None:
     from rim.bench import run_bench
 
@@ -361,6 +367,18 @@ def _demo_parser(sub) -> None:
     d.set_defaults(fn=_demo)
 
 
+def _sweep_parser(sub) -> None:
+    s = sub.add_parser("sweep", help="a grid: methods x seeds x recipe values, one table, plots")
+    s.add_argument("--config", required=True, help="grid file (configs/sweeps/..., rim.grid)")
+    s.add_argument("--out", required=True, help="results folder (rerun it to resume)")
+    _repeatable(
+        s, "--set", "KEY=VALUE", "override a recipe key in every run, before the grid's values"
+    )
+    s.add_argument("--workers", type=int, default=2, help="parallel training processes")
+    _flag(s, "--dry-run", "print the cells and their budgets; run nothing")
+    s.set_defaults(fn=_sweep)
+
+
 def _bench_parser(sub) -> None:
     b = sub.add_parser("bench", help="latency, training-throughput and any-block benchmarks")
     b.add_argument("kind", choices=["latency", "train", "any-block"], help="what to measure")
@@ -404,6 +422,7 @@ def parser() -> argparse.ArgumentParser:
         add(sub)
     _bench_parser(sub)
     _export_parser(sub)
+    _sweep_parser(sub)
     return p
 
 
