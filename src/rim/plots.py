@@ -234,6 +234,8 @@ def plot_sweep_accuracy(res: dict, out: Path) -> Path | None:
         print("[sweep] note: no numeric axis with two values, so no accuracy plot")
         return None
     series = _series(res, axis)
+    if not series:
+        return None
     xs = sorted({c["values"][axis] for g in series.values() for c in g})
     log = min(xs) > 0 and not all(float(x).is_integer() for x in xs) and max(xs) / min(xs) >= 3
     shift = _offsets(xs, len(series), log)
