@@ -420,9 +420,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_train_parser, _eval_parser, _probe_parser, _generate_parser, _demo_parser):
         add(sub)
+    _sweep_parser(sub)
     _bench_parser(sub)
     _export_parser(sub)
-    _sweep_parser(sub)
     return p
 
 
