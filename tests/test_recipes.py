@@ -32,7 +32,8 @@ def _rel(path: Path) -> str:
 
 ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))
 ACCELERATE = [p for p in ALL_YAML if p.parent.name == "accelerate"]  # accelerate's own format
-RIM_YAML = [p for p in ALL_YAML if p not in ACCELERATE]
+SWEEPS = [p for p in ALL_YAML if p.parent.name == "sweeps"]  # grid files of `rim sweep`
+RIM_YAML = [p for p in ALL_YAML if p not in ACCELERATE + SWEEPS]
 # a recipe names its method; bases and model layers (base.yaml, llama1b.yaml, 4x4.yaml) do not
 RECIPES = [p for t in TASKS for p in sorted((CONFIGS / t).glob("*.yaml")) if "method" in _raw(p)]
 
@@ -89,6 +90,16 @@ def test_accelerate_configs_load(path):
     from accelerate.commands.config.config_args import load_config_from_file
 
     assert load_config_from_file(str(path)).num_processes >= 1
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=_rel)
+def test_sweep_grids_load_and_every_cell_validates(path):
+    from rim.grid import load_grid
+    from rim.sweep import plan
+
+    grid = load_grid(path)
+    assert plan(grid, Path("out"))  # every cell's recipe loads
+    assert f"rim sweep --config {_rel(path)}" in path.read_text()
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=_rel)

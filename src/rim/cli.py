@@ -262,6 +262,12 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args)
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from rim.sweep import run_sweep
+
+    run_sweep(args)
+
+
 def _bench(args: argparse.Namespace) -> None:
     from rim.bench import run_bench
 
@@ -402,6 +408,18 @@ def _demo_parser(sub) -> None:
     d.set_defaults(fn=_demo)
 
 
+def _sweep_parser(sub) -> None:
+    s = sub.add_parser("sweep", help="a grid: methods x seeds x recipe values, one table, plots")
+    s.add_argument("--config", required=True, help="grid file (configs/sweeps/..., rim.grid)")
+    s.add_argument("--out", required=True, help="results folder (rerun it to resume)")
+    _repeatable(
+        s, "--set", "KEY=VALUE", "override a recipe key in every run, before the grid's values"
+    )
+    s.add_argument("--workers", type=int, default=2, help="parallel training processes")
+    _flag(s, "--dry-run", "print the cells and their budgets; run nothing")
+    s.set_defaults(fn=_sweep)
+
+
 def _bench_parser(sub) -> None:
     b = sub.add_parser("bench", help="latency, training-throughput and any-block benchmarks")
     b.add_argument("kind", choices=["latency", "train", "any-block"], help="what to measure")
@@ -443,6 +461,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_train_parser, _eval_parser, _probe_parser, _generate_parser, _demo_parser):
         add(sub)
+    _sweep_parser(sub)
     _bench_parser(sub)
     _export_parser(sub)
     _inspect_parser(sub)
