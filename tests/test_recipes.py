@@ -242,10 +242,10 @@ def _fake_pretrained(folder: Path, arch: str, cfg) -> Path:
     import torch
 
     from rim.config import ModelConfig
-    from rim.data import load_split
     from rim.model import build_model, build_tokenizer
+    from rim.sources import load_split
 
-    train = load_split(**vars(cfg.data.train))
+    train = load_split(cfg.data.train)
     texts = [e.question for e in train] + [s for e in train for s in e.steps]
     tok = build_tokenizer(texts + [e.answer for e in train] + [cfg.eval.answer_marker])
     torch.manual_seed(0)

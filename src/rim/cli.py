@@ -78,14 +78,14 @@ def _run_folder(resume: str) -> str:
 
 
 def _load_eval_data(args, cfg):
-    from rim.data import load_split, read_examples
+    from rim.sources import load_split, read_path
 
     if args.data:
-        return read_examples(args.data, args.format, limit=args.limit)
+        return read_path(args.data, args.format, limit=args.limit, key="--data")
     split = getattr(cfg.data, args.split, None)
     if split is None:
         raise RimError(f"--split {args.split}: the checkpoint's recipe has no data.{args.split}")
-    examples = load_split(**vars(split))
+    examples = load_split(split, f"data.{args.split}")
     return examples[: args.limit] if args.limit else examples
 
 
@@ -324,7 +324,9 @@ def _checkpoint_data(p: argparse.ArgumentParser, split_help: str) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. RUN/best)")
     p.add_argument("--data", help="data file (any supported format)")
     p.add_argument(
-        "--format", default="auto", help="auto | json | jsonl | icot | gsm8k | gsmhard (--data)"
+        "--format",
+        default="auto",
+        help="auto | json | jsonl | icot | gsm8k | gsmhard | datasets (--data)",
     )
     p.add_argument("--split", default="valid", help=split_help)
     p.add_argument("--limit", type=int, help="use the first N examples only")

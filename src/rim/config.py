@@ -45,19 +45,42 @@ class ModelConfig:
             raise ConfigError("model.lora_rank: must be >= 1")
 
 
+DATASET_FIELDS = ("question", "steps", "answer", "step_sep")  # what `columns` may map
+
+
 @dataclass
 class SplitConfig:
     path: str | None = None  # a data file (format detected, or set `format`)
-    format: str = "auto"  # auto | json | jsonl | icot | gsm8k | gsmhard
+    format: str = "auto"  # auto | json | jsonl | icot | gsm8k | gsmhard | datasets
     generator: str | None = None  # a name in rim.data.GENERATORS (instead of path)
     size: int = 1000  # generated examples
     seed: int = 0  # generator seed: use different seeds for train, valid and test
     options: dict = field(default_factory=dict)  # generator options
     limit: int | None = None  # keep the first N examples
+    # a Hugging Face `datasets` source (rim.datasets_io: a save_to_disk folder, parquet,
+    # arrow, csv; json with format: datasets): rim field -> the source's column
+    columns: dict = field(default_factory=dict)  # e.g. {question: problem, answer: solution}
+    steps_sep: str | None = None  # null: steps is a list column; else split a text column on
+    # it (a literal, "sentence" or "auto", as the iCoT reader)
+    split: str | None = None  # the split of a DatasetDict folder (null: its only one)
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.generator is None):
             raise ConfigError("data.<split>: give exactly one of path or generator")
+        for key, column in self.columns.items():
+            if key not in DATASET_FIELDS:
+                known = ", ".join(DATASET_FIELDS)
+                raise ConfigError(f"data.<split>.columns.{key}: unknown field (known: {known})")
+            if not (isinstance(column, str) and column) and not (key == "steps" and column is None):
+                raise ConfigError(
+                    f"data.<split>.columns.{key}: expected a column name, got {column!r}"
+                    + (" (steps: null = no steps)" if key == "steps" else "")
+                )
+        if self.steps_sep == "":
+            raise ConfigError("data.<split>.steps_sep: must not be empty (null = a list column)")
+        source = self.columns or self.steps_sep is not None or self.split is not None
+        if source and self.generator is not None:
+            raise ConfigError("data.<split>: columns, steps_sep and split are for a path")
 
 
 @dataclass

@@ -305,9 +305,9 @@ def run_demo(args, overrides: dict | None = None) -> dict:
     machine = describe(device).demo_dict(workers)
     runner = Runner(device, base.eval.batch_size, resume=getattr(args, "resume", False))
     run_jobs(jobs, workers, runner)
-    from rim.data import load_split
+    from rim.sources import load_split
 
-    test = load_split(**vars(base.data.test))
+    test = load_split(base.data.test, "data.test")
     time_jobs(jobs, test, base.eval.timing_examples, device)
     res = assemble(jobs, cfgs, base, args, machine, over)
     res["wall_s"] = time.perf_counter() - t0
