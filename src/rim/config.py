@@ -137,6 +137,27 @@ class CurriculumConfig:
             raise ConfigError(f"curriculum.explain_weight: must be a number in [0, 10], got {w!r}")
 
 
+def _trackers(names: list[str] | str) -> list[str]:
+    """`report_to` as a list of accelerate tracker names; a bare name is a list of one, and
+    `none` (as transformers spells it) is none. Checked here, installed or not: a recipe is
+    valid on a machine without the tracker (`rim eval` reads it too); `rim train` checks
+    that each is installed."""
+    if isinstance(names, str):
+        names = [] if names == "none" else [names]
+    if not names:
+        return []
+    from accelerate.utils import LoggerType  # accelerate's list, not a copy of it
+
+    known = [t.value for t in LoggerType if t.value != "all"]
+    for name in names:
+        if name not in known:
+            raise ConfigError(
+                f"train.report_to: unknown tracker {name!r} (accelerate supports: "
+                f"{', '.join(known)})"
+            )
+    return list(dict.fromkeys(names))
+
+
 @dataclass
 class TrainConfig:
     lr: float = 1e-4  # paper: searched in [1e-5, 1e-3]; tiny models from scratch like ~1e-3
@@ -159,10 +180,15 @@ class TrainConfig:
     mixed_precision: str | bool = "no"  # no | bf16 (accelerate autocast, fp32 master weights)
     threads: int | None = None  # torch CPU threads; None = torch default
     fsdp: bool = False  # shard weights, gradients, AdamW state over processes (rim.fsdp)
+    # experiment trackers, through accelerate (rim.tracking): tensorboard | wandb | mlflow |
+    # trackio | ... (any accelerate supports); [] = none: metrics.jsonl is always written
+    report_to: list[str] | str = field(default_factory=list)
+    tracking_project: str = "rim"  # W&B/trackio project, MLflow experiment, TensorBoard folder
 
     def __post_init__(self) -> None:
         if self.mixed_precision is False:  # YAML reads a bare `no` as false
             self.mixed_precision = "no"
+        self.report_to = _trackers(self.report_to)
         if self.batch_size < 1:
             raise ConfigError("train.batch_size: must be >= 1")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
@@ -370,6 +396,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
