@@ -127,6 +127,13 @@ def test_bad_row_is_one_line_naming_the_row(tmp_path, rows, message):
     assert str(err.value) == f"{path}: {message}"
 
 
+def test_steps_one_per_line(tmp_path):
+    """`steps_sep: "\\n"` splits at line breaks only (a step keeps its spaces)."""
+    path = _parquet(tmp_path, [GOOD | {"steps": "x = 1 + 2\nso 3\n"}])
+    (ex,) = read_path(path, columns=COLS, steps_sep="\n")
+    assert ex.steps == ("x = 1 + 2", "so 3") and ex.cot == "x = 1 + 2\nso 3"
+
+
 def test_wrong_column_type_is_named_with_its_row(tmp_path):
     path = _parquet(tmp_path, [GOOD | {"solution": 3}, GOOD | {"solution": 4}])
     with pytest.raises(DataError) as err:
