@@ -11,8 +11,8 @@ one scalar per item: `<stage>/<key>/<block>`), and at the end `run/train_s` and
 `run/best_valid_accuracy`. The recipe goes in once as flat hyper-parameters (`train.lr`).
 
 Trackers that write files write them in `RUN/tracking/` (TensorBoard: `RUN/tracking/<project>`;
-W&B: `RUN/tracking/wandb`, so `WANDB_MODE=offline` keeps a run there for `wandb sync`).
-MLflow and trackio keep their own stores (`MLFLOW_TRACKING_URI`, trackio's folder).
+W&B: `RUN/tracking/wandb`, so `WANDB_MODE=offline` keeps a run there for `wandb sync`;
+MLflow: `RUN/tracking/mlflow.db` unless MLFLOW_TRACKING_URI is set). trackio keeps its own.
 A resumed run logs again from its checkpoint's step, the same values an uninterrupted run
 logs (exact resume): TensorBoard is told to purge the abandoned steps after it
 (`purge_step`), W&B continues the same run (its id is rim's run id).
@@ -21,6 +21,7 @@ logs (exact resume): TensorBoard is told to purge the abandoned steps after it
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,18 @@ def hyperparameters(recipe: dict) -> dict[str, Any]:
         ok = value is None or isinstance(value, bool | int | float | str)
         out[key] = value if ok else json.dumps(value)
     return out
+
+
+def local_stores(report_to: list[str], out: Path) -> None:
+    """Trackers whose default store is the working directory write in RUN/tracking instead:
+    MLflow (3) would make `./mlflow.db` wherever `rim train` runs. MLFLOW_TRACKING_URI, when
+    set, wins."""
+    if "mlflow" in report_to and not os.environ.get("MLFLOW_TRACKING_URI"):
+        import mlflow
+
+        db = (Path(out) / FOLDER / "mlflow.db").resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(f"sqlite:///{db}")
 
 
 def init_kwargs(out: Path, run_id: str, resumed_at: int | None) -> dict[str, dict]:

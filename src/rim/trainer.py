@@ -187,6 +187,7 @@ class Trainer:
             runs.write_run(self.out, self.state.run_id, recipe)
         if self.acc.log_with:
             st = self.state
+            tracking.local_stores(self.cfg.train.report_to, self.out)
             self.acc.init_trackers(
                 self.cfg.train.tracking_project,
                 config=tracking.hyperparameters(self.cfg.to_dict()),
