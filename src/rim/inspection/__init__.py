@@ -97,11 +97,11 @@ def run_inspect(reasoner, checkpoint: Path, examples: list[Example], out: Path, 
     _require_blocks(m)
 
     def load_valid() -> list[Example]:
-        from rim.data import load_split
+        from rim.sources import load_split
 
         if cfg is None or cfg.data.valid is None:
             raise RimError("inspect: the checkpoint's recipe has no data.valid to fit a probe on")
-        return load_split(**vars(cfg.data.valid))
+        return load_split(cfg.data.valid, "data.valid")
 
     bs = options.get("batch_size", 64)
     probe, info = checkpoint_probe(checkpoint, m, reasoner.model, load_valid, bs, same_data)
