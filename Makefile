@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	@if ! $(BIN)/python -m pip --version >/dev/null 2>&1; then \
 		echo "setting up $(VENV)"; rm -rf $(VENV) && $(PY) -m venv $(VENV); fi
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,eval,onnx]"
+	$(BIN)/python -m pip install -q -e ".[dev,track,data,eval,onnx]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -32,7 +32,8 @@ def _rel(path: Path) -> str:
 
 ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))
 ACCELERATE = [p for p in ALL_YAML if p.parent.name == "accelerate"]  # accelerate's own format
-RIM_YAML = [p for p in ALL_YAML if p not in ACCELERATE]
+SWEEPS = [p for p in ALL_YAML if p.parent.name == "sweeps"]  # grid files of `rim sweep`
+RIM_YAML = [p for p in ALL_YAML if p not in ACCELERATE + SWEEPS]
 # a recipe names its method; bases and model layers (base.yaml, llama1b.yaml, 4x4.yaml) do not
 RECIPES = [p for t in TASKS for p in sorted((CONFIGS / t).glob("*.yaml")) if "method" in _raw(p)]
 
@@ -89,6 +90,16 @@ def test_accelerate_configs_load(path):
     from accelerate.commands.config.config_args import load_config_from_file
 
     assert load_config_from_file(str(path)).num_processes >= 1
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=_rel)
+def test_sweep_grids_load_and_every_cell_validates(path):
+    from rim.grid import load_grid
+    from rim.sweep import plan
+
+    grid = load_grid(path)
+    assert plan(grid, Path("out"))  # every cell's recipe loads
+    assert f"rim sweep --config {_rel(path)}" in path.read_text()
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=_rel)
@@ -231,10 +242,10 @@ def _fake_pretrained(folder: Path, arch: str, cfg) -> Path:
     import torch
 
     from rim.config import ModelConfig
-    from rim.data import load_split
     from rim.model import build_model, build_tokenizer
+    from rim.sources import load_split
 
-    train = load_split(**vars(cfg.data.train))
+    train = load_split(cfg.data.train)
     texts = [e.question for e in train] + [s for e in train for s in e.steps]
     tok = build_tokenizer(texts + [e.answer for e in train] + [cfg.eval.answer_marker])
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ import torch
 
 from rim import methods
 from rim.config import Config, load_config
-from rim.data import Example, load_split
+from rim.data import Example
 from rim.errors import ConfigError, RimError
 from rim.methods import Method
 from rim.model import (
@@ -32,6 +32,7 @@ from rim.model import (
     resize_for,
     wrap_lora,
 )
+from rim.sources import load_split
 
 
 @dataclass
@@ -82,8 +83,8 @@ def assemble(cfg: Config, log=print) -> Setup:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     d = cfg.data
-    train = load_split(**vars(d.train))
-    valid = load_split(**vars(d.valid))
+    train = load_split(d.train, "data.train")
+    valid = load_split(d.valid, "data.valid")
     tok = _tokenizer(cfg, train)
     method = methods.build(cfg, tok)  # registers the method's tokens
     if cfg.model.path is None:

@@ -78,14 +78,14 @@ def _run_folder(resume: str) -> str:
 
 
 def _load_eval_data(args, cfg):
-    from rim.data import load_split, read_examples
+    from rim.sources import load_split, read_path
 
     if args.data:
-        return read_examples(args.data, args.format, limit=args.limit)
+        return read_path(args.data, args.format, limit=args.limit, key="--data")
     split = getattr(cfg.data, args.split, None)
     if split is None:
         raise RimError(f"--split {args.split}: the checkpoint's recipe has no data.{args.split}")
-    examples = load_split(**vars(split))
+    examples = load_split(split, f"data.{args.split}")
     return examples[: args.limit] if args.limit else examples
 
 
@@ -190,6 +190,29 @@ def _probe(args: argparse.Namespace) -> None:
     )
 
 
+def _inspect(args: argparse.Namespace) -> None:
+    from rim.decoders import check_questions
+    from rim.inspection import parse_thresholds, run_inspect
+    from rim.reasoner import Reasoner
+
+    thresholds = parse_thresholds(args.thresholds)
+    r = Reasoner.load(args.checkpoint, args.device)
+    examples = _load_eval_data(args, r.config)
+    source = args.data or f"data.{args.split}"
+    where = lambda i: f"{source}: example {i + 1}"  # noqa: E731
+    check_questions(r.method, r.model, [e.question for e in examples], where=where)
+    rep = run_inspect(
+        r, Path(args.checkpoint), examples, Path(args.out), source,
+        same_data=args.split == "valid" and not args.data, thresholds=thresholds,
+        timing_examples=args.timing_examples, batch_size=args.batch_size,
+    )  # fmt: skip
+    print(f"inspect: {rep['n']} examples of {source}, K = {rep['blocks']}: final-block accuracy "
+          f"{rep['final_accuracy']:.3f}, any block {rep['any_block_accuracy']:.3f}")  # fmt: skip
+    print(f"probe: {rep['probe']['note']}" + (
+        f" (AUROC {rep['probe_auroc']:.3f})" if rep["probe_auroc"] is not None else ""))  # fmt: skip
+    print(f"wrote {Path(args.out) / 'report.md'}")
+
+
 EVAL_FIELDS = [
     ("accuracy", "final acc", ".3f"),
     ("any_block_accuracy", "any-block acc", ".3f"),
@@ -263,6 +286,12 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args)
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from rim.sweep import run_sweep
+
+    run_sweep(args)
+
+
 def _bench(args: argparse.Namespace) -> None:
     from rim.bench import run_bench
 
@@ -322,7 +351,9 @@ def _checkpoint_data(p: argparse.ArgumentParser, split_help: str) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. RUN/best)")
     p.add_argument("--data", help="data file (any supported format)")
     p.add_argument(
-        "--format", default="auto", help="auto | json | jsonl | icot | gsm8k | gsmhard (--data)"
+        "--format",
+        default="auto",
+        help="auto | json | jsonl | icot | gsm8k | gsmhard | datasets (--data)",
     )
     p.add_argument("--split", default="valid", help=split_help)
     p.add_argument("--limit", type=int, help="use the first N examples only")
@@ -361,6 +392,24 @@ def _probe_parser(sub) -> None:
     q.set_defaults(fn=_probe)
 
 
+def _inspect_parser(sub) -> None:
+    i = sub.add_parser("inspect", help="one report on the memory blocks (rim.inspection)")
+    _checkpoint_data(i, "recipe split when --data is not given (default valid)")
+    i.add_argument("--out", required=True, help="report folder: report.md, report.json, PNGs")
+    i.add_argument(
+        "--thresholds",
+        default="0.5,0.7,0.9,0.95,0.99",
+        help="early-exit probe thresholds to simulate and time (comma-separated)",
+    )
+    i.add_argument(
+        "--timing-examples",
+        type=int,
+        default=16,
+        help="batch-1 runs timed per decoder for TTFT (0: no timing)",
+    )
+    i.set_defaults(fn=_inspect)
+
+
 def _generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="answer questions")
     g.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. RUN/best)")
@@ -392,6 +441,18 @@ def _demo_parser(sub) -> None:
     d.add_argument("--methods", help="comma-separated (default: every registered method)")
     d.add_argument("--workers", type=int, default=2, help="parallel training processes")
     d.set_defaults(fn=_demo)
+
+
+def _sweep_parser(sub) -> None:
+    s = sub.add_parser("sweep", help="a grid: methods x seeds x recipe values, one table, plots")
+    s.add_argument("--config", required=True, help="grid file (configs/sweeps/..., rim.grid)")
+    s.add_argument("--out", required=True, help="results folder (rerun it to resume)")
+    _repeatable(
+        s, "--set", "KEY=VALUE", "override a recipe key in every run, before the grid's values"
+    )
+    s.add_argument("--workers", type=int, default=2, help="parallel training processes")
+    _flag(s, "--dry-run", "print the cells and their budgets; run nothing")
+    s.set_defaults(fn=_sweep)
 
 
 def _bench_parser(sub) -> None:
@@ -434,7 +495,9 @@ def _export_parser(sub) -> None:
         help="examples of the lm-eval task (any format rim reads; default: the recipe's test "
         "split, else valid)",
     )
-    x.add_argument("--lm-eval-format", default="auto", help="format of --lm-eval-data")
+    x.add_argument(
+        "--lm-eval-format", default="auto", help="format of --lm-eval-data (as rim eval --format)"
+    )
     x.add_argument(
         "--lm-eval-limit", type=int, help="at most N examples in the lm-eval task (default 1000)"
     )
@@ -449,8 +512,10 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_train_parser, _eval_parser, _probe_parser, _generate_parser, _demo_parser):
         add(sub)
+    _sweep_parser(sub)
     _bench_parser(sub)
     _export_parser(sub)
+    _inspect_parser(sub)
     return p
 
 

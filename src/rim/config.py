@@ -45,19 +45,42 @@ class ModelConfig:
             raise ConfigError("model.lora_rank: must be >= 1")
 
 
+DATASET_FIELDS = ("question", "steps", "answer", "step_sep")  # what `columns` may map
+
+
 @dataclass
 class SplitConfig:
     path: str | None = None  # a data file (format detected, or set `format`)
-    format: str = "auto"  # auto | json | jsonl | icot | gsm8k | gsmhard
+    format: str = "auto"  # auto | json | jsonl | icot | gsm8k | gsmhard | datasets
     generator: str | None = None  # a name in rim.data.GENERATORS (instead of path)
     size: int = 1000  # generated examples
     seed: int = 0  # generator seed: use different seeds for train, valid and test
     options: dict = field(default_factory=dict)  # generator options
     limit: int | None = None  # keep the first N examples
+    # a Hugging Face `datasets` source (rim.datasets_io: a save_to_disk folder, parquet,
+    # arrow, csv; json with format: datasets): rim field -> the source's column
+    columns: dict = field(default_factory=dict)  # e.g. {question: problem, answer: solution}
+    steps_sep: str | None = None  # null: steps is a list column; else split a text column on
+    # it (a literal, "sentence" or "auto", as the iCoT reader)
+    split: str | None = None  # the split of a DatasetDict folder (null: its only one)
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.generator is None):
             raise ConfigError("data.<split>: give exactly one of path or generator")
+        for key, column in self.columns.items():
+            if key not in DATASET_FIELDS:
+                known = ", ".join(DATASET_FIELDS)
+                raise ConfigError(f"data.<split>.columns.{key}: unknown field (known: {known})")
+            if not (isinstance(column, str) and column) and not (key == "steps" and column is None):
+                raise ConfigError(
+                    f"data.<split>.columns.{key}: expected a column name, got {column!r}"
+                    + (" (steps: null = no steps)" if key == "steps" else "")
+                )
+        if self.steps_sep == "":
+            raise ConfigError("data.<split>.steps_sep: must not be empty (null = a list column)")
+        source = self.columns or self.steps_sep is not None or self.split is not None
+        if source and self.generator is not None:
+            raise ConfigError("data.<split>: columns, steps_sep and split are for a path")
 
 
 @dataclass
@@ -114,6 +137,27 @@ class CurriculumConfig:
             raise ConfigError(f"curriculum.explain_weight: must be a number in [0, 10], got {w!r}")
 
 
+def _trackers(names: list[str] | str) -> list[str]:
+    """`report_to` as a list of accelerate tracker names; a bare name is a list of one, and
+    `none` (as transformers spells it) is none. Checked here, installed or not: a recipe is
+    valid on a machine without the tracker (`rim eval` reads it too); `rim train` checks
+    that each is installed."""
+    if isinstance(names, str):
+        names = [] if names == "none" else [names]
+    if not names:
+        return []
+    from accelerate.utils import LoggerType  # accelerate's list, not a copy of it
+
+    known = [t.value for t in LoggerType if t.value != "all"]
+    for name in names:
+        if name not in known:
+            raise ConfigError(
+                f"train.report_to: unknown tracker {name!r} (accelerate supports: "
+                f"{', '.join(known)})"
+            )
+    return list(dict.fromkeys(names))
+
+
 @dataclass
 class TrainConfig:
     lr: float = 1e-4  # paper: searched in [1e-5, 1e-3]; tiny models from scratch like ~1e-3
@@ -136,10 +180,15 @@ class TrainConfig:
     mixed_precision: str | bool = "no"  # no | bf16 (accelerate autocast, fp32 master weights)
     threads: int | None = None  # torch CPU threads; None = torch default
     fsdp: bool = False  # shard weights, gradients, AdamW state over processes (rim.fsdp)
+    # experiment trackers, through accelerate (rim.tracking): tensorboard | wandb | mlflow |
+    # trackio | ... (any accelerate supports); [] = none: metrics.jsonl is always written
+    report_to: list[str] | str = field(default_factory=list)
+    tracking_project: str = "rim"  # W&B/trackio project, MLflow experiment, TensorBoard folder
 
     def __post_init__(self) -> None:
         if self.mixed_precision is False:  # YAML reads a bare `no` as false
             self.mixed_precision = "no"
+        self.report_to = _trackers(self.report_to)
         if self.batch_size < 1:
             raise ConfigError("train.batch_size: must be >= 1")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
@@ -347,6 +396,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")

@@ -73,7 +73,7 @@ def _split_steps(text: str, step_sep: str, question: str) -> tuple[tuple[str, ..
             step_sep = "sentence"
     if step_sep == "sentence":
         parts, join = _SENTENCE_END.split(text), " "
-    elif not step_sep.strip():
+    elif not step_sep.strip() and "\n" not in step_sep:  # a line break splits lines only
         parts, join = text.split(), " "
     else:
         parts, join = text.split(step_sep), step_sep

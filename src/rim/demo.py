@@ -9,9 +9,10 @@ Every method trains from the same data, tokenizer recipe, model size, trainer an
 there only). `--quick` applies the overrides in `QUICK` to every recipe. Seed s sets
 `train.seed` (so also the model's initialisation); the data splits never change.
 
-One job = one (method, seed): `python -m rim train` (checkpoint `best/` chosen on the valid
-split), then `python -m rim eval` of `best/` on the test split in the same worker slot, so
-`--workers` jobs run in parallel (one core each); on a GPU they run one after another on it.
+One job = one (method, seed), run by `rim.runner` (the runner `rim sweep` uses too): `python
+-m rim train` (checkpoint `best/` chosen on the valid split), then `python -m rim eval` of
+`best/` on the test split in the same worker slot, so `--workers` jobs run in parallel (one
+core each); on a GPU they run one after another on it.
 Batch-1 latency (TTFT, full answer) is timed afterwards, one run at a time, so that a
 training neighbour never inflates another method's milliseconds.
 
@@ -22,25 +23,17 @@ runs/<method>/seed<s>/ (train.log, metrics.jsonl, best/, test_eval.json).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import statistics
-import subprocess
-import sys
-import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
-from rim import progress
 from rim.errors import RimError
+from rim.io import atomic_file
 from rim.machine import describe
 from rim.plots import plot_accuracy_vs_ttft, plot_per_block, task_line
-from rim.progress import Status
 from rim.report import fmt, table
+from rim.runner import Job, Runner, pick_device, run_jobs
+from rim.runner import total_steps as _total_steps
 
 # `--quick`: the same recipes, shrunk (applied after the recipe, before validation).
 QUICK: dict[str, object] = {
@@ -80,24 +73,6 @@ def config_dir() -> Path:
     raise RimError("configs/demo/base.yaml not found (run from the rim checkout)")
 
 
-@dataclass
-class Job:
-    method: str
-    seed: int
-    recipe: Path
-    out: Path
-    sets: list[str]
-    total_steps: int
-    state: str = "queued"  # queued | train | eval | done | failed
-    started: float = 0.0
-    result: dict = field(default_factory=dict)
-    error: str | None = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.method}/s{self.seed}"
-
-
 # --------------------------------------------------------------------------- planning
 
 
@@ -122,13 +97,6 @@ def _methods(spec: str | None) -> list[str]:
     if not ready:
         raise RimError("--methods: none of the methods can run")
     return ready
-
-
-def _total_steps(cfg) -> int:
-    """Optimizer steps of a run (for the progress display only): the method's own plan."""
-    from rim.methods import plan
-
-    return sum(s.steps for s in plan(cfg, cfg.data.train.size))
 
 
 def plan_jobs(methods: list[str], seeds: int, out: Path, sets: list[str]) -> tuple[list[Job], dict]:
@@ -156,187 +124,7 @@ def plan_jobs(methods: list[str], seeds: int, out: Path, sets: list[str]) -> tup
     return jobs, cfgs
 
 
-# --------------------------------------------------------------------------- running
-
-
-class Runner:
-    """Runs jobs in `workers` threads, each driving its own subprocesses; Ctrl-C stops them."""
-
-    def __init__(self, device: str, eval_batch: int, resume: bool = False):
-        self.device, self.eval_batch, self.resume = device, eval_batch, resume
-        self.procs: set[subprocess.Popen] = set()
-        self.lock = threading.Lock()
-        self.stopped = False
-        self.env = os.environ | {"RIM_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
-        if device == "cpu":
-            self.env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-    def _call(self, cmd: list[str], log: Path) -> int:
-        with open(log, "a") as f:
-            f.write(f"$ {' '.join(cmd)}\n")
-            f.flush()
-            with self.lock:
-                if self.stopped:
-                    return -1
-                p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env)
-                self.procs.add(p)
-            try:
-                return p.wait()
-            finally:
-                with self.lock:
-                    self.procs.discard(p)
-
-    def run(self, job: Job) -> Job:
-        try:
-            return self._run(job)
-        except Exception as err:  # one broken run must not stop the others
-            job.state, job.error = "failed", f"{type(err).__name__}: {err}"
-            return job
-
-    def _run(self, job: Job) -> Job:
-        py = [sys.executable, "-m", "rim"]
-        job.started = time.perf_counter()
-        if self.resume and _finished(job):  # kept: its recipe is the one asked for
-            return self._done(job)
-        if not self.resume:
-            shutil.rmtree(job.out, ignore_errors=True)  # a rerun never appends to old metrics
-        job.out.mkdir(parents=True, exist_ok=True)
-        log = job.out / "train.log"
-        job.state = "train"
-        sets = [*job.sets, f"train.seed={job.seed}", "train.threads=1"]
-        cmd = py + ["train", "--config", str(job.recipe), "--out", str(job.out)]
-        cmd += ["--resume-if-exists"] if self.resume else []  # from its last checkpoint
-        if self._call(cmd + [a for s in sets for a in ("--set", s)], log):
-            return self._fail(job, "training failed", log)
-        job.state = "eval"
-        cmd = py + [
-            "eval",
-            "--checkpoint",
-            str(job.out / "best"),
-            "--split",
-            "test",
-            "--timing-examples",
-            "0",
-            "--batch-size",
-            str(self.eval_batch),
-            "--device",
-            self.device,
-            "--out",
-            str(job.out / "test_eval.json"),
-        ]
-        if self._call(cmd, log):
-            return self._fail(job, "test evaluation failed", log)
-        return self._done(job)
-
-    def _done(self, job: Job) -> Job:
-        """The job's result from its test evaluation and the training log's `done` record."""
-        res = json.loads((job.out / "test_eval.json").read_text())
-        res.pop("records", None)  # per-example records stay in test_eval.json
-        done = [json.loads(x) for x in (job.out / "metrics.jsonl").read_text().splitlines()]
-        done = [r for r in done if r.get("event") == "done"][-1]
-        job.result = res | {
-            "train_s": done["train_s"],
-            "best_valid_accuracy": done["best_valid_accuracy"],
-            "job_s": time.perf_counter() - job.started,
-        }
-        job.state = "done"
-        return job
-
-    def _fail(self, job: Job, what: str, log: Path) -> Job:
-        lines = log.read_text(errors="replace").strip().splitlines()
-        tail = [x for x in lines if not x.startswith("$ ")][-8:]  # not the long command
-        job.state, job.error = "failed", f"{what} (see {log})\n    " + "\n    ".join(tail)
-        return job
-
-    def stop(self) -> None:
-        with self.lock:
-            self.stopped = True
-            for p in self.procs:
-                p.terminate()
-
-
-def _finished(job: Job) -> bool:
-    """A job folder with a test evaluation and a finished training of the job's recipe."""
-    from rim.assembly import load_recipe
-
-    try:
-        lines = (job.out / "metrics.jsonl").read_text().splitlines()
-        done = any(json.loads(x).get("event") == "done" for x in lines)
-        if not (done and (job.out / "test_eval.json").is_file()):
-            return False
-        sets = [*job.sets, f"train.seed={job.seed}", "train.threads=1"]
-        saved = load_recipe(job.out / "config.yaml").to_dict()
-        return saved == load_recipe(job.recipe, sets).to_dict()
-    except (OSError, ValueError, RimError):
-        return False
-
-
-def _last_step(job: Job) -> int:
-    try:
-        lines = (job.out / "metrics.jsonl").read_text().splitlines()
-        return json.loads(lines[-1]).get("step", 0) if lines else 0
-    except (OSError, ValueError):  # not written yet, or a line half written
-        return 0
-
-
-def _status(jobs: list[Job]) -> str:
-    now = time.perf_counter()
-    parts = []
-    for j in jobs:
-        if j.state == "train":
-            parts.append(f"{j.name} train {_last_step(j)}/{j.total_steps} {now - j.started:.0f}s")
-        elif j.state == "eval":
-            parts.append(f"{j.name} test eval")
-    return "running: " + (", ".join(parts) or "-")
-
-
-def _finished_line(j: Job) -> str:
-    if j.state == "done":
-        acc, secs = j.result["accuracy"], j.result["train_s"]
-        return f"[demo] {j.name}: test accuracy {acc:.3f}, trained {secs:.0f}s"
-    return f"[demo] {j.name}: {j.error}"
-
-
-_EVENTS = {"train": "training", "eval": "test evaluation"}
-
-
-def run_jobs(jobs: list[Job], workers: int, runner: Runner, status: Status | None = None) -> None:
-    """Run `jobs` in a thread pool: a live bar on a terminal, plain event lines in a log.
-
-    In a log: one line when a job starts training, starts its test evaluation and ends,
-    and a status line at most every `progress.STATUS_EVERY` s (`status`).
-    """
-    bar_on, log_on = progress.live(), progress.enabled() and not progress.live()
-    bar = tqdm(total=len(jobs), desc="demo", unit="job", disable=not bar_on, dynamic_ncols=True)
-    status = status or Status()
-    seen: dict[str, str] = {}
-    pool = ThreadPoolExecutor(max_workers=workers)
-    try:
-        pending = {pool.submit(runner.run, j) for j in jobs}
-        while pending:
-            finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-            for j in jobs:  # state changes seen since the last poll
-                if log_on and j.state in _EVENTS and seen.get(j.name) != j.state:
-                    print(f"[demo] {j.name}: {_EVENTS[j.state]}", flush=True)
-                seen[j.name] = j.state
-            for fut in finished:
-                (tqdm.write if bar_on else print)(_finished_line(fut.result()))
-                bar.update(1)
-            if bar_on:
-                bar.set_postfix_str(_status(jobs), refresh=True)
-            elif log_on and pending and status.due():
-                done = len(jobs) - len(pending)
-                print(f"[demo] {done}/{len(jobs)} jobs done; {_status(jobs)}", flush=True)
-    except BaseException as err:
-        pool.shutdown(wait=False, cancel_futures=True)  # queued jobs never start
-        runner.stop()  # running ones are terminated
-        bar.close()
-        if isinstance(err, KeyboardInterrupt):
-            print("[demo] interrupted: running jobs stopped, no results written", file=sys.stderr)
-            raise SystemExit(130) from None
-        raise
-    bar.close()
-    pool.shutdown()
+# --------------------------------------------------------------------------- timing
 
 
 TIMING_ROUNDS = 3
@@ -478,7 +266,7 @@ def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
     if res.get("failed"):
         notes += ["", "Failed runs: " + "; ".join(res["failed"])]
     notes += [""] + [f"![{p}]({p})" for p in plots]
-    path.write_text("\n".join(notes) + "\n")
+    atomic_file(path, "\n".join(notes) + "\n")
 
 
 # --------------------------------------------------------------------------- plots
@@ -499,17 +287,12 @@ def run_demo(args, overrides: dict | None = None) -> dict:
     `overrides`: extra `key: value` recipe overrides applied after `QUICK` (tests shrink
     the quick demo further with it).
     """
-    import torch
-
     if args.seeds < 1 or args.workers < 1:
         raise RimError("--seeds and --workers must be >= 1")
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    workers = 1 if device == "cuda" else args.workers
-    if workers != args.workers:
-        print(f"[demo] GPU found: jobs run one after another on {device}")
+    device, workers = pick_device(args.workers, "demo")
     over = (QUICK if args.quick else {}) | (overrides or {})
     sets = [f"{k}={json.dumps(v)}" for k, v in over.items()]
     methods = _methods(args.methods)
@@ -522,13 +305,13 @@ def run_demo(args, overrides: dict | None = None) -> dict:
     machine = describe(device).demo_dict(workers)
     runner = Runner(device, base.eval.batch_size, resume=getattr(args, "resume", False))
     run_jobs(jobs, workers, runner)
-    from rim.data import load_split
+    from rim.sources import load_split
 
-    test = load_split(**vars(base.data.test))
+    test = load_split(base.data.test, "data.test")
     time_jobs(jobs, test, base.eval.timing_examples, device)
     res = assemble(jobs, cfgs, base, args, machine, over)
     res["wall_s"] = time.perf_counter() - t0
-    (out / "results.json").write_text(json.dumps(res, indent=2))
+    atomic_file(out / "results.json", json.dumps(res, indent=2))
     for old in ("accuracy_vs_ttft.png", "rim_per_block.png"):  # never leave a stale plot
         (out / old).unlink(missing_ok=True)
     plots = [

@@ -40,17 +40,18 @@ def jinja_prompt(template: str) -> str:
 
 
 def task_examples(cfg, data: str | None, fmt: str, limit: int | None) -> tuple[list, str]:
-    """(examples, where from): `data` (any format rim reads), else the checkpoint recipe's test
-    split, else its valid split; at most `limit` (default 1000)."""
-    from rim.data import load_split, read_examples
+    """(examples, where from): `data` (any format rim reads, a `datasets` source too), else
+    the checkpoint recipe's test split, else its valid split; at most `limit` (default 1000)."""
+    from rim.sources import load_split, read_path
 
     limit = DEFAULT_LIMIT if limit is None else limit
     if limit < 1:
         raise RimError(f"--lm-eval-limit: must be >= 1, got {limit}")
     if data:
-        return read_examples(data, fmt, limit=limit), data
+        return read_path(data, fmt, limit=limit, key="--lm-eval-data"), data
     split = "test" if cfg.data.test is not None else "valid"
-    return load_split(**vars(getattr(cfg.data, split)))[:limit], f"data.{split} of the recipe"
+    examples = load_split(getattr(cfg.data, split), f"data.{split}")
+    return examples[:limit], f"data.{split} of the recipe"
 
 
 def _yaml(name: str, template: str, method, eos_text: str, n: int) -> str:

@@ -1,8 +1,15 @@
-"""Plots of demo results: accuracy against time to first answer token, accuracy per block."""
+"""Plots of demo and sweep results: accuracy against TTFT or a grid axis, accuracy per block.
+
+Every figure is written whole or not at all (`_save`: rendered in memory, one atomic write).
+"""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from rim.io import atomic_file
+from rim.runner import format_value
 
 
 def task_line(task: dict) -> str:
@@ -20,6 +27,13 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    _pyplot().close(fig)
+    return atomic_file(path, buf.getvalue())
 
 
 def _subtitle(res: dict) -> str:
@@ -110,9 +124,7 @@ def plot_accuracy_vs_ttft(res: dict, path: Path) -> Path | None:
     ax.grid(True, which="major", alpha=0.3)
     fig.tight_layout()
     _place_labels(ax, points)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_per_block(res: dict, path: Path) -> Path | None:
@@ -156,9 +168,151 @@ def plot_per_block(res: dict, path: Path) -> Path | None:
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=9, framealpha=0.8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- entry point
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def numeric_axis(res: dict) -> str | None:
+    """The sweep's first axis with numbers in every cell and more than one value: the x axis."""
+    for a in res["grid"]["axes"]:
+        vals = [c["values"][a] for c in res["cells"]]
+        if all(_is_number(v) for v in vals) and len(set(vals)) > 1:
+            return a
+    return None
+
+
+def _series(res: dict, axis: str | None) -> dict[str, list[dict]]:
+    """Cells with results, one series per method and values of the other varying axes."""
+    cells = [c for c in res["cells"] if c["n"] and "accuracy" in c["metrics"]]
+    vary: dict[str, list[str]] = {}  # per method: the other axes it takes several values on
+    for m in dict.fromkeys(c["method"] for c in cells):
+        own = [c["values"] for c in cells if c["method"] == m]
+        axes = [a for a in res["grid"]["axes"] if a != axis]
+        vary[m] = [a for a in axes if len({repr(v[a]) for v in own}) > 1]
+    out: dict[str, list[dict]] = {}
+    for c in cells:
+        m = c["method"]
+        label = m + "".join(f" {a}={format_value(c['values'][a])}" for a in vary[m])
+        out.setdefault(label, []).append(c)
+    if axis is not None:
+        for group in out.values():
+            group.sort(key=lambda c: c["values"][axis])
+    return out
+
+
+def _sweep_subtitle(res: dict) -> str:
+    g = res["grid"]
+    seeds = f"{g['seeds']} seed" + ("s" if g["seeds"] > 1 else "")
+    task = res["task"]["generator"] or res["task"]["path"]
+    return f"{Path(g['file']).name}: {task}; {res['model']}; {seeds} per cell; {res['machine']['device']}"
+
+
+def _offsets(xs: list[float], n: int, log: bool):
+    """Small horizontal shifts per series, so error bars at one x do not hide each other."""
+    span = (max(xs) / min(xs)) if log else (max(xs) - min(xs)) or 1.0
+
+    def shift(x: float, i: int) -> float:
+        d = 0.012 * (i - (n - 1) / 2)
+        return x * span**d if log else x + d * span
+
+    return shift
+
+
+def plot_sweep_accuracy(res: dict, out: Path) -> Path | None:
+    """Test accuracy (mean ± s.d. over seeds, x: each seed) against the first numeric axis."""
+    axis = numeric_axis(res)
+    if axis is None:
+        print("[sweep] note: no numeric axis with two values, so no accuracy plot")
+        return None
+    series = _series(res, axis)
+    if not series:
+        return None
+    xs = sorted({c["values"][axis] for g in series.values() for c in g})
+    log = min(xs) > 0 and not all(float(x).is_integer() for x in xs) and max(xs) / min(xs) >= 3
+    shift = _offsets(xs, len(series), log)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, (label, cells) in enumerate(series.items()):
+        x = [shift(c["values"][axis], i) for c in cells]
+        acc = [c["metrics"]["accuracy"] for c in cells]
+        y = [a["mean"] for a in acc]
+        err = list(zip(*(_clipped(m, a["sd"]) for m, a in zip(y, acc))))
+        ax.errorbar(x, y, yerr=err, fmt="o-", ms=6, capsize=4, color=f"C{i}", label=label)
+        for xi, c in zip(x, cells):
+            seeds = [
+                r["accuracy"] for r in res["runs"] if r["cell"] == c["cell"] and "accuracy" in r
+            ]
+            if len(seeds) > 1:
+                ax.plot([xi] * len(seeds), seeds, "x", ms=5, color=f"C{i}", alpha=0.5)
+    if log:
+        ax.set_xscale("log")
+        ax.minorticks_off()
+    ax.set_xticks(xs, [format_value(x) for x in xs])
+    ax.set_ylim(-0.03, 1.05)
+    ax.set_xlabel(f"{axis} ({res['grid']['axes'][axis]})")
+    ax.set_ylabel("final-block accuracy on the test split (fraction)")
+    bars = "mean ± s.d. over seeds, x: each seed" if res["grid"]["seeds"] > 1 else "1 seed"
+    ax.set_title(f"Test accuracy vs {axis} ({bars})\n" + _sweep_subtitle(res), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=9, framealpha=0.8)
+    fig.tight_layout()
+    return _save(fig, out / f"accuracy_vs_{axis}.png")
+
+
+def _pick(res: dict, cells: list[dict], axis: str | None) -> dict:
+    """The cell of a series the per-block plot shows: the `select` axis's best-valid value
+    when the x axis is the one chosen on validation, else the largest x."""
+    if axis is None:
+        return cells[-1]
+    if res["grid"].get("select") == axis:
+        scored = [c for c in cells if "best_valid_accuracy" in c["metrics"]]
+        if scored:
+            return max(scored, key=lambda c: c["metrics"]["best_valid_accuracy"]["mean"])
+    return max(cells, key=lambda c: c["values"][axis])
+
+
+def plot_sweep_per_block(res: dict, out: Path) -> Path | None:
+    """Accuracy after each memory block k of the block methods (mean ± s.d. over seeds), at the
+    largest value of the x axis (or the one chosen on validation); others as flat lines."""
+    axis = numeric_axis(res)
+    series = _series(res, axis)  # without a numeric axis: one cell each
+    picks = {label: _pick(res, cells, axis) for label, cells in series.items()}
+    if not any("per_block_accuracy" in c for c in picks.values()):
+        print("[sweep] note: no block method finished, so no per_block.png")
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    K = 1
+    for i, (label, c) in enumerate(picks.items()):
+        at = f" ({axis}={format_value(c['values'][axis])})" if axis else ""
+        if "per_block_accuracy" not in c:
+            acc = c["metrics"]["accuracy"]["mean"]
+            ax.axhline(acc, color=f"C{i}", ls=":", label=f"{label}{at}, no blocks")
+            continue
+        pb = c["per_block_accuracy"]
+        k = list(range(1, len(pb["mean"]) + 1))
+        K = max(K, len(k))
+        err = list(zip(*(_clipped(m, s) for m, s in zip(pb["mean"], pb["sd"]))))
+        ax.errorbar(
+            k, pb["mean"], yerr=err, fmt="o-", ms=5, capsize=3, color=f"C{i}", label=label + at
+        )
+    ax.set_xticks(range(1, K + 1, 1 if K <= 20 else 2))
+    ax.set_ylim(-0.03, 1.05)
+    ax.set_xlabel("memory blocks before the answer, k (answer decoded after block k)")
+    ax.set_ylabel("accuracy on the test split (fraction)")
+    where = "best valid" if res["grid"].get("select") == axis else "largest"
+    what = f" at the {where} {axis}" if axis else ""
+    ax.set_title(f"Accuracy after memory block k{what}\n" + _sweep_subtitle(res), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=9, framealpha=0.8)
+    fig.tight_layout()
+    return _save(fig, out / "per_block.png")

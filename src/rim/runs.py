@@ -26,7 +26,10 @@ from rim.io import atomic_file
 LOCK = ".lock"
 RUN_FILE = "run.json"
 # what a run writes; --overwrite removes exactly these (never other files in the folder)
-OUTPUTS = ("checkpoints", "abandoned", "best", "final", "metrics.jsonl", "config.yaml", RUN_FILE)
+OUTPUTS = (
+    "checkpoints", "abandoned", "best", "final", "metrics.jsonl", "config.yaml", RUN_FILE,
+    "tracking",  # rim.tracking: the trackers' files
+)  # fmt: skip
 
 _held: dict[str, int] = {}  # run folder -> open lock descriptor (kept for the process life)
 

@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from rim import fsdp, progress, runs
+from rim import fsdp, progress, runs, tracking
 from rim.assembly import Setup, assemble, t_max
 from rim.checkpoint import Parts, TrainState, find_latest, load_state, save_model, save_state
 from rim.config import Config
@@ -74,7 +74,8 @@ class Trainer:
         self.s = setup
         self.cfg = setup.cfg
         self.out = Path(out)
-        self.acc = accelerator or make_accelerator(self.cfg.train.mixed_precision)
+        tracked = tracking.accelerator_options(self.cfg.train.report_to, self.out)
+        self.acc = accelerator or make_accelerator(self.cfg.train.mixed_precision, tracked)
         if fsdp.requested(self.cfg.train.fsdp) and self.acc.num_processes > 1:
             self.model = fsdp.shard(setup.model, self.acc.device)
         else:
@@ -107,6 +108,7 @@ class Trainer:
         set_dropout(self.model, stage.dropout)
 
     def log(self, record: dict) -> None:
+        """One metrics.jsonl record; its numbers also go to the trackers (rim.tracking)."""
         if self.main:
             file = self.out / "metrics.jsonl"
             try:
@@ -114,6 +116,9 @@ class Trainer:
                     f.write(json.dumps(record) + "\n")
             except OSError as err:
                 raise storage_error(file, err) from None
+        values = tracking.scalars(record)
+        if self.acc.trackers and values:  # accelerate logs on the main process only
+            self.acc.log(values, step=record.get("step", self.state.global_step))
 
     def _save_model(self, name: str) -> None:
         """`final/` or `best/` (a collective call under FSDP: every process gathers).
@@ -174,10 +179,27 @@ class Trainer:
 
     # ---- the loop ----
     def fit(self) -> dict:
+        """Train every stage left, with the trackers started for this branch and stopped
+        (their files closed, W&B synced) however it ends."""
         self.out.mkdir(parents=True, exist_ok=True)
         if self.main:
             recipe = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
             runs.write_run(self.out, self.state.run_id, recipe)
+        if self.acc.log_with:
+            st = self.state
+            tracking.local_stores(self.cfg.train.report_to, self.out)
+            self.acc.init_trackers(
+                self.cfg.train.tracking_project,
+                config=tracking.hyperparameters(self.cfg.to_dict()),
+                init_kwargs=tracking.init_kwargs(self.out, st.run_id, st.resumed_from),
+            )
+        try:
+            return self._fit()
+        finally:
+            if self.acc.log_with:  # every process: it also ends the process group, and
+                self.acc.end_training()  # nothing collective follows a fit
+
+    def _fit(self) -> dict:
         t0 = time.perf_counter()
         st = self.state
         with self._signals():
@@ -332,13 +354,14 @@ class Trainer:
         return got.checkpoint
 
 
-def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+def make_accelerator(mixed_precision: str = "no", options: dict | None = None) -> Accelerator:
     """The Accelerator for `rim train`, launched plainly, by `accelerate launch` or `torchrun`.
 
     accelerate treats a launch on a machine without GPUs as single-process unless told `cpu`;
     then each process would train alone and all of them would write the run folder. So a
     multi-process launch without a GPU runs DDP on CPU over gloo (no NCCL needed).
     bf16 is autocast with fp32 master weights; the model is never cast for training.
+    `options`: more Accelerator arguments (the trackers of rim.tracking).
     FSDP (configs/accelerate/fsdp.yaml) is rim's own (rim.fsdp), so accelerate is kept out
     of it: its FSDP2 wants one model and one optimizer prepared together, rim builds an
     optimizer per stage, and on a CPU accelerate silently runs DDP instead.
@@ -347,7 +370,8 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
     asked = os.environ.pop("ACCELERATE_USE_FSDP", None)
     try:
-        return Accelerator(mixed_precision=mixed_precision, cpu=world > 1 and not gpu)
+        cpu = world > 1 and not gpu
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu, **(options or {}))
     finally:
         if asked is not None:
             os.environ["ACCELERATE_USE_FSDP"] = asked
@@ -380,6 +404,7 @@ def train(
         runs.check_unlocked(out)
     if resume is None and not overwrite:
         runs.refuse_existing(out)
+    tracking.check_installed(cfg.train.report_to)  # before the (slow) build
     setup = assemble(cfg, log=print if rank0 else lambda *a: None)
     if rank0:
         try:

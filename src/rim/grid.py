@@ -1,0 +1,209 @@
+"""Grid files of `rim sweep`: methods x seeds x values of any recipe key, in one YAML file.
+
+    recipes: ../demo              # <recipes>/<method>.yaml, relative to this file
+    methods: [direct, pause, rim, cot]
+    seeds: 3                      # train.seed = 0 .. seeds - 1
+    set:                          # overrides of every run
+      train.eval_every: 100
+    grid:                         # axes; the runs are their cartesian product
+      pairs:                      # an axis: its name, then recipe keys that move together
+        data.train.options.pairs: [4, 8, 12, 16]   # the first key's values label the axis
+        memory.blocks: [5, 9, 13, 17]              # value i goes with value i of every key
+      train.lr: [5.0e-4, 1.0e-3]  # a one-key axis, named after the key's last part: lr
+    select: lr                    # optional: an axis chosen on validation (rim.sweep)
+
+`grid` may also be a list of such mappings, each its own product, the runs their union (as
+scikit-learn's ParameterGrid takes a list); each may name its own `methods`. Keys that move
+together are listed value by value, not derived by a formula: the file shows every value a
+run gets, and a test can check the rule (K = N + 1, equal budgets). A run's recipe is the
+method's file, then `set`, then `rim sweep --set`, then the cell's axis values, so the grid
+always wins. Errors name the file and the key (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+from rim.config import _read_yaml
+from rim.errors import ConfigError
+
+TOP_KEYS = ("recipes", "methods", "seeds", "set", "grid", "select")
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One dimension of a product: recipe keys whose i-th values go into the same runs."""
+
+    name: str
+    keys: dict  # recipe key -> its values, all of one length
+
+    @property
+    def key(self) -> str:
+        """The key whose values label the axis (tables, folders, plots)."""
+        return next(iter(self.keys))
+
+    @property
+    def values(self) -> list:
+        return self.keys[self.key]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One cartesian product: its methods times its axes."""
+
+    methods: tuple[str, ...]
+    axes: tuple[Axis, ...]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid: a method, its axis values, and the overrides they make."""
+
+    method: str
+    values: dict  # axis name -> value, for this part's axes
+    overrides: dict  # recipe key -> value
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A parsed grid file; `cells()` expands it."""
+
+    path: Path
+    recipes: Path
+    seeds: int
+    set: dict
+    parts: tuple[Part, ...]
+    select: str | None
+
+    @property
+    def methods(self) -> list[str]:
+        return list(dict.fromkeys(m for p in self.parts for m in p.methods))
+
+    @property
+    def axes(self) -> list[Axis]:
+        """Every axis once (by name), in the order the file first names it."""
+        seen: dict[str, Axis] = {}
+        for part in self.parts:
+            for axis in part.axes:
+                seen.setdefault(axis.name, axis)
+        return list(seen.values())
+
+    def recipe(self, method: str) -> Path:
+        return self.recipes / f"{method}.yaml"
+
+    def cells(self) -> list[Cell]:
+        """Every (method, axis values) of every part, in file order (methods outermost)."""
+        out = []
+        for part in self.parts:
+            for method in part.methods:
+                for index in itertools.product(*(range(len(a.values)) for a in part.axes)):
+                    values = {a.name: a.values[i] for a, i in zip(part.axes, index)}
+                    over = {k: v[i] for a, i in zip(part.axes, index) for k, v in a.keys.items()}
+                    out.append(Cell(method, values, over))
+        return out
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _methods(value, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(m, str) for m in value):
+        raise ConfigError(f"{where}: expected a non-empty list of method names, got {value!r}")
+    if len(set(value)) < len(value):
+        raise ConfigError(f"{where}: a method is named twice")
+    return tuple(value)
+
+
+def _axis(name, spec, where: str) -> Axis:
+    """`name: [values]` (one key) or `name: {key: [values], ...}` (keys moving together)."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}: an axis needs a name, got {name!r}")
+    one = isinstance(spec, list)
+    keys = {name: spec} if one else spec
+    if not isinstance(keys, dict) or not keys:
+        raise ConfigError(f"{where}: expected a list of values or a mapping of keys to lists")
+    at = (lambda key: where) if one else (lambda key: f"{where}.{key}")
+    first = next(iter(keys))
+    for key, values in keys.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{at(key)}: expected a non-empty list of values")
+        if len(values) != len(keys[first]):
+            raise ConfigError(
+                f"{at(key)}: {len(values)} values, expected {len(keys[first])} "
+                f"(one for each value of {first})"
+            )
+    if len({repr(v) for v in keys[first]}) < len(keys[first]):
+        raise ConfigError(f"{at(first)}: a value is named twice (it labels the axis)")
+    return Axis(name.rsplit(".", 1)[-1] if one else name, dict(keys))
+
+
+def _part(spec, methods, where: str) -> Part:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: expected a mapping of axes")
+    spec = dict(spec)
+    if "methods" in spec:
+        methods = _methods(spec.pop("methods"), f"{where}.methods")
+    axes = [_axis(name, values, f"{where}.{name}") for name, values in spec.items()]
+    names = [a.name for a in axes]
+    keys = [k for a in axes for k in a.keys]
+    if len(set(names)) < len(names) or len(set(keys)) < len(keys):
+        raise ConfigError(f"{where}: an axis name or recipe key appears twice")
+    return Part(methods, tuple(axes))
+
+
+def _parts(raw: dict, methods: tuple[str, ...]) -> tuple[Part, ...]:
+    grid = raw.get("grid", {})
+    if isinstance(grid, dict):
+        parts = (_part(grid, methods, "grid"),)
+    elif isinstance(grid, list) and grid:
+        parts = tuple(_part(p, methods, f"grid[{i}]") for i, p in enumerate(grid))
+    else:
+        raise ConfigError("grid: expected a mapping of axes or a non-empty list of them")
+    if any(not p.methods for p in parts):
+        raise ConfigError("methods: give the methods (top level or in every part of grid)")
+    first: dict[str, str] = {}
+    for i, part in enumerate(parts):
+        for axis in part.axes:
+            if first.setdefault(axis.name, axis.key) != axis.key:
+                raise ConfigError(
+                    f"grid[{i}].{axis.name}: labelled by {axis.key}, elsewhere by "
+                    f"{first[axis.name]} (one axis name, one key)"
+                )
+    return parts
+
+
+def _grid(path: Path, raw: dict) -> Grid:
+    unknown = [k for k in raw if k not in TOP_KEYS]
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown grid key (known: {', '.join(TOP_KEYS)})")
+    recipes = raw.get("recipes", "../demo")
+    if not isinstance(recipes, str):
+        raise ConfigError(f"recipes: expected a folder name, got {recipes!r}")
+    methods = _methods(raw["methods"], "methods") if "methods" in raw else ()
+    seeds = raw.get("seeds", 1)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"seeds: expected an integer >= 1, got {seeds!r}")
+    sets = raw.get("set") or {}
+    if not isinstance(sets, dict) or not all(isinstance(k, str) for k in sets):
+        raise ConfigError("set: expected a mapping of recipe keys to values")
+    parts = _parts(raw, methods)
+    select = raw.get("select")
+    if select is not None and select not in {a.name for p in parts for a in p.axes}:
+        raise ConfigError(f"select: {select!r} is not an axis of grid")
+    grid = Grid(path, path.parent / recipes, seeds, dict(sets), parts, select)
+    for m in grid.methods:
+        if not grid.recipe(m).is_file():
+            raise ConfigError(f"methods: {m}: no recipe {grid.recipe(m)}")
+    return grid
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and check a grid file; every error is one line naming the file and the key."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    try:
+        return _grid(path, raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

@@ -1,0 +1,282 @@
+"""The one job runner of `rim demo` and `rim sweep`: train, then test-evaluate, in parallel.
+
+One job = one recipe (a method's file plus `--set` overrides) and one seed: `python -m rim
+train` (checkpoint `best/` chosen on the valid split), then `python -m rim eval` of `best/`
+on the test split in the same worker slot. `run_jobs` runs `workers` jobs at a time, one
+thread each driving its own subprocesses (one core per process on a CPU; on a GPU they run
+one after another on it, `pick_device`). Ctrl-C stops every running job and starts no other.
+
+Resumable (`Runner(resume=True)`): a job whose folder holds a finished training of the same
+resolved recipe and its test evaluation is kept as it is; any other job goes through `rim
+train --resume-if-exists`, which continues from its last checkpoint (and refuses a changed
+recipe, so a finished run is never silently replaced).
+
+A job's cell is its method plus the grid values that make its recipe (`Job.values`, empty
+in the demo); its name, `rim/s0` or `rim/pairs=8/s0`, is the one progress lines print.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from rim import progress
+from rim.errors import RimError
+from rim.progress import Status
+
+
+def format_value(v: object) -> str:
+    """A grid value as folders, names and tables show it (`0.001`, `16`, `relative`).
+
+    >>> format_value(1.0e-3), format_value(16), format_value(True), format_value("none")
+    ('0.001', '16', 'true', 'none')
+    """
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def cell_label(values: dict) -> str:
+    """`pairs=8,lr=0.001`: a cell's grid values in one path-safe word ('' for no values)."""
+    safe = lambda s: "".join(c if c.isalnum() or c in "._-" else "-" for c in s)  # noqa: E731
+    return ",".join(f"{safe(k)}={safe(format_value(v))}" for k, v in values.items())
+
+
+@dataclass
+class Job:
+    """One (method, grid values, seed): its recipe, run folder, and what became of it."""
+
+    method: str
+    seed: int
+    recipe: Path
+    out: Path
+    sets: list[str]
+    total_steps: int
+    state: str = "queued"  # queued | train | eval | done | failed
+    started: float = 0.0
+    result: dict = field(default_factory=dict)
+    error: str | None = None
+    values: dict = field(default_factory=dict)  # the cell's grid values (the sweep's axes)
+    kept: bool = False  # resumed as finished: nothing ran
+
+    @property
+    def cell(self) -> str:
+        """The method and its grid values: `rim` (the demo) or `rim/pairs=8`."""
+        label = cell_label(self.values)
+        return f"{self.method}/{label}" if label else self.method
+
+    @property
+    def name(self) -> str:
+        return f"{self.cell}/s{self.seed}"
+
+    @property
+    def train_sets(self) -> list[str]:
+        """The overrides of its `rim train`: the job's own, then its seed and one thread."""
+        return [*self.sets, f"train.seed={self.seed}", "train.threads=1"]
+
+
+def total_steps(cfg) -> int:
+    """Optimizer steps of a run (for the progress display and budgets): the method's plan."""
+    from rim.methods import plan
+
+    return sum(s.steps for s in plan(cfg, cfg.data.train.size))
+
+
+def pick_device(workers: int, tag: str) -> tuple[str, int]:
+    """(device, parallel jobs): a GPU runs the jobs one after another, a CPU `workers`."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and workers != 1:
+        print(f"[{tag}] GPU found: jobs run one after another on {device}")
+        workers = 1
+    return device, workers
+
+
+# --------------------------------------------------------------------------- one job
+
+
+class Runner:
+    """Runs jobs in `workers` threads, each driving its own subprocesses; Ctrl-C stops them."""
+
+    def __init__(self, device: str, eval_batch: int, resume: bool = False):
+        self.device, self.eval_batch, self.resume = device, eval_batch, resume
+        self.procs: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.stopped = False
+        self.env = os.environ | {"RIM_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
+        if device == "cpu":
+            self.env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def _call(self, cmd: list[str], log: Path) -> int:
+        with open(log, "a") as f:
+            f.write(f"$ {' '.join(cmd)}\n")
+            f.flush()
+            with self.lock:
+                if self.stopped:
+                    return -1
+                p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env)
+                self.procs.add(p)
+            try:
+                return p.wait()
+            finally:
+                with self.lock:
+                    self.procs.discard(p)
+
+    def run(self, job: Job) -> Job:
+        try:
+            return self._run(job)
+        except Exception as err:  # one broken run must not stop the others
+            job.state, job.error = "failed", f"{type(err).__name__}: {err}"
+            return job
+
+    def _run(self, job: Job) -> Job:
+        py = [sys.executable, "-m", "rim"]
+        job.started = time.perf_counter()
+        if self.resume and finished(job):  # kept: its recipe is the one asked for
+            job.kept = True
+            return self._done(job)
+        if not self.resume:
+            shutil.rmtree(job.out, ignore_errors=True)  # a rerun never appends to old metrics
+        job.out.mkdir(parents=True, exist_ok=True)
+        log = job.out / "train.log"
+        job.state = "train"
+        cmd = py + ["train", "--config", str(job.recipe), "--out", str(job.out)]
+        cmd += ["--resume-if-exists"] if self.resume else []  # from its last checkpoint
+        if self._call(cmd + [a for s in job.train_sets for a in ("--set", s)], log):
+            return self._fail(job, "training failed", log)
+        job.state = "eval"
+        cmd = py + ["eval", "--checkpoint", str(job.out / "best"), "--split", "test"]
+        cmd += ["--timing-examples", "0", "--batch-size", str(self.eval_batch)]
+        cmd += ["--device", self.device, "--out", str(job.out / "test_eval.json")]
+        if self._call(cmd, log):
+            return self._fail(job, "test evaluation failed", log)
+        return self._done(job)
+
+    def _done(self, job: Job) -> Job:
+        """The job's result from its test evaluation and the training log's `done` record."""
+        res = json.loads((job.out / "test_eval.json").read_text())
+        res.pop("records", None)  # per-example records stay in test_eval.json
+        done = [json.loads(x) for x in (job.out / "metrics.jsonl").read_text().splitlines()]
+        done = [r for r in done if r.get("event") == "done"][-1]
+        job.result = res | {
+            "train_s": done["train_s"],
+            "best_valid_accuracy": done["best_valid_accuracy"],
+            "job_s": time.perf_counter() - job.started,
+        }
+        job.state = "done"
+        return job
+
+    def _fail(self, job: Job, what: str, log: Path) -> Job:
+        lines = log.read_text(errors="replace").strip().splitlines()
+        tail = [x for x in lines if not x.startswith("$ ")][-8:]  # not the long command
+        job.state, job.error = "failed", f"{what} (see {log})\n    " + "\n    ".join(tail)
+        return job
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+            for p in self.procs:
+                p.terminate()
+
+
+def finished(job: Job) -> bool:
+    """A job folder with a test evaluation and a finished training of the job's recipe."""
+    from rim.assembly import load_recipe
+
+    try:
+        lines = (job.out / "metrics.jsonl").read_text().splitlines()
+        done = any(json.loads(x).get("event") == "done" for x in lines)
+        if not (done and (job.out / "test_eval.json").is_file()):
+            return False
+        saved = load_recipe(job.out / "config.yaml").to_dict()
+        return saved == load_recipe(job.recipe, job.train_sets).to_dict()
+    except (OSError, ValueError, RimError):
+        return False
+
+
+# --------------------------------------------------------------------------- many jobs
+
+
+def _last_step(job: Job) -> int:
+    try:
+        lines = (job.out / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1]).get("step", 0) if lines else 0
+    except (OSError, ValueError):  # not written yet, or a line half written
+        return 0
+
+
+def _status(jobs: list[Job]) -> str:
+    now = time.perf_counter()
+    parts = []
+    for j in jobs:
+        if j.state == "train":
+            parts.append(f"{j.name} train {_last_step(j)}/{j.total_steps} {now - j.started:.0f}s")
+        elif j.state == "eval":
+            parts.append(f"{j.name} test eval")
+    return "running: " + (", ".join(parts) or "-")
+
+
+def _finished_line(j: Job, tag: str) -> str:
+    if j.state == "done":
+        acc, secs = j.result["accuracy"], j.result["train_s"]
+        kept = " (finished before, kept)" if j.kept else ""
+        return f"[{tag}] {j.name}: test accuracy {acc:.3f}, trained {secs:.0f}s{kept}"
+    return f"[{tag}] {j.name}: {j.error}"
+
+
+_EVENTS = {"train": "training", "eval": "test evaluation"}
+
+
+def run_jobs(
+    jobs: list[Job], workers: int, runner: Runner, status: Status | None = None, tag: str = "demo"
+) -> None:
+    """Run `jobs` in a thread pool: a live bar on a terminal, plain event lines in a log.
+
+    In a log: one line when a job starts training, starts its test evaluation and ends,
+    and a status line at most every `progress.STATUS_EVERY` s (`status`). `tag` names the
+    command in every line (`[demo]`, `[sweep]`).
+    """
+    bar_on, log_on = progress.live(), progress.enabled() and not progress.live()
+    bar = tqdm(total=len(jobs), desc=tag, unit="job", disable=not bar_on, dynamic_ncols=True)
+    status = status or Status()
+    seen: dict[str, str] = {}
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        pending = {pool.submit(runner.run, j) for j in jobs}
+        while pending:
+            finished_, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            for j in jobs:  # state changes seen since the last poll
+                if log_on and j.state in _EVENTS and seen.get(j.name) != j.state:
+                    print(f"[{tag}] {j.name}: {_EVENTS[j.state]}", flush=True)
+                seen[j.name] = j.state
+            for fut in finished_:
+                (tqdm.write if bar_on else print)(_finished_line(fut.result(), tag))
+                bar.update(1)
+            if bar_on:
+                bar.set_postfix_str(_status(jobs), refresh=True)
+            elif log_on and pending and status.due():
+                done = len(jobs) - len(pending)
+                print(f"[{tag}] {done}/{len(jobs)} jobs done; {_status(jobs)}", flush=True)
+    except BaseException as err:
+        pool.shutdown(wait=False, cancel_futures=True)  # queued jobs never start
+        runner.stop()  # running ones are terminated
+        bar.close()
+        if isinstance(err, KeyboardInterrupt):
+            print(f"[{tag}] interrupted: running jobs stopped, no results written", file=sys.stderr)
+            raise SystemExit(130) from None
+        raise
+    bar.close()
+    pool.shutdown()

@@ -1,0 +1,387 @@
+"""`rim sweep`: a grid of methods x seeds x recipe values as one command, one table, plots.
+
+    rim sweep --config configs/sweeps/width.yaml --out runs/width
+    rim sweep --config configs/sweeps/width.yaml --out runs/width --dry-run   # the plan only
+    rim sweep --config G.yaml --out D --set train.steps=20 --workers 2        # a smoke run
+
+The grid file (`rim.grid`) names the recipes, methods, seeds and axes. Every run goes
+through the demo's runner (`rim.runner`): `rim train`, then `rim eval --split test` of
+`best/`, `--workers` at a time. Always resumable: a finished run of the same resolved recipe
+is kept as it is, an unfinished one continues from its last checkpoint; so a stopped sweep is
+restarted by running the same command again, and adding a value to an axis runs only the
+new cells. No latency timing: a grid compares accuracies (the demo times latency).
+
+Writes to --out: results.json (every run; per cell the mean, s.d. and n of each metric;
+`best`, the value of the `select` axis chosen on validation), results.md (one table),
+accuracy_vs_<axis>.png, per_block.png, and runs/<method>/<values>/seed<s>/ (the run folders).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rim.config import Config
+from rim.errors import ConfigError, RimError
+from rim.grid import Grid, load_grid
+from rim.io import atomic_file
+from rim.machine import describe
+from rim.plots import plot_sweep_accuracy, plot_sweep_per_block
+from rim.report import fmt, table
+from rim.runner import Job, Runner, cell_label, format_value, pick_device, run_jobs, total_steps
+
+METRICS = (
+    "accuracy",
+    "token_accuracy",
+    "any_block_accuracy",
+    "best_valid_accuracy",
+    "forward_passes",
+    "generated_tokens",
+    "train_s",
+)
+
+
+@dataclass
+class Planned:
+    """One cell as it will run: its resolved recipe, values on every axis, and jobs."""
+
+    method: str
+    values: dict  # every axis of the grid -> this recipe's value of the axis key
+    sets: list[str]
+    cfg: Config
+    jobs: list[Job] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        label = cell_label(self.values)
+        return f"{self.method}/{label}" if label else self.method
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _lookup(d: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _resolve(grid: Grid, cell, sets: list[str]) -> Planned:
+    """The cell's recipe, loaded and checked before anything runs."""
+    from rim.assembly import load_recipe
+
+    recipe = grid.recipe(cell.method)
+    sets = sets + [f"{k}={json.dumps(v)}" for k, v in cell.overrides.items()]
+    label = cell_label(cell.values)
+    try:
+        cfg = load_recipe(recipe, sets)
+    except RimError as err:
+        raise ConfigError(f"{grid.path}: {cell.method}/{label}: {err}") from None
+    if cfg.method != cell.method:
+        raise ConfigError(f"{recipe}: method is {cfg.method!r}, expected {cell.method!r}")
+    if cfg.data.test is None:
+        raise ConfigError(f"{recipe}: a sweep needs data.test (its runs are tested on it)")
+    resolved = cfg.to_dict()
+    values = {a.name: _lookup(resolved, a.key) for a in grid.axes}
+    return Planned(cell.method, values, sets, cfg)
+
+
+def _check_fair(cells: list[Planned], grid: Grid) -> None:
+    """At one grid point every method must train on the same task with the same model."""
+    first: dict[str, Planned] = {}
+    for c in cells:
+        ref = first.setdefault(cell_label(c.values), c)
+        for part in ("data", "model"):
+            if getattr(c.cfg, part) != getattr(ref.cfg, part):
+                raise ConfigError(
+                    f"{grid.path}: {c.name}: {part} differs from {ref.name} at the same grid "
+                    f"point; set it in the grid (set:) or the recipes' base"
+                )
+
+
+def plan(grid: Grid, out: Path, cli_sets: list[str] | None = None) -> list[Planned]:
+    """One `Planned` cell per distinct recipe (two parts naming the same run share it),
+    `grid.seeds` jobs each, in OUT/runs/<method>/<values>/seed<s>."""
+    sets = [f"{k}={json.dumps(v)}" for k, v in grid.set.items()] + list(cli_sets or [])
+    cells: dict[str, Planned] = {}
+    for cell in grid.cells():
+        p = _resolve(grid, cell, sets)
+        seen = cells.get(p.name)
+        if seen is not None:
+            if seen.cfg.to_dict() != p.cfg.to_dict():
+                raise ConfigError(
+                    f"{grid.path}: {p.name}: two cells of one label but different recipes "
+                    "(make the differing key the first of its axis)"
+                )
+            continue
+        folder = out / "runs" / p.method / cell_label(p.values)
+        recipe, steps = grid.recipe(p.method), total_steps(p.cfg)
+        p.jobs = [
+            Job(p.method, s, recipe, folder / f"seed{s}", p.sets, steps, values=p.values)
+            for s in range(grid.seeds)
+        ]
+        cells[p.name] = p
+    planned = list(cells.values())
+    _check_fair(planned, grid)
+    return planned
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def aggregate(xs: list[float]) -> dict:
+    """Mean, sample s.d. (None from one value) and n of `xs`."""
+    return {
+        "mean": statistics.fmean(xs) if xs else None,
+        "sd": statistics.stdev(xs) if len(xs) > 1 else None,
+        "n": len(xs),
+    }
+
+
+def _run_record(j: Job, out: Path) -> dict:
+    rec = {"cell": j.cell, "method": j.method, "values": j.values, "seed": j.seed}
+    rec |= {"run": j.out.relative_to(out).as_posix(), "state": j.state, "kept": j.kept}
+    if j.error:
+        rec["error"] = j.error.splitlines()[0]
+    return rec | {k: v for k, v in j.result.items() if k not in ("checkpoint", "data")}
+
+
+def _cell_record(c: Planned) -> dict:
+    done = [j.result for j in c.jobs if j.state == "done"]
+    steps, batch = c.jobs[0].total_steps, c.cfg.train.batch_size
+    rec = {"cell": c.name, "method": c.method, "values": c.values, "sets": c.sets}
+    rec |= {"steps": steps, "batch_size": batch, "train_examples": steps * batch}
+    rec |= {"runs": len(c.jobs), "n": len(done)}
+    rec["metrics"] = {
+        k: aggregate([r[k] for r in done if r.get(k) is not None])
+        for k in METRICS
+        if any(r.get(k) is not None for r in done)
+    }
+    if done and all("per_block_accuracy" in r for r in done):
+        cols = list(zip(*(r["per_block_accuracy"] for r in done)))
+        aggs = [aggregate(list(col)) for col in cols]
+        rec["per_block_accuracy"] = {
+            "mean": [a["mean"] for a in aggs],
+            "sd": [a["sd"] for a in aggs],
+            "n": len(done),
+        }
+    return rec
+
+
+def _mean(cell: dict, metric: str):
+    return cell["metrics"].get(metric, {}).get("mean")
+
+
+def select_best(cells: list[dict], axis: str) -> list[dict]:
+    """Per method and values of the other axes: the `axis` value of the best mean
+    validation accuracy (never the test split), and that cell's test accuracy."""
+    groups: dict[tuple, list[dict]] = {}
+    for c in cells:
+        others = {k: v for k, v in c["values"].items() if k != axis}
+        groups.setdefault((c["method"], cell_label(others)), []).append(c)
+    best = []
+    for (method, _), group in groups.items():
+        scored = [c for c in group if _mean(c, "best_valid_accuracy") is not None]
+        if len(scored) < 2:  # nothing to choose between
+            continue
+        top = max(scored, key=lambda c: _mean(c, "best_valid_accuracy"))
+        best.append(
+            {
+                "method": method,
+                "values": {k: v for k, v in top["values"].items() if k != axis},
+                "select": axis,
+                "chosen": top["values"][axis],
+                "cell": top["cell"],
+                "valid_accuracy": _mean(top, "best_valid_accuracy"),
+                "test_accuracy": top["metrics"].get("accuracy"),
+                "candidates": {
+                    format_value(c["values"][axis]): _mean(c, "best_valid_accuracy") for c in scored
+                },
+            }
+        )
+    return best
+
+
+def results(grid: Grid, cells: list[Planned], out: Path, machine: dict, command: str) -> dict:
+    """results.json's dict: the grid, every run, every cell's aggregate, the selection."""
+    jobs = [j for c in cells for j in c.jobs]
+    d, base = cells[0].cfg.data, cells[0].cfg
+    res = {
+        "grid": {
+            "file": grid.path.as_posix(),
+            "axes": {a.name: a.key for a in grid.axes},
+            "methods": grid.methods,
+            "seeds": grid.seeds,
+            "select": grid.select,
+        },
+        "task": {
+            "generator": d.train.generator,
+            "path": d.train.path,
+            "sizes": {s: getattr(d, s).size for s in ("train", "valid", "test")},
+        },
+        "model": f"{base.model.arch} {base.model.size}",
+        "runs": [_run_record(j, out) for j in jobs],
+        "cells": [_cell_record(c) for c in cells],
+        "machine": machine,
+        "command": command,
+        "failed": [f"{j.name}: {j.error.splitlines()[0]}" for j in jobs if j.state == "failed"],
+    }
+    if grid.select:
+        res["best"] = select_best(res["cells"], grid.select)
+    return res
+
+
+# --------------------------------------------------------------------------- report
+
+COLUMNS = [  # (metric, header, format)
+    ("any_block_accuracy", "any-block acc", ".3f"),
+    ("best_valid_accuracy", "best valid acc", ".3f"),
+    ("forward_passes", "forward passes", ".2f"),
+    ("generated_tokens", "generated tokens", ".2f"),
+    ("train_s", "train s", ".0f"),
+]
+
+
+def _pm(agg: dict | None) -> str:
+    """`0.625 ± 0.177` (mean ± s.d.), `0.625` from one run, `-` from none."""
+    if not agg or agg["mean"] is None:
+        return "-"
+    return fmt(agg["mean"], ".3f") + (f" ± {agg['sd']:.3f}" if agg["sd"] is not None else "")
+
+
+def markdown_table(res: dict) -> str:
+    """One row per cell: its method and axis values, then the metrics (means over seeds)."""
+    axes = list(res["grid"]["axes"])
+    header = ["method", *axes, "test acc (mean ± s.d.)"] + [h for _, h, _ in COLUMNS]
+    header += ["train examples", "runs"]
+    rows = []
+    for c in res["cells"]:
+        row = [
+            c["method"],
+            *(fmt(c["values"][a], "") for a in axes),
+            _pm(c["metrics"].get("accuracy")),
+        ]
+        row += [fmt(_mean(c, k), spec) for k, _, spec in COLUMNS]
+        rows.append(row + [str(c["train_examples"]), f"{c['n']}/{c['runs']}"])
+    return table(header, rows)
+
+
+def best_table(res: dict) -> str:
+    """The `select` axis chosen on validation: per method (and other axes), its test accuracy."""
+    axis = res["grid"]["select"]
+    others = [a for a in res["grid"]["axes"] if a != axis]
+    header = ["method", *others, f"{axis} (best valid)", "valid acc", "test acc (mean ± s.d.)"]
+    header += [f"valid acc per {axis}"]
+    rows = []
+    for b in res["best"]:
+        tried = ", ".join(f"{k}: {fmt(v, '.3f')}" for k, v in b["candidates"].items())
+        row = [b["method"], *(fmt(b["values"][a], "") for a in others), format_value(b["chosen"])]
+        rows.append(row + [fmt(b["valid_accuracy"], ".3f"), _pm(b["test_accuracy"]), tried])
+    return table(header, rows)
+
+
+def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
+    g, m = res["grid"], res["machine"]
+    axes = ", ".join(f"{a} = `{k}`" for a, k in g["axes"].items()) or "none"
+    t = res["task"]
+    sizes = " / ".join(f"{s} {n}" for s, n in t["sizes"].items())
+    lines = [
+        f"# rim sweep: {Path(g['file']).stem}",
+        "",
+        f"Grid: `{g['file']}` (axes: {axes}); methods {', '.join(g['methods'])}; "
+        f"{g['seeds']} seed(s) per cell. Task: {t['generator'] or t['path']} ({sizes} "
+        f"examples). Model: {res['model']}.",
+        "",
+        markdown_table(res),
+        "",
+        "Test acc: exact-match fraction on the test split (after the last memory block for "
+        "block methods; any-block: after at least one), of the checkpoint chosen on the valid "
+        "split; mean ± s.d. over seeds. Best valid acc: the best validation accuracy during "
+        "training (what chose that checkpoint). Train examples: optimizer steps x batch size. "
+        "Runs: finished / planned.",
+    ]
+    if res.get("best"):
+        lines += ["", f"## {g['select']} chosen on validation", "", best_table(res), ""]
+        lines += [
+            f"Each {g['select']} value is scored by its mean best validation accuracy over "
+            "seeds; the test split never takes part in the choice."
+        ]
+    wall = f"{res['wall_s'] / 60:.1f} min (finished runs it kept cost none)"
+    lines += ["", f"Machine: {m['summary']}. Wall time of this invocation: {wall}."]
+    lines += ["", f"Command: `{res['command']}`"]
+    if res["failed"]:
+        lines += ["", "Failed runs: " + "; ".join(res["failed"])]
+    lines += [""] + [f"![{p}]({p})" for p in plots]
+    atomic_file(path, "\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _command(args) -> str:
+    cmd = f"rim sweep --config {args.config} --out {args.out} --workers {args.workers}"
+    return cmd + "".join(f" --set {s}" for s in args.set)
+
+
+def print_plan(cells: list[Planned], grid: Grid) -> None:
+    """`--dry-run`: the cells, their budgets and overrides; nothing runs or is written."""
+    rows = []
+    for c in cells:
+        j = c.jobs[0]
+        sets = " ".join(
+            s for s in c.sets if s.split("=", 1)[0] in {k for a in grid.axes for k in a.keys}
+        )
+        rows.append([c.name, str(j.total_steps), str(j.total_steps * c.cfg.train.batch_size), sets])
+    print(table(["cell", "steps", "train examples", "grid overrides"], rows))
+    print(f"\n[sweep] {len(cells)} cells x {grid.seeds} seed(s) = {len(cells) * grid.seeds} runs")
+
+
+def _write(out: Path, res: dict) -> list[Path]:
+    atomic_file(out / "results.json", json.dumps(res, indent=2))
+    for old in [*out.glob("accuracy_vs_*.png"), out / "per_block.png"]:  # never a stale plot
+        old.unlink(missing_ok=True)
+    plots = [p for p in (plot_sweep_accuracy(res, out), plot_sweep_per_block(res, out)) if p]
+    write_markdown(out / "results.md", res, [p.name for p in plots])
+    return [out / "results.json", out / "results.md", *plots]
+
+
+def run_sweep(args) -> dict:
+    """Plan, run (resuming), summarise and report a grid; returns results.json's dict."""
+    if args.workers < 1:
+        raise RimError("--workers must be >= 1")
+    t0 = time.perf_counter()
+    grid = load_grid(args.config)
+    out = Path(args.out)
+    cells = plan(grid, out, args.set)
+    if args.dry_run:
+        print_plan(cells, grid)
+        return {}
+    jobs = [j for c in cells for j in c.jobs]
+    device, workers = pick_device(args.workers, "sweep")
+    out.mkdir(parents=True, exist_ok=True)
+    print(
+        f"[sweep] {len(jobs)} runs ({len(cells)} cells x {grid.seeds} seed(s)), {workers} at a "
+        f"time on {device}; logs in {out / 'runs'}/<method>/<values>/seed<s>/train.log"
+    )
+    machine = describe(device).demo_dict(workers)
+    runner = Runner(device, cells[0].cfg.eval.batch_size, resume=True)
+    run_jobs(jobs, workers, runner, tag="sweep")
+    res = results(grid, cells, out, machine, _command(args))
+    res["wall_s"] = time.perf_counter() - t0
+    written = _write(out, res)
+    print("\n" + markdown_table(res))
+    if res.get("best"):
+        print("\n" + best_table(res))
+    kept = sum(j.kept for j in jobs)
+    print(
+        f"\n[sweep] {res['wall_s']:.0f}s ({kept} of {len(jobs)} runs finished before, kept); wrote "
+        + ", ".join(map(str, written))
+    )
+    if res["failed"]:
+        raise RimError(f"{len(res['failed'])} sweep run(s) failed: {res['failed'][0]}")
+    return res

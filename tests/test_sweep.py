@@ -1,0 +1,258 @@
+"""`rim sweep`: grid files, their expansion and budgets, selection on validation, and one tiny
+grid run end to end (results, resume, plots)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rim.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = ROOT / "configs" / "sweeps"
+DEMO = ROOT / "configs" / "demo"
+
+# every run of the tiny grid: a tiny model, a few optimizer steps on a few hundred examples
+TINY = {
+    "model.size": "tiny",
+    "data.train.size": 200,
+    "data.valid.size": 32,
+    "data.test.size": 48,
+    "train.batch_size": 32,
+    "train.steps": 8,
+    "curriculum.stage1_steps": 5,
+    "curriculum.stage2_steps": 3,
+    "train.eval_every": 4,
+    "train.log_every": 2,
+    "eval.val_limit": 32,
+}
+
+
+def _grid_file(folder: Path, **spec) -> Path:
+    data = {"recipes": str(DEMO), "methods": ["direct", "rim"], "seeds": 1} | spec
+    path = folder / "grid.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _is_png(path: Path) -> bool:
+    data = path.read_bytes()
+    if len(data) < 24 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return False
+    width, height = struct.unpack(">II", data[16:24])
+    return width > 100 and height > 100
+
+
+# --------------------------------------------------------------------------- grid files
+
+
+def test_a_grid_is_the_product_of_its_axes_and_the_union_of_its_parts(tmp_path):
+    from rim.grid import load_grid
+
+    grid = load_grid(
+        _grid_file(
+            tmp_path,
+            grid=[
+                {"train.lr": [1e-3, 2e-3], "k": {"memory.blocks": [3, 5], "train.steps": [4, 6]}},
+                {"methods": ["rim"], "curriculum.schedule": ["none", "uniform"]},
+            ],
+        )
+    )
+    cells = grid.cells()
+    assert [a.name for a in grid.axes] == ["lr", "k", "schedule"]  # one-key axes: last part
+    assert len(cells) == 2 * 2 * 2 + 2  # (direct, rim) x lr x k, then rim x schedule
+    assert cells[0].method == "direct" and cells[0].values == {"lr": 1e-3, "k": 3}
+    assert cells[1].overrides == {"train.lr": 1e-3, "memory.blocks": 5, "train.steps": 6}
+    assert {c.method for c in cells[-2:]} == {"rim"}
+    assert cells[-1].overrides == {"curriculum.schedule": "uniform"}
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"seed": 3}, "seed: unknown grid key"),
+        ({"seeds": 0}, "seeds: expected an integer >= 1"),
+        ({"methods": ["direct", "nope"]}, "methods: nope: no recipe"),
+        ({"grid": {"k": {"memory.blocks": [3, 5], "train.steps": [4]}}}, "grid.k.train.steps: 1"),
+        ({"grid": {"train.lr": []}}, "grid.train.lr: expected a non-empty list"),
+        ({"grid": {"train.lr": [1, 1]}}, "a value is named twice"),
+        ({"grid": {"train.lr": [1e-3]}, "select": "steps"}, "select: 'steps' is not an axis"),
+        ({"grid": [{"lr": {"train.lr": [1]}}, {"lr": {"train.steps": [1]}}]}, "grid[1].lr"),
+        ({"set": ["train.lr=1"]}, "set: expected a mapping"),
+    ],
+)
+def test_grid_file_errors_name_the_file_and_the_key(tmp_path, spec, message):
+    from rim.grid import load_grid
+
+    path = _grid_file(tmp_path, **spec)
+    with pytest.raises(ConfigError, match=r"^" + str(path).replace(".", r"\.")) as err:
+        load_grid(path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_bad_recipe_key_names_the_grid_file_and_the_cell(tmp_path):
+    from rim.grid import load_grid
+    from rim.sweep import plan
+
+    path = _grid_file(tmp_path, grid={"train.stepz": [1, 2]})
+    with pytest.raises(ConfigError, match=r"grid\.yaml: direct/stepz=1: .*train\.stepz"):
+        plan(load_grid(path), tmp_path / "out")
+
+
+def test_methods_at_one_grid_point_must_share_the_task(tmp_path):
+    from rim.grid import load_grid
+    from rim.sweep import plan
+
+    base = DEMO / "base.yaml"
+    (tmp_path / "rim.yaml").write_text(f"base: {base}\nmethod: rim\n")
+    (tmp_path / "direct.yaml").write_text(
+        f"base: {base}\nmethod: direct\ndata: {{train: {{size: 100}}}}\n"
+    )
+    path = _grid_file(tmp_path, recipes=str(tmp_path), grid={"train.lr": [1e-3]})
+    with pytest.raises(ConfigError, match=r"rim/lr=0\.001: data differs from direct/lr=0\.001"):
+        plan(load_grid(path), tmp_path / "out")
+    plan(load_grid(path), tmp_path / "out", ["data.train.size=100"])  # --set: every run
+
+
+# --------------------------------------------------------------------------- the issue's grids
+
+
+def _planned(name: str) -> dict:
+    from rim.grid import load_grid
+    from rim.sweep import plan
+
+    return {c.name: c for c in plan(load_grid(SWEEPS / name), Path("out"))}
+
+
+def test_width_grid_gives_every_method_the_same_examples_at_each_n():
+    from rim.assembly import load_recipe
+
+    cells = _planned("width.yaml")
+    assert len(cells) == 4 * 4
+    for n in (4, 8, 12, 16):
+        at_n = [c for c in cells.values() if c.values["pairs"] == n]
+        assert {c.method for c in at_n} == {"direct", "pause", "rim", "cot"}
+        assert len({c.jobs[0].total_steps * c.cfg.train.batch_size for c in at_n}) == 1
+        for c in at_n:
+            d = c.cfg.data
+            assert d.train.options["pairs"] == d.valid.options["pairs"] == d.test.options["pairs"]
+            assert c.cfg.memory.blocks == n + 1  # K = N + 1
+            assert c.cfg.eval.cot_max_new_tokens >= n + 3  # N flags, the marker, the answer
+            assert len(c.jobs) == 3 and c.jobs[2].seed == 2
+    demo = load_recipe(DEMO / "rim.yaml").to_dict()
+    demo["data"]["train"]["options"] = {"pairs": 8}
+    for split in ("valid", "test"):
+        demo["data"][split]["options"] = {"pairs": 8}
+    assert cells["rim/pairs=8"].cfg.to_dict() == demo  # N = 8 is the demo itself
+
+
+def test_grounding_grid_is_widths_n16_and_selects_lr_on_validation():
+    from rim.grid import load_grid
+
+    grid = load_grid(SWEEPS / "grounding.yaml")
+    assert grid.select == "lr"
+    cells = _planned("grounding.yaml")
+    assert set(cells) == {
+        *(f"{m}/lr={lr},schedule=relative" for m in ("rim", "pause") for lr in (5e-4, 1e-3, 2e-3)),
+        "rim/lr=0.001,schedule=none",
+        "rim/lr=0.001,schedule=uniform",
+    }  # rim at 1e-3, relative is in both parts: planned once
+    width = _planned("width.yaml")
+    for c in cells.values():
+        ref = width[f"{c.method}/pairs=16"].cfg
+        assert c.cfg.data == ref.data and c.cfg.memory == ref.memory
+        assert c.jobs[0].total_steps == width[f"{c.method}/pairs=16"].jobs[0].total_steps
+
+
+def test_selection_uses_the_valid_split_never_the_test_split():
+    from rim.sweep import aggregate, select_best
+
+    def cell(method, lr, valid, test):
+        metrics = {"best_valid_accuracy": aggregate(valid), "accuracy": aggregate(test)}
+        values = {"lr": lr, "schedule": "relative"}
+        return {"cell": f"{method}/{lr}", "method": method, "values": values, "metrics": metrics}
+
+    cells = [
+        cell("rim", 1e-3, [0.5, 0.6], [0.9, 0.9]),  # the best on test, not on valid
+        cell("rim", 2e-3, [0.7, 0.8], [0.4, 0.6]),
+        cell("pause", 1e-3, [0.2], [0.2]),  # one candidate: nothing chosen
+    ]
+    (best,) = select_best(cells, "lr")
+    assert best["method"] == "rim" and best["chosen"] == 2e-3
+    assert best["values"] == {"schedule": "relative"}
+    assert best["valid_accuracy"] == pytest.approx(0.75)
+    assert best["test_accuracy"]["mean"] == pytest.approx(0.5) and best["test_accuracy"]["n"] == 2
+    assert best["candidates"] == {"0.001": pytest.approx(0.55), "0.002": pytest.approx(0.75)}
+
+
+# --------------------------------------------------------------------------- a tiny grid, run
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    from rim.cli import parser
+    from rim.sweep import run_sweep
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RIM_NO_PROGRESS", "1")
+    folder = tmp_path_factory.mktemp("sweep")
+
+    def pairs(ns: list[int]) -> dict:  # N pairs in every split, K = N + 1 blocks
+        axis = {f"data.{s}.options.pairs": ns for s in ("train", "valid", "test")}
+        return {"pairs": axis | {"memory.blocks": [n + 1 for n in ns]}}
+
+    # 3 runs, to stay fast: rim at N = 2 and 4, direct at N = 4 (a list of two products)
+    grid = [{"methods": ["rim"]} | pairs([2, 4]), {"methods": ["direct"]} | pairs([4])]
+    path = _grid_file(folder, set=TINY, grid=grid)
+    out = folder / "out"
+    argv = ["sweep", "--config", str(path), "--out", str(out), "--workers", "3"]
+    args = parser().parse_args(argv)
+    yield out, args, run_sweep(args)
+    mp.undo()
+
+
+def test_sweep_results_hold_every_run_and_each_cells_aggregate(swept):
+    out, _, returned = swept
+    res = json.loads((out / "results.json").read_text())
+    assert res == json.loads(json.dumps(returned)) and res["failed"] == []
+    runs = {(r["cell"], r["seed"]): r for r in res["runs"]}
+    assert set(runs) == {("rim/pairs=2", 0), ("rim/pairs=4", 0), ("direct/pairs=4", 0)}
+    for r in runs.values():
+        assert r["state"] == "done" and not r["kept"] and 0 <= r["accuracy"] <= 1
+        assert r["n"] == TINY["data.test.size"]  # tested on the test split
+        assert (out / r["run"] / "test_eval.json").is_file()
+    cells = {c["cell"]: c for c in res["cells"]}
+    assert set(cells) == {c for c, _ in runs}
+    for name, c in cells.items():
+        acc = c["metrics"]["accuracy"]
+        assert acc == {"mean": runs[(name, 0)]["accuracy"], "sd": None, "n": 1}
+        assert c["train_examples"] == 8 * 32 and c["n"] == c["runs"] == 1
+    assert len(cells["rim/pairs=4"]["per_block_accuracy"]["mean"]) == 5  # K = N + 1
+    assert "per_block_accuracy" not in cells["direct/pairs=4"]
+    assert res["grid"]["axes"] == {"pairs": "data.train.options.pairs"}
+
+
+def test_sweep_writes_one_table_and_the_plots(swept):
+    out, _, _ = swept
+    md = (out / "results.md").read_text()
+    assert "| method | pairs | test acc (mean ± s.d.) | any-block acc |" in md
+    assert md.count("\n| rim | 4 |") == 1 and md.count("\n| direct | 4 |") == 1
+    for name in ("accuracy_vs_pairs.png", "per_block.png"):
+        assert _is_png(out / name) and f"]({name})" in md
+
+
+def test_a_second_sweep_reruns_nothing(swept, capsys):
+    from rim.sweep import run_sweep
+
+    out, args, first = swept
+    logs = {p: p.read_text() for p in (out / "runs").rglob("train.log")}
+    assert len(logs) == 3
+    again = run_sweep(args)
+    assert {p: p.read_text() for p in logs} == logs  # no command ran in any run folder
+    assert all(r["kept"] for r in again["runs"])
+    assert [r["accuracy"] for r in again["runs"]] == [r["accuracy"] for r in first["runs"]]
+    assert "3 of 3 runs finished before, kept" in capsys.readouterr().out
