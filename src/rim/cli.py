@@ -1,4 +1,4 @@
-"""Command line: rim train | eval | probe | generate | demo | bench | export.
+"""Command line: rim train | eval | probe | inspect | generate | demo | sweep | bench | export.
 
     rim train --config configs/toy/llama_rim.yaml --out runs/x [--set train.lr=1e-3 ...]
     rim eval --checkpoint runs/x/best --data ../shared/data/prosqa/prosqa_valid.json
