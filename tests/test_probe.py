@@ -87,3 +87,18 @@ def test_block_states_are_each_blocks_last_token_from_a_plain_forward():
         pos = P - (K - k - 1) * Lb - 1  # block k's last token
         for layer in range(len(ref)):
             np.testing.assert_allclose(states[0, k, layer], ref[layer][0, pos].numpy(), atol=1e-4)
+
+
+def test_fit_holds_out_rare_wrong_examples_on_both_sides():
+    """A strong model: 4 of 200 examples have a wrong block. The layer-selection share must
+    still see both classes (an unstratified 30% share often holds none of the four)."""
+    from rim.probe import _selection_split
+
+    states, correct = synthetic(n=200)
+    correct[:] = True
+    correct[[3, 50, 120, 180], 0] = False
+    for seed in range(20):
+        sel, rest = _selection_split(correct, seed, 0.3)
+        assert set(sel) | set(rest) == set(range(200)) and not set(sel) & set(rest)
+        assert not correct[sel].all() and not correct[rest].all()
+    assert fit(states, correct).layer >= 0

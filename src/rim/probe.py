@@ -3,7 +3,8 @@
 The paper reads RiM's blocks as working memory: a linear probe on a block's hidden state
 predicts whether the answer decoded after that block is correct. `fit` trains scikit-learn's
 logistic regression (on standardised states) for every layer on part of the validation
-examples and keeps the layer with the best AUROC on the rest (never test); the chosen probe
+examples (split stratified by whether an example has right and wrong blocks) and keeps the
+layer with the best AUROC on the rest (never test); the chosen probe
 is refitted on all of them and saved in the checkpoint as plain arrays (`probe.safetensors`)
 and JSON (`probe.json`), no pickle.
 
@@ -118,9 +119,7 @@ def fit(states: np.ndarray, correct: np.ndarray, seed: int = 0, select_share: fl
             f"probe: every block answer is {'right' if correct.all() else 'wrong'} on these "
             f"{N} examples; a correctness probe needs both (use more or harder data)"
         )
-    order = np.random.default_rng(seed).permutation(N)
-    n_sel = max(1, int(round(select_share * N)))
-    sel, fit_ = order[:n_sel], order[n_sel:]
+    sel, fit_ = _selection_split(correct, seed, select_share)
     aurocs = []
     for layer in range(L):
         y_fit, y_sel = correct[fit_].ravel(), correct[sel].ravel()
@@ -138,6 +137,23 @@ def fit(states: np.ndarray, correct: np.ndarray, seed: int = 0, select_share: fl
     info = {"selection_auroc": aurocs, "examples": N, "blocks": K, "select_share": select_share}
     return Probe(best, scaler.mean_, scaler.scale_, lr.coef_[0].astype(np.float64),
                  float(lr.intercept_[0]), info)  # fmt: skip
+
+
+def _selection_split(correct: np.ndarray, seed: int, share: float) -> tuple[np.ndarray, np.ndarray]:
+    """(selection, fit) example indices, stratified by whether an example has a right and a
+    wrong block, so a rare kind (a few wrong examples of a strong model) lands in both parts."""
+    rng = np.random.default_rng(seed)
+    strata = 2 * (~correct.all(axis=1)) + correct.any(axis=1)  # (N,) in 0..3
+    sel: list[int] = []
+    for g in np.unique(strata):
+        idx = rng.permutation(np.flatnonzero(strata == g))
+        n = int(round(share * len(idx)))
+        if len(idx) >= 2:
+            n = min(max(n, 1), len(idx) - 1)
+        sel += idx[:n].tolist()
+    chosen = np.zeros(len(correct), dtype=bool)
+    chosen[sel] = True
+    return np.flatnonzero(chosen), np.flatnonzero(~chosen)
 
 
 def choose(records: list[Record], how: str, scores: np.ndarray | None = None) -> list[bool]:
