@@ -77,3 +77,35 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("shared/data is not beside the checkout")
     return SHARED_DATA
+
+
+def rim_main(*args: str) -> None:
+    """`rim ...` in this process (the CLI entry point, without a second interpreter start)."""
+    from rim.cli import main
+
+    main(list(args))
+
+
+class Crash(Exception):
+    """Stands in for SIGKILL right after a checkpoint (in this process, so it is fast)."""
+
+
+def resume_branch_and_crash(run: Path, monkeypatch, crash_at: int = 6) -> None:
+    """Resume `run` from its step-4 checkpoint with another lr and crash right after the
+    checkpoint of step `crash_at`: an abandoned branch, as a preempted experiment leaves it."""
+    from rim.trainer import Trainer
+
+    original = Trainer.save_resumable
+
+    def crash_after(self):
+        original(self)
+        if self.state.global_step == crash_at:
+            raise Crash
+
+    monkeypatch.setattr(Trainer, "save_resumable", crash_after)
+    branch = str(run / "checkpoints" / "step-00000004")
+    with pytest.raises(Crash):
+        rim_main(
+            "train", "--resume", branch, "--set", "train.lr=5e-4", "--allow-change", "train.lr"
+        )
+    monkeypatch.setattr(Trainer, "save_resumable", original)

@@ -24,7 +24,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from .conftest import TINY_RECIPE, recipe_file
+from .conftest import TINY_RECIPE, recipe_file, resume_branch_and_crash, rim_main
 
 RECIPE = copy.deepcopy(TINY_RECIPE)
 RECIPE["data"]["train"]["size"], RECIPE["data"]["valid"]["size"] = 32, 8
@@ -38,12 +38,6 @@ def _quiet(monkeypatch):
 
 
 write_recipe = partial(recipe_file, RECIPE)
-
-
-def rim_main(*args: str) -> None:
-    from rim.cli import main
-
-    main(list(args))
 
 
 def fails(capsys, *args: str, code: int = 2) -> str:
@@ -151,14 +145,9 @@ def test_rerun_refused_without_overwrite(tmp_path, capsys):
 # ------------------------------------------------------------------ lineage and recipe
 
 
-class Crash(Exception):
-    """Stands in for SIGKILL right after a checkpoint (in this process, so it is fast)."""
-
-
 def test_resumed_branch_supersedes_the_abandoned_one(tmp_path, capsys, monkeypatch):
     """Resume from step-4 with another lr, crash after step-6, resume again: the new branch
     wins (not the abandoned run's later step-8 and final/); the change is in metrics.jsonl."""
-    from rim.trainer import Trainer
 
     cfg = write_recipe(
         tmp_path,
@@ -168,20 +157,7 @@ def test_resumed_branch_supersedes_the_abandoned_one(tmp_path, capsys, monkeypat
     run = tmp_path / "run"
     rim_main("train", "--config", str(cfg), "--out", str(run))
     assert steps(run) == ["step-00000002", "step-00000004", "step-00000006", "step-00000008"]
-    original = Trainer.save_resumable
-
-    def crash_after_6(self):
-        original(self)
-        if self.state.global_step == 6:
-            raise Crash
-
-    monkeypatch.setattr(Trainer, "save_resumable", crash_after_6)
-    branch = str(run / "checkpoints" / "step-00000004")
-    with pytest.raises(Crash):
-        rim_main(
-            "train", "--resume", branch, "--set", "train.lr=5e-4", "--allow-change", "train.lr"
-        )
-    monkeypatch.setattr(Trainer, "save_resumable", original)
+    resume_branch_and_crash(run, monkeypatch)
     assert steps(run) == ["step-00000002", "step-00000004", "step-00000006"]
     (aside,) = (run / "abandoned").iterdir()
     assert sorted(p.name for p in aside.iterdir()) == [

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import TINY_RECIPE
+from .conftest import TINY_RECIPE, rim_main
 
 QUESTIONS = ["3 + 4 - 2", "9 - 1 + 5", "0 + 0 + 7", "8 - 8 + 1", "5 + 5 - 3", "2 + 9 + 9"]
 QUESTIONS += ["7 - 3 + 1 + 4", "6 + 2 - 5"]
@@ -34,12 +34,6 @@ RUNS = {  # name: recipe changes
     "rim_lora": {},  # a "pretrained" base (tests/test_export.py) with LoRA: merged on export
 }
 LORA = ["model.lora_rank=8", "model.lora_alpha=16", "train.lr=3e-3"]
-
-
-def rim_main(*args: str) -> None:
-    from rim.cli import main
-
-    main(list(args))
 
 
 def rim_out(capsys, *args: str) -> list[str]:

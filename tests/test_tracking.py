@@ -21,7 +21,7 @@ from rim import tracking
 from rim.config import ConfigError, load_config
 from rim.errors import RimError
 
-from .conftest import TINY_RECIPE, recipe_file
+from .conftest import TINY_RECIPE, recipe_file, resume_branch_and_crash, rim_main
 
 RECIPE = copy.deepcopy(TINY_RECIPE)
 RECIPE["data"]["train"]["size"], RECIPE["data"]["valid"]["size"] = 32, 8
@@ -33,12 +33,6 @@ write_recipe = partial(recipe_file, RECIPE)
 @pytest.fixture(autouse=True)
 def _quiet(monkeypatch):
     monkeypatch.setenv("RIM_NO_PROGRESS", "1")
-
-
-def rim_main(*args: str) -> None:
-    from rim.cli import main
-
-    main(list(args))
 
 
 def expected(run: Path) -> dict[str, dict[int, float]]:
@@ -85,15 +79,10 @@ def test_tensorboard_event_files_hold_metrics_jsonl(tmp_path):
     assert flat["train.report_to"] == '["tensorboard"]'
 
 
-class Crash(Exception):
-    """Stands in for SIGKILL right after a checkpoint (in this process, so it is fast)."""
-
-
 def test_resumes_keep_tensorboard_equal_to_metrics_jsonl(tmp_path, monkeypatch):
     """Finish, resume from step 4 with another lr and crash after step 6, resume again:
     TensorBoard shows the branch that won, exactly as metrics.jsonl has it."""
     pytest.importorskip("tensorboard")
-    from rim.trainer import Trainer
 
     cfg = write_recipe(
         tmp_path,
@@ -103,20 +92,7 @@ def test_resumes_keep_tensorboard_equal_to_metrics_jsonl(tmp_path, monkeypatch):
     run = tmp_path / "run"
     rim_main("train", "--config", str(cfg), "--out", str(run))
     before = logged(run)["stage2/loss"]
-    original = Trainer.save_resumable
-
-    def crash_after_6(self):
-        original(self)
-        if self.state.global_step == 6:
-            raise Crash
-
-    monkeypatch.setattr(Trainer, "save_resumable", crash_after_6)
-    branch = str(run / "checkpoints" / "step-00000004")
-    with pytest.raises(Crash):
-        rim_main(
-            "train", "--resume", branch, "--set", "train.lr=5e-4", "--allow-change", "train.lr"
-        )
-    monkeypatch.setattr(Trainer, "save_resumable", original)
+    resume_branch_and_crash(run, monkeypatch)
     rim_main("train", "--resume", str(run))
     assert_same(run)
     after = logged(run)
