@@ -20,6 +20,7 @@ from typing import Any
 
 from rim.errors import ConfigError, DataError
 from rim.io import atomic_file
+from rim.prosqa import prosqa_problem
 
 FORMATS = ("auto", "json", "jsonl", "icot", "gsm8k", "gsmhard")
 _MULT_QUESTION = re.compile(r"^[0-9 ]+ \* [0-9 ]+$")
@@ -467,8 +468,14 @@ def _gen_pairsum(
     return out
 
 
+def _gen_prosqa(n: int, rng: random.Random) -> list[Example]:
+    """ProsQA-style problems (`rim.prosqa`), to train on and score on the shipped ProsQA test."""
+    return [Example(q, steps, a) for q, steps, a in (prosqa_problem(rng) for _ in range(n))]
+
+
 GENERATORS: dict[str, Callable[..., list[Example]]] = {
     "pairsum": _gen_pairsum,
+    "prosqa": _gen_prosqa,
     "mult": _gen_mult,
     "chain": _gen_chain,
     "pick": _gen_pick,
