@@ -222,7 +222,7 @@ def results(grid: Grid, cells: list[Planned], out: Path, machine: dict, command:
         "task": {
             "generator": d.train.generator,
             "path": d.train.path,
-            "sizes": {s: getattr(d, s).size for s in ("train", "valid", "test")},
+            "sizes": {s: _split_size(getattr(d, s)) for s in ("train", "valid", "test")},
         },
         "model": f"{base.model.arch} {base.model.size}",
         "runs": [_run_record(j, out) for j in jobs],
@@ -283,6 +283,15 @@ def best_table(res: dict) -> str:
         row = [b["method"], *(fmt(b["values"][a], "") for a in others), format_value(b["chosen"])]
         rows.append(row + [fmt(b["valid_accuracy"], ".3f"), _pm(b["test_accuracy"]), tried])
     return table(header, rows)
+
+
+def _split_size(split) -> int | str:
+    """A generated split's size; a file split's name (its `size` means nothing)."""
+    if split is None:
+        return "none"
+    if split.generator is not None:
+        return split.size
+    return Path(split.path).name + (f" (first {split.limit})" if split.limit else "")
 
 
 def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
