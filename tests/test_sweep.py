@@ -256,3 +256,16 @@ def test_a_second_sweep_reruns_nothing(swept, capsys):
     assert all(r["kept"] for r in again["runs"])
     assert [r["accuracy"] for r in again["runs"]] == [r["accuracy"] for r in first["runs"]]
     assert "3 of 3 runs finished before, kept" in capsys.readouterr().out
+
+
+def test_file_splits_are_named_not_sized() -> None:
+    """A split read from a file has no meaningful `size`: the tables name its file."""
+    from rim.config import SplitConfig
+    from rim.sweep import _split_size
+
+    assert _split_size(SplitConfig(generator="pairsum", size=256)) == 256
+    assert _split_size(SplitConfig(path="../shared/data/prosqa/prosqa_test.json")) == (
+        "prosqa_test.json"
+    )
+    assert _split_size(SplitConfig(path="d/v.json", limit=50)) == "v.json (first 50)"
+    assert _split_size(None) == "none"
