@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rim.errors import RimError
 from rim.evaluation import Record
@@ -102,3 +104,36 @@ def test_fit_holds_out_rare_wrong_examples_on_both_sides():
         assert set(sel) | set(rest) == set(range(200)) and not set(sel) & set(rest)
         assert not correct[sel].all() and not correct[rest].all()
     assert fit(states, correct).layer >= 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(4, 60),
+    k=st.integers(1, 4),
+    data=st.data(),
+    seed=st.integers(0, 1000),
+)
+def test_selection_split_sees_both_classes_when_two_examples_have_a_wrong_block(n, k, data, seed):
+    """Any mix of all-wrong and mixed examples (one of each: the 2-block toy model on an
+    Intel CPU), with two or more wrong and two or more all-right ones: both parts of the
+    split hold a right and a wrong block answer, and no example is in both."""
+    from rim.probe import _selection_split
+
+    wrong = data.draw(st.sets(st.integers(0, n - 1), min_size=2, max_size=n - 2))
+    correct = np.ones((n, k), dtype=bool)
+    for i in wrong:  # at least one wrong block, perhaps all
+        row = data.draw(st.lists(st.booleans(), min_size=k, max_size=k))
+        row[data.draw(st.integers(0, k - 1))] = False
+        correct[i] = row
+    sel, rest = _selection_split(correct, seed, 0.3)
+    assert sorted([*sel, *rest]) == list(range(n))
+    for part in (sel, rest):
+        assert correct[part].any() and not correct[part].all()
+
+
+def test_one_wrong_example_is_a_clear_error():
+    states, correct = synthetic(n=50)
+    correct[:] = True
+    correct[7] = False
+    with pytest.raises(RimError, match="1 of 50 examples have a wrong block answer"):
+        fit(states, correct)

@@ -4,6 +4,7 @@ grid run end to end (results, resume, plots)."""
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from rim.errors import ConfigError
+from rim.machine import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "configs" / "sweeps"
@@ -234,6 +236,7 @@ def test_sweep_results_hold_every_run_and_each_cells_aggregate(swept):
     assert len(cells["rim/pairs=4"]["per_block_accuracy"]["mean"]) == 5  # K = N + 1
     assert "per_block_accuracy" not in cells["direct/pairs=4"]
     assert res["grid"]["axes"] == {"pairs": "data.train.options.pairs"}
+    assert {r["cpu"] for r in runs.values()} == {cpu_model()}  # results name their CPU
 
 
 def test_sweep_writes_one_table_and_the_plots(swept):
@@ -243,6 +246,7 @@ def test_sweep_writes_one_table_and_the_plots(swept):
     assert md.count("\n| rim | 4 |") == 1 and md.count("\n| direct | 4 |") == 1
     for name in ("accuracy_vs_pairs.png", "per_block.png"):
         assert _is_png(out / name) and f"]({name})" in md
+    assert f"Trained on: {cpu_model()} (3 runs)" in md
 
 
 def test_a_second_sweep_reruns_nothing(swept, capsys):
@@ -251,6 +255,9 @@ def test_a_second_sweep_reruns_nothing(swept, capsys):
     out, args, first = swept
     logs = {p: p.read_text() for p in (out / "runs").rglob("train.log")}
     assert len(logs) == 3
+    for weights in ("best", "final", "checkpoints"):  # what results/.gitignore leaves out:
+        for d in (out / "runs").rglob(weights):  # a committed run folder is still finished
+            shutil.rmtree(d)
     again = run_sweep(args)
     assert {p: p.read_text() for p in logs} == logs  # no command ran in any run folder
     assert all(r["kept"] for r in again["runs"])

@@ -130,7 +130,12 @@ def fit(states: np.ndarray, correct: np.ndarray, seed: int = 0, select_share: fl
         p = model.predict_proba(states[sel, :, layer].reshape(-1, D))[:, 1]
         aurocs.append(float(roc_auc_score(y_sel, p)))
     if all(np.isnan(aurocs)):
-        raise RimError("probe: too few examples to hold out a selection share with both classes")
+        wrong = int((~correct.all(axis=1)).sum())
+        raise RimError(
+            f"probe: {wrong} of {N} examples have a wrong block answer; choosing a layer on a "
+            "held-out share needs two or more with a wrong and two with a right block answer "
+            "(use more or harder data)"
+        )
     best = int(np.nanargmax(aurocs))
     pipe = _fit_layer(states[:, :, best].reshape(-1, D), correct.ravel(), seed)
     scaler, lr = pipe.steps[0][1], pipe.steps[1][1]
@@ -141,9 +146,22 @@ def fit(states: np.ndarray, correct: np.ndarray, seed: int = 0, select_share: fl
 
 def _selection_split(correct: np.ndarray, seed: int, share: float) -> tuple[np.ndarray, np.ndarray]:
     """(selection, fit) example indices, stratified by whether an example has a right and a
-    wrong block, so a rare kind (a few wrong examples of a strong model) lands in both parts."""
+    wrong block, so a rare kind (a few wrong examples of a strong model) lands in both parts.
+
+    Where that leaves a part with one class (say one all-wrong and one mixed example, each a
+    stratum of one), the two kinds with a wrong block are pooled into one stratum: two such
+    examples then go one to each part. Examples are never split (their K blocks stay together).
+    """
+    has_wrong, has_right = ~correct.all(axis=1), correct.any(axis=1)  # (N,) each
+    sel, fit_ = _stratified(2 * has_wrong + has_right, seed, share)  # strata 0..3
+    if not (_both(correct[sel]) and _both(correct[fit_])):
+        sel, fit_ = _stratified(has_wrong.astype(int), seed, share)
+    return sel, fit_
+
+
+def _stratified(strata: np.ndarray, seed: int, share: float) -> tuple[np.ndarray, np.ndarray]:
+    """About `share` of each stratum (at least one, never all, of a stratum of two or more)."""
     rng = np.random.default_rng(seed)
-    strata = 2 * (~correct.all(axis=1)) + correct.any(axis=1)  # (N,) in 0..3
     sel: list[int] = []
     for g in np.unique(strata):
         idx = rng.permutation(np.flatnonzero(strata == g))
@@ -151,9 +169,13 @@ def _selection_split(correct: np.ndarray, seed: int, share: float) -> tuple[np.n
         if len(idx) >= 2:
             n = min(max(n, 1), len(idx) - 1)
         sel += idx[:n].tolist()
-    chosen = np.zeros(len(correct), dtype=bool)
+    chosen = np.zeros(len(strata), dtype=bool)
     chosen[sel] = True
     return np.flatnonzero(chosen), np.flatnonzero(~chosen)
+
+
+def _both(correct: np.ndarray) -> bool:
+    return bool(correct.any() and not correct.all())
 
 
 def choose(records: list[Record], how: str, scores: np.ndarray | None = None) -> list[bool]:

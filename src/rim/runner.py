@@ -174,6 +174,7 @@ class Runner:
         job.result = res | {
             "train_s": done["train_s"],
             "best_valid_accuracy": done["best_valid_accuracy"],
+            "cpu": done.get("cpu"),  # absent from runs trained before it was logged
             "job_s": time.perf_counter() - job.started,
         }
         job.state = "done"

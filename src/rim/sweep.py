@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -322,6 +323,9 @@ def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
         ]
     wall = f"{res['wall_s'] / 60:.1f} min (finished runs it kept cost none)"
     lines += ["", f"Machine: {m['summary']}. Wall time of this invocation: {wall}."]
+    cpus = Counter(r.get("cpu") or "not recorded" for r in res["runs"] if r["state"] == "done")
+    if cpus:  # kept runs may come from other machines (float sums differ between CPUs)
+        lines += ["", "Trained on: " + "; ".join(f"{c} ({n} runs)" for c, n in cpus.items())]
     lines += ["", f"Command: `{res['command']}`"]
     if res["failed"]:
         lines += ["", "Failed runs: " + "; ".join(res["failed"])]
@@ -372,6 +376,8 @@ def run_sweep(args) -> dict:
         return {}
     jobs = [j for c in cells for j in c.jobs]
     device, workers = pick_device(args.workers, "sweep")
+    order = sorted(jobs, key=lambda j: j.total_steps)  # cheapest first: a stopped sweep
+    # has its small cells whole (sorted() is stable: the plan's order within a budget)
     out.mkdir(parents=True, exist_ok=True)
     print(
         f"[sweep] {len(jobs)} runs ({len(cells)} cells x {grid.seeds} seed(s)), {workers} at a "
@@ -379,7 +385,7 @@ def run_sweep(args) -> dict:
     )
     machine = describe(device).demo_dict(workers)
     runner = Runner(device, cells[0].cfg.eval.batch_size, resume=True)
-    run_jobs(jobs, workers, runner, tag="sweep")
+    run_jobs(order, workers, runner, tag="sweep")
     res = results(grid, cells, out, machine, _command(args))
     res["wall_s"] = time.perf_counter() - t0
     written = _write(out, res)

@@ -38,6 +38,7 @@ from rim.curriculum import Stage, stage_progress, warmup_constant
 from rim.errors import Preempted, RimError
 from rim.evaluation import evaluate
 from rim.io import os_error, storage_error
+from rim.machine import cpu_model
 
 
 class ExampleStream:
@@ -217,7 +218,8 @@ class Trainer:
         self._save_model("final")
         if not (self.out / "best").exists():
             self._save_model("best")
-        self.log({"event": "done", "train_s": train_s, "best_valid_accuracy": st.best})
+        done = {"event": "done", "train_s": train_s, "best_valid_accuracy": st.best}
+        self.log(done | {"cpu": cpu_model()})  # the CPU it trained on: sums differ between CPUs
         return {"train_s": train_s, "best_valid_accuracy": st.best}
 
     # ---- preemption ----
