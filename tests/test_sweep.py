@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -255,6 +256,8 @@ def test_a_second_sweep_reruns_nothing(swept, capsys):
     out, args, first = swept
     logs = {p: p.read_text() for p in (out / "runs").rglob("train.log")}
     assert len(logs) == 3
+    for log in logs.values():  # a run folder can be committed: its commands name no path
+        assert log.startswith("$ python -m rim train --config ") and sys.executable not in log
     for weights in ("best", "final", "checkpoints"):  # what results/.gitignore leaves out:
         for d in (out / "runs").rglob(weights):  # a committed run folder is still finished
             shutil.rmtree(d)

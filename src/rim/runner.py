@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -122,7 +123,8 @@ class Runner:
 
     def _call(self, cmd: list[str], log: Path) -> int:
         with open(log, "a") as f:
-            f.write(f"$ {' '.join(cmd)}\n")
+            shown = ["python", *cmd[1:]] if cmd[0] == sys.executable else cmd  # no machine's path
+            f.write(f"$ {shlex.join(shown)}\n")
             f.flush()
             with self.lock:
                 if self.stopped:
