@@ -279,3 +279,28 @@ def test_file_splits_are_named_not_sized() -> None:
     )
     assert _split_size(SplitConfig(path="d/v.json", limit=50)) == "v.json (first 50)"
     assert _split_size(None) == "none"
+
+
+def test_report_only_summarises_the_finished_runs_and_runs_nothing(swept, tmp_path, capsys):
+    """A sweep still running (or stopped): its tables from the runs that finished."""
+    from rim.cli import parser
+    from rim.sweep import run_sweep
+
+    out, args, first = swept
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    (copy / "runs" / "rim" / "pairs=2" / "seed0" / "test_eval.json").unlink()  # not finished
+    logs = {p: p.read_text() for p in (copy / "runs").rglob("train.log")}
+    argv = ["sweep", "--config", args.config, "--out", str(copy), "--report-only"]
+    res = run_sweep(parser().parse_args(argv))
+    assert {p: p.read_text() for p in logs} == logs  # nothing ran
+    runs = {r["cell"]: r for r in res["runs"]}
+    assert runs["rim/pairs=2"]["state"] == "queued" and "accuracy" not in runs["rim/pairs=2"]
+    for cell in ("rim/pairs=4", "direct/pairs=4"):
+        before = next(r for r in first["runs"] if r["cell"] == cell)
+        assert runs[cell]["kept"] and runs[cell]["accuracy"] == before["accuracy"]
+    cells = {c["cell"]: c for c in res["cells"]}
+    assert cells["rim/pairs=2"]["n"] == 0 and cells["rim/pairs=4"]["n"] == 1
+    md = (copy / "results.md").read_text()
+    assert "\n| rim | 2 | - |" in md and "--report-only" in md
+    assert "1 run(s) not finished, not run" in capsys.readouterr().out

@@ -452,6 +452,7 @@ def _sweep_parser(sub) -> None:
     )
     s.add_argument("--workers", type=int, default=2, help="parallel training processes")
     _flag(s, "--dry-run", "print the cells and their budgets; run nothing")
+    _flag(s, "--report-only", "write the tables and plots of the finished runs; run nothing")
     s.set_defaults(fn=_sweep)
 
 

@@ -168,19 +168,7 @@ class Runner:
         return self._done(job)
 
     def _done(self, job: Job) -> Job:
-        """The job's result from its test evaluation and the training log's `done` record."""
-        res = json.loads((job.out / "test_eval.json").read_text())
-        res.pop("records", None)  # per-example records stay in test_eval.json
-        done = [json.loads(x) for x in (job.out / "metrics.jsonl").read_text().splitlines()]
-        done = [r for r in done if r.get("event") == "done"][-1]
-        job.result = res | {
-            "train_s": done["train_s"],
-            "best_valid_accuracy": done["best_valid_accuracy"],
-            "cpu": done.get("cpu"),  # absent from runs trained before it was logged
-            "job_s": time.perf_counter() - job.started,
-        }
-        job.state = "done"
-        return job
+        return collect(job)
 
     def _fail(self, job: Job, what: str, log: Path) -> Job:
         lines = log.read_text(errors="replace").strip().splitlines()
@@ -193,6 +181,22 @@ class Runner:
             self.stopped = True
             for p in self.procs:
                 p.terminate()
+
+
+def collect(job: Job) -> Job:
+    """A finished job's result from its folder: its test evaluation and the `done` record."""
+    res = json.loads((job.out / "test_eval.json").read_text())
+    res.pop("records", None)  # per-example records stay in test_eval.json
+    done = [json.loads(x) for x in (job.out / "metrics.jsonl").read_text().splitlines()]
+    done = [r for r in done if r.get("event") == "done"][-1]
+    job.result = res | {
+        "train_s": done["train_s"],
+        "best_valid_accuracy": done["best_valid_accuracy"],
+        "cpu": done.get("cpu"),  # absent from runs trained before it was logged
+        "job_s": time.perf_counter() - job.started if job.started else None,
+    }
+    job.state = "done"
+    return job
 
 
 def finished(job: Job) -> bool:

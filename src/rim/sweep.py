@@ -32,7 +32,17 @@ from rim.io import atomic_file
 from rim.machine import describe
 from rim.plots import plot_sweep_accuracy, plot_sweep_per_block
 from rim.report import fmt, table
-from rim.runner import Job, Runner, cell_label, format_value, pick_device, run_jobs, total_steps
+from rim.runner import (
+    Job,
+    Runner,
+    cell_label,
+    collect,
+    finished,
+    format_value,
+    pick_device,
+    run_jobs,
+    total_steps,
+)
 
 METRICS = (
     "accuracy",
@@ -338,6 +348,7 @@ def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
 
 def _command(args) -> str:
     cmd = f"rim sweep --config {args.config} --out {args.out} --workers {args.workers}"
+    cmd += " --report-only" if args.report_only else ""
     return cmd + "".join(f" --set {s}" for s in args.set)
 
 
@@ -384,8 +395,14 @@ def run_sweep(args) -> dict:
         f"time on {device}; logs in {out / 'runs'}/<method>/<values>/seed<s>/train.log"
     )
     machine = describe(device).demo_dict(workers)
-    runner = Runner(device, cells[0].cfg.eval.batch_size, resume=True)
-    run_jobs(order, workers, runner, tag="sweep")
+    if args.report_only:  # the finished runs' results, nothing run (a sweep still running)
+        for j in jobs:
+            if finished(j):
+                j.kept = True
+                collect(j)
+    else:
+        runner = Runner(device, cells[0].cfg.eval.batch_size, resume=True)
+        run_jobs(order, workers, runner, tag="sweep")
     res = results(grid, cells, out, machine, _command(args))
     res["wall_s"] = time.perf_counter() - t0
     written = _write(out, res)
@@ -397,6 +414,8 @@ def run_sweep(args) -> dict:
         f"\n[sweep] {res['wall_s']:.0f}s ({kept} of {len(jobs)} runs finished before, kept); wrote "
         + ", ".join(map(str, written))
     )
+    if args.report_only and kept < len(jobs):
+        print(f"[sweep] --report-only: {len(jobs) - kept} run(s) not finished, not run")
     if res["failed"]:
         raise RimError(f"{len(res['failed'])} sweep run(s) failed: {res['failed'][0]}")
     return res
