@@ -253,6 +253,10 @@ def plot_sweep_accuracy(res: dict, out: Path) -> Path | None:
             ]
             if len(seeds) > 1:
                 ax.plot([xi] * len(seeds), seeds, "x", ms=5, color=f"C{i}", alpha=0.5)
+            if c["n"] < c["runs"]:  # a cell still running: say how many seeds it holds
+                mean = c["metrics"]["accuracy"]["mean"]
+                ax.annotate(f"{c['n']}/{c['runs']} seeds", (xi, mean), textcoords="offset points",
+                            xytext=(6, -12), fontsize=8, color=f"C{i}")  # fmt: skip
     if log:
         ax.set_xscale("log")
         ax.minorticks_off()
