@@ -1,7 +1,7 @@
 """`rim sweep`: a grid of methods x seeds x recipe values as one command, one table, plots.
 
-    rim sweep --config configs/sweeps/width.yaml --out runs/width
-    rim sweep --config configs/sweeps/width.yaml --out runs/width --dry-run   # the plan only
+    rim sweep --config configs/sweeps/width.yaml --out results/width
+    rim sweep --config configs/sweeps/width.yaml --out results/width --dry-run   # the plan only
     rim sweep --config G.yaml --out D --set train.steps=20 --workers 2        # a smoke run
 
 The grid file (`rim.grid`) names the recipes, methods, seeds and axes. Every run goes
