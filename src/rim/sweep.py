@@ -387,8 +387,9 @@ def run_sweep(args) -> dict:
         return {}
     jobs = [j for c in cells for j in c.jobs]
     device, workers = pick_device(args.workers, "sweep")
-    order = sorted(jobs, key=lambda j: j.total_steps)  # cheapest first: a stopped sweep
-    # has its small cells whole (sorted() is stable: the plan's order within a budget)
+    # cheapest first, then seed by seed: a stopped sweep has its small cells whole and one
+    # seed of every cell at a budget before a second (stable: the plan's method order)
+    order = sorted(jobs, key=lambda j: (j.total_steps, j.seed))
     out.mkdir(parents=True, exist_ok=True)
     print(
         f"[sweep] {len(jobs)} runs ({len(cells)} cells x {grid.seeds} seed(s)), {workers} at a "
