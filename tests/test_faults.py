@@ -108,6 +108,8 @@ def test_live_run_refuses_second_then_sigterm_and_resume_if_exists(tmp_path, cap
     (ckpt,) = (run / "checkpoints").iterdir()
     step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
     assert 0 < step < 100  # mid stage 1, and save_every is 0
+    saved_s = json.loads((ckpt / "trainer_state.json").read_text())["train_s"]
+    assert saved_s > 0  # the seconds trained so far go into the checkpoint
     assert (
         stopped == f"rim: stopped by SIGTERM at step {step}; resume with: rim train --resume {run}"
     )
@@ -115,6 +117,9 @@ def test_live_run_refuses_second_then_sigterm_and_resume_if_exists(tmp_path, cap
     assert steps_logged == list(range(1, step + 1))  # one run's records, none interleaved
 
     rim_main(*cmd[3:], "--resume-if-exists")
+    (done,) = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
+               if json.loads(x).get("event") == "done"]  # fmt: skip
+    assert done["train_s"] > saved_s  # the resumed process adds to them: the whole run's cost
     ref = tmp_path / "ref"
     rim_main("train", "--config", str(cfg), "--out", str(ref), "--resume-if-exists")  # fresh
     assert same_weights(run / "final", ref / "final")

@@ -62,12 +62,16 @@ class TrainState:
     global_step: int = 0
     cursor: int = 0  # examples taken from the seeded stream
     best: float = -1.0  # best validation accuracy of a stage that may write best/
+    train_s: float = 0.0  # training seconds up to this checkpoint, summed over resumes
     run_id: str = field(default_factory=new_run_id)
     branch: str = field(default_factory=new_run_id)
     resumed_from: int | None = None  # step of the checkpoint this branch resumed
     superseded: bool = False  # the abandoned branch's later outputs moved aside
 
-    SAVED = ("stage_index", "step_in_stage", "global_step", "cursor", "best", "run_id", "branch")
+    SAVED = (
+        "stage_index", "step_in_stage", "global_step", "cursor", "best", "train_s", "run_id",
+        "branch",
+    )  # fmt: skip
 
     def saved(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k in self.SAVED}

@@ -84,6 +84,7 @@ class Trainer:
         self.plan = setup.method.plan(len(setup.train), t_max(setup.train))
         self.stream = ExampleStream(len(setup.train), self.cfg.train.seed)
         self.state = TrainState()
+        self._clock = (time.perf_counter(), 0.0)  # (start, seconds before it): _train_s
         self.optimizer = self.scheduler = None
         self.main = self.acc.is_main_process
         self.stop_signal: str | None = None
@@ -201,8 +202,8 @@ class Trainer:
                 self.acc.end_training()  # nothing collective follows a fit
 
     def _fit(self) -> dict:
-        t0 = time.perf_counter()
         st = self.state
+        self._clock = (time.perf_counter(), st.train_s)  # a resumed run adds to its seconds
         with self._signals():
             while st.stage_index < len(self.plan):
                 stage = self.plan[st.stage_index]
@@ -214,7 +215,7 @@ class Trainer:
                 self.optimizer = None
                 self.save_resumable()
                 self._stop_if_asked(saved=True)
-        train_s = time.perf_counter() - t0
+        train_s = self._train_s()
         self._save_model("final")
         if not (self.out / "best").exists():
             self._save_model("best")
@@ -339,8 +340,15 @@ class Trainer:
     def _parts(self) -> Parts:
         return Parts(self.acc, self.model, self.optimizer, self.scheduler, self.sharded)
 
+    def _train_s(self) -> float:
+        """Seconds of training in this run: this process's, plus its checkpoint's (the work
+        a crash lost after the last checkpoint is not counted, its redoing is)."""
+        start, before = self._clock
+        return before + time.perf_counter() - start
+
     def save_resumable(self) -> None:
         self.state.cursor = self.stream.cursor
+        self.state.train_s = self._train_s()
         save_state(self.out, self.state, self._parts(), self.cfg)
 
     def resume(self, folder: Path) -> Path:
