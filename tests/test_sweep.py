@@ -4,9 +4,13 @@ grid run end to end (results, resume, plots)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import struct
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -304,3 +308,33 @@ def test_report_only_summarises_the_finished_runs_and_runs_nothing(swept, tmp_pa
     md = (copy / "results.md").read_text()
     assert "\n| rim | 2 | - |" in md and "--report-only" in md
     assert "1 run(s) not finished, not run" in capsys.readouterr().out
+
+
+def test_sigterm_stops_the_sweep_and_its_training_processes_save(tmp_path):
+    """`kill SWEEP` (a background sweep ignores SIGINT): every running `rim train` gets
+    SIGTERM, saves a checkpoint and exits with the sweep; none is left running alone."""
+    slow = TINY | {"train.steps": 4000, "curriculum.stage1_steps": 4000, "train.eval_every": 0}
+    path = _grid_file(tmp_path, methods=["direct"], set=slow)
+    out = tmp_path / "out"
+    env = dict(os.environ, RIM_NO_PROGRESS="1")
+    cmd = [sys.executable, "-m", "rim", "sweep", "--config", str(path), "--out", str(out)]
+    sweep = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    log = out / "runs" / "direct" / "seed0" / "train.log"
+    deadline = time.monotonic() + 120
+    while "trainable parameters" not in (log.read_text() if log.is_file() else ""):
+        assert sweep.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    sweep.send_signal(signal.SIGTERM)
+    _, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130 and "interrupted: running jobs stopped" in err
+    assert "rim: stopped by SIGTERM at step" in log.read_text()
+    assert any((out / "runs" / "direct" / "seed0" / "checkpoints").iterdir())
+    alive = [p for p in Path("/proc").glob("[0-9]*/cmdline") if _reads(p, str(out))]
+    assert alive == []
+
+
+def _reads(cmdline: Path, text: str) -> bool:
+    try:
+        return text in cmdline.read_bytes().decode(errors="replace")
+    except OSError:
+        return False

@@ -17,10 +17,12 @@ in the demo); its name, `rim/s0` or `rim/pairs=8/s0`, is the one progress lines 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -255,10 +257,35 @@ def run_jobs(
     In a log: one line when a job starts training, starts its test evaluation and ends,
     and a status line at most every `progress.STATUS_EVERY` s (`status`). `tag` names the
     command in every line (`[demo]`, `[sweep]`).
+
+    SIGTERM (`kill`, a scheduler's preemption) stops the jobs as Ctrl-C does: each training
+    process gets SIGTERM too and saves a checkpoint, none is left running on its own.
     """
+    with _sigterm_interrupts():
+        _run_jobs(jobs, workers, runner, status or Status(), tag)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt in the main thread while jobs run (a background job's
+    SIGINT is ignored by its shell, so `kill` is how one is stopped)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _run_jobs(jobs: list[Job], workers: int, runner: Runner, status: Status, tag: str) -> None:
     bar_on, log_on = progress.live(), progress.enabled() and not progress.live()
     bar = tqdm(total=len(jobs), desc=tag, unit="job", disable=not bar_on, dynamic_ncols=True)
-    status = status or Status()
     seen: dict[str, str] = {}
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
