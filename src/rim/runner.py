@@ -149,9 +149,8 @@ class Runner:
     def _run(self, job: Job) -> Job:
         py = [sys.executable, "-m", "rim"]
         job.started = time.perf_counter()
-        if self.resume and finished(job):  # kept: its recipe is the one asked for
-            job.kept = True
-            return self._done(job)
+        if self.resume and keep_if_finished(job):  # its recipe is the one asked for
+            return job
         if not self.resume:
             shutil.rmtree(job.out, ignore_errors=True)  # a rerun never appends to old metrics
         job.out.mkdir(parents=True, exist_ok=True)
@@ -167,9 +166,6 @@ class Runner:
         cmd += ["--device", self.device, "--out", str(job.out / "test_eval.json")]
         if self._call(cmd, log):
             return self._fail(job, "test evaluation failed", log)
-        return self._done(job)
-
-    def _done(self, job: Job) -> Job:
         return collect(job)
 
     def _fail(self, job: Job, what: str, log: Path) -> Job:
@@ -199,6 +195,15 @@ def collect(job: Job) -> Job:
     }
     job.state = "done"
     return job
+
+
+def keep_if_finished(job: Job) -> bool:
+    """Keep a finished job as it is (`kept`, its result collected); False if it is not."""
+    if not finished(job):
+        return False
+    job.kept = True
+    collect(job)
+    return True
 
 
 def finished(job: Job) -> bool:

@@ -36,9 +36,8 @@ from rim.runner import (
     Job,
     Runner,
     cell_label,
-    collect,
-    finished,
     format_value,
+    keep_if_finished,
     pick_device,
     run_jobs,
     total_steps,
@@ -387,9 +386,6 @@ def run_sweep(args) -> dict:
         return {}
     jobs = [j for c in cells for j in c.jobs]
     device, workers = pick_device(args.workers, "sweep")
-    # cheapest first, then seed by seed: a stopped sweep has its small cells whole and one
-    # seed of every cell at a budget before a second (stable: the plan's method order)
-    order = sorted(jobs, key=lambda j: (j.total_steps, j.seed))
     out.mkdir(parents=True, exist_ok=True)
     print(
         f"[sweep] {len(jobs)} runs ({len(cells)} cells x {grid.seeds} seed(s)), {workers} at a "
@@ -398,10 +394,11 @@ def run_sweep(args) -> dict:
     machine = describe(device).demo_dict(workers)
     if args.report_only:  # the finished runs' results, nothing run (a sweep still running)
         for j in jobs:
-            if finished(j):
-                j.kept = True
-                collect(j)
+            keep_if_finished(j)
     else:
+        # cheapest first, then seed by seed: a stopped sweep has its small cells whole and one
+        # seed of every cell at a budget before a second (stable: the plan's method order)
+        order = sorted(jobs, key=lambda j: (j.total_steps, j.seed))
         runner = Runner(device, cells[0].cfg.eval.batch_size, resume=True)
         run_jobs(order, workers, runner, tag="sweep")
     res = results(grid, cells, out, machine, _command(args))

@@ -219,9 +219,9 @@ class Trainer:
         self._save_model("final")
         if not (self.out / "best").exists():
             self._save_model("best")
-        done = {"event": "done", "train_s": train_s, "best_valid_accuracy": st.best}
-        self.log(done | {"cpu": cpu_model()})  # the CPU it trained on: sums differ between CPUs
-        return {"train_s": train_s, "best_valid_accuracy": st.best}
+        done = {"train_s": train_s, "best_valid_accuracy": st.best}
+        self.log({"event": "done"} | done | {"cpu": cpu_model()})  # sums differ between CPUs
+        return done
 
     # ---- preemption ----
     @contextlib.contextmanager
