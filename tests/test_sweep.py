@@ -90,6 +90,8 @@ def test_a_grid_is_the_product_of_its_axes_and_the_union_of_its_parts(tmp_path):
         ({"grid": {"train.lr": [1e-3]}, "select": "steps"}, "select: 'steps' is not an axis"),
         ({"grid": [{"lr": {"train.lr": [1]}}, {"lr": {"train.steps": [1]}}]}, "grid[1].lr"),
         ({"set": ["train.lr=1"]}, "set: expected a mapping"),
+        ({"reuse": "results/width"}, "reuse: expected a list of sweep --out folders"),
+        ({"reuse": ["nowhere"]}, "reuse: nowhere: no sweep output there"),
     ],
 )
 def test_grid_file_errors_name_the_file_and_the_key(tmp_path, spec, message):
@@ -173,6 +175,29 @@ def test_grounding_grid_is_widths_n16_and_selects_lr_on_validation():
         ref = width[f"{c.method}/pairs=16"].cfg
         assert c.cfg.data == ref.data and c.cfg.memory == ref.memory
         assert c.jobs[0].total_steps == width[f"{c.method}/pairs=16"].jobs[0].total_steps
+
+
+def test_grounding_takes_widths_n16_runs_at_its_learning_rate():
+    """rim and pause at LR 1e-3 are width's N = 16 recipes: `reuse` takes their finished
+    runs from results/width (committed), and no other run."""
+    from rim.assembly import load_recipe
+    from rim.grid import load_grid
+    from rim.runner import finished
+    from rim.sweep import plan
+
+    planned = plan(load_grid(SWEEPS / "width.yaml"), ROOT / "results" / "width")
+    n16 = [c for c in planned if c.values["pairs"] == 16]
+    width = {(j.method, j.seed): j for c in n16 for j in c.jobs}
+    shared = {"rim/lr=0.001,schedule=relative", "pause/lr=0.001,schedule=relative"}
+    for name, c in _planned("grounding.yaml").items():
+        for j in c.jobs:
+            w = width[(j.method, j.seed)]
+            recipe = load_recipe(j.recipe, j.train_sets).to_dict()
+            same = recipe == load_recipe(w.recipe, w.train_sets).to_dict()
+            assert same == (name in shared)
+            assert j.reused == (same and finished(w))
+            if j.reused:
+                assert j.out.resolve() == w.out.resolve()
 
 
 def test_selection_uses_the_valid_split_never_the_test_split():
@@ -270,6 +295,30 @@ def test_a_second_sweep_reruns_nothing(swept, capsys):
     assert all(r["kept"] for r in again["runs"])
     assert [r["accuracy"] for r in again["runs"]] == [r["accuracy"] for r in first["runs"]]
     assert "3 of 3 runs finished before, kept" in capsys.readouterr().out
+
+
+def test_a_grid_takes_the_runs_another_sweep_finished(swept, tmp_path, capsys):
+    """Two grids sharing a point train it once: `reuse` names the other sweep's --out, and
+    its finished run of the same recipe and seed is taken from there, nothing trained."""
+    from rim.cli import parser
+    from rim.grid import load_grid
+    from rim.sweep import plan, run_sweep
+
+    out, _, first = swept
+    axis = {f"data.{s}.options.pairs": [4] for s in ("train", "valid", "test")}
+    grid = {"n": axis | {"memory.blocks": [5]}}  # rim and direct at N = 4, another axis name
+    path = _grid_file(tmp_path, set=TINY, grid=grid, reuse=[os.path.relpath(out, tmp_path)])
+    argv = ["sweep", "--config", str(path), "--out", str(tmp_path / "out")]
+    res = run_sweep(parser().parse_args(argv))
+    assert not (tmp_path / "out" / "runs").exists()  # nothing trained here
+    before = {r["cell"].replace("pairs", "n"): r for r in first["runs"]}
+    for r in res["runs"]:
+        assert r["reused"] and r["kept"] and r["accuracy"] == before[r["cell"]]["accuracy"]
+        assert (tmp_path / "out" / r["run"]).resolve() == (out / before[r["cell"]]["run"]).resolve()
+    assert "(kept from " in capsys.readouterr().out
+    assert "Taken from other sweeps: 2 runs from" in (tmp_path / "out" / "results.md").read_text()
+    cells = plan(load_grid(path), tmp_path / "out", ["train.lr=0.5"])  # another recipe
+    assert not any(j.reused for c in cells for j in c.jobs)
 
 
 def test_file_splits_are_named_not_sized() -> None:

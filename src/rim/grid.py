@@ -11,6 +11,12 @@
         memory.blocks: [5, 9, 13, 17]              # value i goes with value i of every key
       train.lr: [5.0e-4, 1.0e-3]  # a one-key axis, named after the key's last part: lr
     select: lr                    # optional: an axis chosen on validation (rim.sweep)
+    reuse: [../../results/width]  # optional: other sweeps' --out folders, relative to this file
+
+`reuse` names the output folders of other sweeps: a run whose resolved recipe and seed
+finished there is taken from there (its folder, not a copy) instead of being trained again,
+so two grids that share a point (width's N = 16 column and grounding's LR 1e-3) share its
+runs.
 
 `grid` may also be a list of such mappings, each its own product, the runs their union (as
 scikit-learn's ParameterGrid takes a list); each may name its own `methods`. Keys that move
@@ -29,7 +35,7 @@ from pathlib import Path
 from rim.config import _read_yaml
 from rim.errors import ConfigError
 
-TOP_KEYS = ("recipes", "methods", "seeds", "set", "grid", "select")
+TOP_KEYS = ("recipes", "methods", "seeds", "set", "grid", "select", "reuse")
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class Grid:
     set: dict
     parts: tuple[Part, ...]
     select: str | None
+    reuse: tuple[Path, ...] = ()  # other sweeps' --out folders whose finished runs count
 
     @property
     def methods(self) -> list[str]:
@@ -192,11 +199,23 @@ def _grid(path: Path, raw: dict) -> Grid:
     select = raw.get("select")
     if select is not None and select not in {a.name for p in parts for a in p.axes}:
         raise ConfigError(f"select: {select!r} is not an axis of grid")
-    grid = Grid(path, path.parent / recipes, seeds, dict(sets), parts, select)
+    reuse = _reuse(raw.get("reuse", []), path.parent)
+    grid = Grid(path, path.parent / recipes, seeds, dict(sets), parts, select, reuse)
     for m in grid.methods:
         if not grid.recipe(m).is_file():
             raise ConfigError(f"methods: {m}: no recipe {grid.recipe(m)}")
     return grid
+
+
+def _reuse(value, here: Path) -> tuple[Path, ...]:
+    """`reuse: [FOLDER, ...]`: sweep output folders (relative to the grid file) that exist."""
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"reuse: expected a list of sweep --out folders, got {value!r}")
+    folders = tuple(here / v for v in value)
+    for v, folder in zip(value, folders):
+        if not (folder / "runs").is_dir():
+            raise ConfigError(f"reuse: {v}: no sweep output there (no folder {folder / 'runs'})")
+    return folders
 
 
 def load_grid(path: str | Path) -> Grid:

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -73,6 +73,7 @@ class Job:
     error: str | None = None
     values: dict = field(default_factory=dict)  # the cell's grid values (the sweep's axes)
     kept: bool = False  # resumed as finished: nothing ran
+    reused: bool = False  # `out` is another sweep's finished run of the same recipe (`reuse`)
 
     @property
     def cell(self) -> str:
@@ -221,6 +222,16 @@ def finished(job: Job) -> bool:
         return False
 
 
+def finished_elsewhere(job: Job, sweeps: tuple[Path, ...]) -> Path | None:
+    """A run folder of another sweep (its --out) holding a finished run of the job's recipe
+    and seed, or None: where two grids share a point, its runs are trained once."""
+    for sweep in sweeps:
+        for run in sorted((sweep / "runs" / job.method).glob(f"**/seed{job.seed}")):
+            if run.resolve() != job.out.resolve() and finished(replace(job, out=run)):
+                return run
+    return None
+
+
 # --------------------------------------------------------------------------- many jobs
 
 
@@ -246,7 +257,7 @@ def _status(jobs: list[Job]) -> str:
 def _finished_line(j: Job, tag: str) -> str:
     if j.state == "done":
         acc, secs = j.result["accuracy"], j.result["train_s"]
-        kept = " (finished before, kept)" if j.kept else ""
+        kept = f" (kept from {j.out})" if j.reused else " (finished before, kept)" if j.kept else ""
         return f"[{tag}] {j.name}: test accuracy {acc:.3f}, trained {secs:.0f}s{kept}"
     return f"[{tag}] {j.name}: {j.error}"
 

@@ -19,6 +19,7 @@ accuracy_vs_<axis>.png, per_block.png, and runs/<method>/<values>/seed<s>/ (the 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections import Counter
@@ -36,6 +37,8 @@ from rim.runner import (
     Job,
     Runner,
     cell_label,
+    finished,
+    finished_elsewhere,
     format_value,
     keep_if_finished,
     pick_device,
@@ -135,6 +138,9 @@ def plan(grid: Grid, out: Path, cli_sets: list[str] | None = None) -> list[Plann
             Job(p.method, s, recipe, folder / f"seed{s}", p.sets, steps, values=p.values)
             for s in range(grid.seeds)
         ]
+        for j in p.jobs if grid.reuse else ():  # trained by another sweep: take it from there
+            if not finished(j) and (there := finished_elsewhere(j, grid.reuse)):
+                j.out, j.reused = there, True
         cells[p.name] = p
     planned = list(cells.values())
     _check_fair(planned, grid)
@@ -155,7 +161,8 @@ def aggregate(xs: list[float]) -> dict:
 
 def _run_record(j: Job, out: Path) -> dict:
     rec = {"cell": j.cell, "method": j.method, "values": j.values, "seed": j.seed}
-    rec |= {"run": j.out.relative_to(out).as_posix(), "state": j.state, "kept": j.kept}
+    run = Path(os.path.relpath(j.out, out)).as_posix()  # ../width/runs/...: reused from there
+    rec |= {"run": run, "state": j.state, "kept": j.kept, "reused": j.reused}
     if j.error:
         rec["error"] = j.error.splitlines()[0]
     return rec | {k: v for k, v in j.result.items() if k not in ("checkpoint", "data")}
@@ -335,6 +342,13 @@ def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
     cpus = Counter(r.get("cpu") or "not recorded" for r in res["runs"] if r["state"] == "done")
     if cpus:  # kept runs may come from other machines (float sums differ between CPUs)
         lines += ["", "Trained on: " + "; ".join(f"{c} ({n} runs)" for c, n in cpus.items())]
+    reused = Counter(r["run"].split("/runs/")[0] for r in res["runs"] if r.get("reused"))
+    if reused:  # runs of the same recipe another sweep trained (the grid's `reuse`)
+        lines += [
+            "",
+            "Taken from other sweeps: "
+            + "; ".join(f"{n} runs from `{d}`" for d, n in reused.items()),
+        ]
     lines += ["", f"Command: `{res['command']}`"]
     if res["failed"]:
         lines += ["", "Failed runs: " + "; ".join(res["failed"])]
@@ -362,6 +376,9 @@ def print_plan(cells: list[Planned], grid: Grid) -> None:
         rows.append([c.name, str(j.total_steps), str(j.total_steps * c.cfg.train.batch_size), sets])
     print(table(["cell", "steps", "train examples", "grid overrides"], rows))
     print(f"\n[sweep] {len(cells)} cells x {grid.seeds} seed(s) = {len(cells) * grid.seeds} runs")
+    reused = [j for c in cells for j in c.jobs if j.reused]
+    if reused:
+        print(f"[sweep] {len(reused)} of them finished in another sweep (reuse), taken from there")
 
 
 def _write(out: Path, res: dict) -> list[Path]:
