@@ -197,7 +197,7 @@ def test_grounding_takes_widths_n16_runs_at_its_learning_rate():
             assert same == (name in shared)
             assert j.reused == (same and finished(w))
             if j.reused:
-                assert j.out.resolve() == w.out.resolve()
+                assert j.out.resolve() == w.out.resolve() and ".." not in j.out.parts
 
 
 def test_selection_uses_the_valid_split_never_the_test_split():

@@ -29,6 +29,7 @@ always wins. Errors name the file and the key (`ConfigError`).
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,7 +212,7 @@ def _reuse(value, here: Path) -> tuple[Path, ...]:
     """`reuse: [FOLDER, ...]`: sweep output folders (relative to the grid file) that exist."""
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ConfigError(f"reuse: expected a list of sweep --out folders, got {value!r}")
-    folders = tuple(here / v for v in value)
+    folders = tuple(Path(os.path.normpath(here / v)) for v in value)  # a/b/../../c -> c
     for v, folder in zip(value, folders):
         if not (folder / "runs").is_dir():
             raise ConfigError(f"reuse: {v}: no sweep output there (no folder {folder / 'runs'})")
