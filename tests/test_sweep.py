@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from rim.errors import ConfigError
 from rim.machine import cpu_model
@@ -206,7 +208,9 @@ def test_selection_uses_the_valid_split_never_the_test_split():
     def cell(method, lr, valid, test):
         metrics = {"best_valid_accuracy": aggregate(valid), "accuracy": aggregate(test)}
         values = {"lr": lr, "schedule": "relative"}
-        return {"cell": f"{method}/{lr}", "method": method, "values": values, "metrics": metrics}
+        by_seed = {str(s): v for s, v in enumerate(valid)}
+        return {"cell": f"{method}/{lr}", "method": method, "values": values, "metrics": metrics,
+                "valid_by_seed": by_seed}  # fmt: skip
 
     cells = [
         cell("rim", 1e-3, [0.5, 0.6], [0.9, 0.9]),  # the best on test, not on valid
@@ -214,11 +218,33 @@ def test_selection_uses_the_valid_split_never_the_test_split():
         cell("pause", 1e-3, [0.2], [0.2]),  # one candidate: nothing chosen
     ]
     (best,) = select_best(cells, "lr")
-    assert best["method"] == "rim" and best["chosen"] == 2e-3
+    assert best["method"] == "rim" and best["chosen"] == 2e-3 and best["seeds"] == [0, 1]
     assert best["values"] == {"schedule": "relative"}
     assert best["valid_accuracy"] == pytest.approx(0.75)
     assert best["test_accuracy"]["mean"] == pytest.approx(0.5) and best["test_accuracy"]["n"] == 2
     assert best["candidates"] == {"0.001": pytest.approx(0.55), "0.002": pytest.approx(0.75)}
+
+
+@given(
+    st.lists(st.floats(0, 1), min_size=1, max_size=3),
+    st.lists(st.floats(0, 1), min_size=1, max_size=3),
+    st.floats(0, 1),
+)
+def test_selection_scores_candidates_on_the_seeds_all_of_them_finished(a, b, extra):
+    """One more finished seed (a stopped sweep, a reused run) does not move the choice."""
+    from rim.sweep import select_best
+
+    n = min(len(a), len(b))
+
+    def cell(lr, valid):
+        by_seed = {str(s): v for s, v in enumerate(valid)}
+        return {"cell": f"rim/{lr}", "method": "rim", "values": {"lr": lr}, "metrics": {},
+                "valid_by_seed": by_seed}  # fmt: skip
+
+    (best,) = select_best([cell(1, a[:n]), cell(2, b[:n])], "lr")
+    (again,) = select_best([cell(1, a[:n] + [extra]), cell(2, b[:n])], "lr")
+    assert best["seeds"] == again["seeds"] == list(range(n))
+    assert (again["chosen"], again["candidates"]) == (best["chosen"], best["candidates"])
 
 
 # --------------------------------------------------------------------------- a tiny grid, run

@@ -174,6 +174,8 @@ def _cell_record(c: Planned) -> dict:
     rec = {"cell": c.name, "method": c.method, "values": c.values, "sets": c.sets}
     rec |= {"steps": steps, "batch_size": batch, "train_examples": steps * batch}
     rec |= {"runs": len(c.jobs), "n": len(done)}
+    valid = {j.seed: j.result.get("best_valid_accuracy") for j in c.jobs if j.state == "done"}
+    rec["valid_by_seed"] = {str(k): v for k, v in valid.items() if v is not None}
     rec["metrics"] = {
         k: aggregate([r[k] for r in done if r.get(k) is not None])
         for k in METRICS
@@ -196,17 +198,26 @@ def _mean(cell: dict, metric: str):
 
 def select_best(cells: list[dict], axis: str) -> list[dict]:
     """Per method and values of the other axes: the `axis` value of the best mean
-    validation accuracy (never the test split), and that cell's test accuracy."""
+    validation accuracy (never the test split), and that cell's test accuracy.
+
+    Candidates are scored on the seeds all of them have finished, so a value with one more
+    lucky seed finished cannot win by it (a sweep stopped part way, or runs reused from
+    another sweep, leave cells with different seeds).
+    """
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
         others = {k: v for k, v in c["values"].items() if k != axis}
         groups.setdefault((c["method"], cell_label(others)), []).append(c)
     best = []
     for (method, _), group in groups.items():
-        scored = [c for c in group if _mean(c, "best_valid_accuracy") is not None]
-        if len(scored) < 2:  # nothing to choose between
+        scored = [c for c in group if c.get("valid_by_seed")]
+        seeds = sorted(
+            set.intersection(*(set(c["valid_by_seed"]) for c in scored)) if scored else []
+        )
+        if len(scored) < 2 or not seeds:  # nothing to choose between
             continue
-        top = max(scored, key=lambda c: _mean(c, "best_valid_accuracy"))
+        score = {c["cell"]: statistics.fmean(c["valid_by_seed"][s] for s in seeds) for c in scored}
+        top = max(scored, key=lambda c: score[c["cell"]])
         best.append(
             {
                 "method": method,
@@ -214,11 +225,10 @@ def select_best(cells: list[dict], axis: str) -> list[dict]:
                 "select": axis,
                 "chosen": top["values"][axis],
                 "cell": top["cell"],
-                "valid_accuracy": _mean(top, "best_valid_accuracy"),
+                "seeds": [int(s) for s in seeds],
+                "valid_accuracy": score[top["cell"]],
                 "test_accuracy": top["metrics"].get("accuracy"),
-                "candidates": {
-                    format_value(c["values"][axis]): _mean(c, "best_valid_accuracy") for c in scored
-                },
+                "candidates": {format_value(c["values"][axis]): score[c["cell"]] for c in scored},
             }
         )
     return best
@@ -293,12 +303,13 @@ def best_table(res: dict) -> str:
     axis = res["grid"]["select"]
     others = [a for a in res["grid"]["axes"] if a != axis]
     header = ["method", *others, f"{axis} (best valid)", "valid acc", "test acc (mean ± s.d.)"]
-    header += [f"valid acc per {axis}"]
+    header += [f"valid acc per {axis}", "scored on seeds"]
     rows = []
     for b in res["best"]:
         tried = ", ".join(f"{k}: {fmt(v, '.3f')}" for k, v in b["candidates"].items())
         row = [b["method"], *(fmt(b["values"][a], "") for a in others), format_value(b["chosen"])]
-        rows.append(row + [fmt(b["valid_accuracy"], ".3f"), _pm(b["test_accuracy"]), tried])
+        seeds = ", ".join(str(x) for x in b["seeds"])
+        rows.append(row + [fmt(b["valid_accuracy"], ".3f"), _pm(b["test_accuracy"]), tried, seeds])
     return table(header, rows)
 
 
@@ -335,7 +346,8 @@ def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
         lines += ["", f"## {g['select']} chosen on validation", "", best_table(res), ""]
         lines += [
             f"Each {g['select']} value is scored by its mean best validation accuracy over "
-            "seeds; the test split never takes part in the choice."
+            "the seeds every candidate has finished; the test split never takes part in the "
+            "choice. Test acc: the chosen cell's, over all its finished seeds."
         ]
     wall = f"{res['wall_s'] / 60:.1f} min (finished runs it kept cost none)"
     lines += ["", f"Machine: {m['summary']}. Wall time of this invocation: {wall}."]
