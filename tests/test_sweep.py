@@ -381,7 +381,9 @@ def test_report_only_summarises_the_finished_runs_and_runs_nothing(swept, tmp_pa
     cells = {c["cell"]: c for c in res["cells"]}
     assert cells["rim/pairs=2"]["n"] == 0 and cells["rim/pairs=4"]["n"] == 1
     md = (copy / "results.md").read_text()
-    assert "\n| rim | 2 | - |" in md and "--report-only" in md
+    assert "\n| rim | 2 | - |" in md and "nothing trained in this invocation" in md
+    command = md.split("Command: `")[1].split("\n")[0]  # the training one, then this rewrite's
+    assert "--report-only" not in command.split("`")[0] and "(these tables: the same" in command
     assert "1 run(s) not finished, not run" in capsys.readouterr().out
 
 

@@ -349,8 +349,11 @@ def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
             "the seeds every candidate has finished; the test split never takes part in the "
             "choice. Test acc: the chosen cell's, over all its finished seeds."
         ]
-    wall = f"{res['wall_s'] / 60:.1f} min (finished runs it kept cost none)"
-    lines += ["", f"Machine: {m['summary']}. Wall time of this invocation: {wall}."]
+    wall = f"Wall time of this invocation: {res['wall_s'] / 60:.1f} min"
+    wall += " (finished runs it kept cost none)"
+    if res.get("report_only"):  # a rewrite of the tables: its wall time says nothing of the runs
+        wall = "Tables rewritten with `--report-only`: nothing trained in this invocation"
+    lines += ["", f"Machine: {m['summary']}. {wall}."]
     cpus = Counter(r.get("cpu") or "not recorded" for r in res["runs"] if r["state"] == "done")
     if cpus:  # kept runs may come from other machines (float sums differ between CPUs)
         lines += ["", "Trained on: " + "; ".join(f"{c} ({n} runs)" for c, n in cpus.items())]
@@ -361,7 +364,9 @@ def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
             "Taken from other sweeps: "
             + "; ".join(f"{n} runs from `{d}`" for d, n in reused.items()),
         ]
-    lines += ["", f"Command: `{res['command']}`"]
+    lines += ["", f"Command: `{res['command']}`"]  # the one that trains the runs
+    if res.get("report_only"):
+        lines[-1] += " (these tables: the same with `--report-only`)"
     if res["failed"]:
         lines += ["", "Failed runs: " + "; ".join(res["failed"])]
     lines += [""] + [f"![{p}]({p})" for p in plots]
@@ -372,8 +377,8 @@ def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
 
 
 def _command(args) -> str:
+    """The command that trains the runs (a `--report-only` rewrite names it too)."""
     cmd = f"rim sweep --config {args.config} --out {args.out} --workers {args.workers}"
-    cmd += " --report-only" if args.report_only else ""
     return cmd + "".join(f" --set {s}" for s in args.set)
 
 
@@ -432,6 +437,7 @@ def run_sweep(args) -> dict:
         run_jobs(order, workers, runner, tag="sweep")
     res = results(grid, cells, out, machine, _command(args))
     res["wall_s"] = time.perf_counter() - t0
+    res["report_only"] = bool(args.report_only)
     written = _write(out, res)
     print("\n" + markdown_table(res))
     if res.get("best"):
