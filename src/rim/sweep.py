@@ -349,10 +349,11 @@ def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
             "the seeds every candidate has finished; the test split never takes part in the "
             "choice. Test acc: the chosen cell's, over all its finished seeds."
         ]
-    wall = f"Wall time of this invocation: {res['wall_s'] / 60:.1f} min"
-    wall += " (finished runs it kept cost none)"
     if res.get("report_only"):  # a rewrite of the tables: its wall time says nothing of the runs
         wall = "Tables rewritten with `--report-only`: nothing trained in this invocation"
+    else:
+        wall = f"Wall time of this invocation: {res['wall_s'] / 60:.1f} min (finished runs it "
+        wall += "kept cost none)"
     lines += ["", f"Machine: {m['summary']}. {wall}."]
     cpus = Counter(r.get("cpu") or "not recorded" for r in res["runs"] if r["state"] == "done")
     if cpus:  # kept runs may come from other machines (float sums differ between CPUs)
