@@ -45,13 +45,16 @@ def rim_main(*args: str) -> None:
     main(list(args))
 
 
-def fails(capsys, *args: str) -> str:
-    """Run `rim *args`; it must exit 2 with exactly one stderr line; return that line."""
+def fails(capsys, *args: str, warned: str | None = None) -> str:
+    """Run `rim *args`; it must exit 2 with exactly one stderr line (after the one warning
+    that starts with `warned`, if given); return that line."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         rim_main(*args)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
+    if warned is not None:
+        assert err and err.pop(0).startswith(f"rim: warning: {warned}"), err
     assert len(err) == 1, err
     assert err[0].startswith("rim: error: ")
     return err[0]
@@ -273,7 +276,7 @@ def test_nan_loss_stops_names_step_and_keeps_last_good_checkpoint(tmp_path: Path
 
     cfg = write_recipe(tmp_path, train={"lr": 1.0e30, "save_every": 1, "keep_last": 5})
     run = tmp_path / "run"
-    line = fails(capsys, "train", "--config", str(cfg), "--out", str(run))
+    line = fails(capsys, "train", "--config", str(cfg), "--out", str(run), warned="train.lr: 1e+30")
     assert "train: non-finite loss or gradient" in line
     assert ") at step 2 (stage1 step 2); stopped" in line
     good = run / "checkpoints" / "step-00000001"
@@ -387,7 +390,7 @@ def test_resume_refuses_a_different_model_or_process_count(tmp_path: Path, capsy
     line = fails(capsys, "train", "--resume", str(run), "--config", str(other))
     assert "differs from the checkpoint's in model.size ('tiny' -> 'small')" in line
     args = ("train", "--resume", str(run), "--config", str(other), "--allow-change", "model")
-    assert "its weights do not fit the model of this recipe" in fails(capsys, *args)
+    assert "--allow-change: model.size cannot change on resume" in fails(capsys, *args)
     from rim.checkpoint import write_manifest
 
     ckpt = run / "checkpoints" / "step-00000002"

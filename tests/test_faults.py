@@ -166,8 +166,10 @@ def test_resumed_branch_supersedes_the_abandoned_one(tmp_path, capsys, monkeypat
     assert steps(run) == ["step-00000002", "step-00000004", "step-00000006"]
     (aside,) = (run / "abandoned").iterdir()
     assert sorted(p.name for p in aside.iterdir()) == [
-        "best", "final", "step-00000006", "step-00000008",
+        "best", "final", "metrics.jsonl", "step-00000006", "step-00000008",
     ]  # fmt: skip
+    assert {json.loads(x)["step"] for x in (aside / "metrics.jsonl").read_text().splitlines()
+            if "step" in json.loads(x)} == {5, 6, 7, 8}  # the old lineage's, kept aside
     assert not (run / "final").exists()
     rim_main("train", "--resume", str(run))  # the branch's own recipe: no --allow-change
     final_cfg = yaml.safe_load((run / "final" / "config.yaml").read_text())
@@ -206,8 +208,8 @@ def _damage(ckpt: Path, how: str) -> str:
         "truncated_weights": "weights.safetensors",
         "empty_weights": "weights.safetensors",
         "garbage_state": "trainer_state.json",
-        "truncated_optimizer": "optimizer.pt",
-        "missing_rng": "rng-0.pt",
+        "truncated_optimizer": "optimizer.safetensors",
+        "missing_rng": "rng-0.safetensors",
         "garbage_manifest": "manifest.json",
     }
     file = ckpt / files[how]

@@ -105,7 +105,7 @@ def test_two_process_accelerate_matches_one_process(tmp_path: Path, monkeypatch,
     assert out2.count('"best_valid_accuracy"') == 1  # one result line, not one per process
     ckpts = sorted((tmp_path / "two" / "checkpoints").glob("step-*"))
     assert json.loads((ckpts[-1] / "trainer_state.json").read_text())["num_processes"] == 2
-    assert (ckpts[-1] / "rng-1.pt").is_file()  # both processes saved their RNG
+    assert (ckpts[-1] / "rng-1.safetensors").is_file()  # both processes saved their RNG
 
     def losses(run: str) -> dict[int, float]:
         recs = [r for r in records(tmp_path / run) if "loss" in r]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rim.assembly import assemble
+from rim.batching import ExampleStream
 from rim.config import (
     Config,
     ConfigError,
@@ -18,7 +19,7 @@ from rim.config import (
     SplitConfig,
     TrainConfig,
 )
-from rim.trainer import ExampleStream, Trainer
+from rim.trainer import Trainer
 
 
 def _cfg(**train) -> Config:

@@ -95,6 +95,7 @@ def assemble(cfg: Config, log=print) -> Setup:
     if cfg.model.path is not None and not cfg.model.full_finetune:
         model = wrap_lora(model, cfg.model, list(method.tokens.new))
     model = method.attach(model)  # method-owned modules (CODI's projection)
+    method.pretokenize(train + valid)  # every string once, in batch calls (rim.tokenized)
     train = check_lengths(method, model, train, cfg, "data.train")
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(
@@ -110,18 +111,20 @@ def t_max(examples: list[Example]) -> int:
 
 
 def check_lengths(method: Method, model, examples: list[Example], cfg: Config, key: str):
-    """Drop (and count) or reject examples whose training sequence exceeds the model's limit."""
+    """Drop (and count) or reject examples whose training sequence exceeds the model's limit.
+
+    Every example at every stage of the plan, at once: `Method.train_lengths` counts tokens
+    per segment, so GSM8K-Aug's 385k examples take seconds, not a layout each."""
     limit = cfg.data.max_length or max_positions(model)
     if limit is None:
         return examples
     stages = method.plan(max(len(examples), 1), t_max(examples))
-    kept = []
-    for i, ex in enumerate(examples):
-        n = max(method.train_length(ex, s) for s in stages)
-        if n <= limit:
-            kept.append(ex)
-        elif cfg.data.too_long == "error":
-            raise RimError(f"{key}: example {i + 1} needs {n} tokens > max_length {limit}")
+    need = method.train_lengths(examples, stages).max(axis=0, initial=0)  # (N,)
+    over = np.flatnonzero(need > limit)
+    if over.size and cfg.data.too_long == "error":
+        i = int(over[0])
+        raise RimError(f"{key}: example {i + 1} needs {need[i]} tokens > max_length {limit}")
+    kept = [examples[i] for i in np.flatnonzero(need <= limit)] if over.size else examples
     if len(kept) < len(examples):
         print(f"[rim] skipped {len(examples) - len(kept)} examples longer than {limit} tokens")
     if not kept:
@@ -129,10 +132,10 @@ def check_lengths(method: Method, model, examples: list[Example], cfg: Config, k
     return kept
 
 
-def from_checkpoint(checkpoint: str | Path, device: str = "cpu"):
+def from_checkpoint(checkpoint: str | Path, device: str = "cpu", verify: bool | None = None):
     """(model, tokenizer, method, recipe) of a saved checkpoint, the method's own modules
-    attached to the model."""
-    model, tok, meta = load_checkpoint(checkpoint, device)
+    attached to the model; `verify`: see `rim.model.load_checkpoint`."""
+    model, tok, meta = load_checkpoint(checkpoint, device, verify)
     cfg = load_config(Path(checkpoint) / "config.yaml")
     cfg.method = meta.get("method", cfg.method)
     method = methods.build(cfg, tok)

@@ -4,28 +4,30 @@
         weights.safetensors   trainable parameters (all of a model from scratch; LoRA and the
                               new token rows of a pretrained one: the frozen rest is rebuilt
                               from `model.path`)
-        optimizer.pt          optimizer + LR schedule (absent state = at a stage switch)
-        rng-<rank>.pt         python, numpy, torch (and CUDA) generators of every process
+        optimizer.safetensors optimizer + LR schedule: moments as tensors, the rest as JSON in
+                              the header (absent state = at a stage switch)
+        rng-<rank>.safetensors python, numpy, torch (and CUDA) generators of every process
         trainer_state.json    stage, step in stage, global step, data cursor, best accuracy,
                               run id and branch
         config.yaml           the recipe, so `rim train --resume runs/x` needs nothing else
         manifest.json         size and sha256 of every file above; written last
 
-Written atomically (a temporary folder, then one rename), the last `train.keep_last` of the
+No file is a pickle: a checkpoint is data, never code (an old-format `optimizer.pt` /
+`rng-<rank>.pt` is read with `weights_only=True`, plain tensors and containers only, or
+refused). Written atomically (a temporary folder, then one rename), the last `train.keep_last` of the
 run's own lineage kept, so a crash loses at most the work since the last checkpoint. Before
 use a checkpoint is verified against its manifest; `--resume RUN` takes the newest intact
 checkpoint of RUN's run id and says so when it had to skip a damaged one. A resumed branch
 supersedes the abandoned one: when it writes its first checkpoint, the checkpoints past its
 resume point (and an abandoned `final/` or later `best/`) move to `RUN/abandoned/`.
-Resuming truncates `metrics.jsonl` to the checkpoint's step, so a resumed run logs exactly
-what an uninterrupted one does, and continues bit-for-bit on the same machine and process
+A resumed branch logs aside until its first checkpoint; then the old lineage's records past
+the resume step move to `abandoned/` too, so a resumed run's `metrics.jsonl` holds exactly
+what an uninterrupted one does (and a branch killed before it saved loses nothing of the old), and continues bit-for-bit on the same machine and process
 count. Under FSDP every process writes its own shard of weights and optimizer state.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import random
 import shutil
@@ -36,16 +38,17 @@ from pathlib import Path
 import numpy as np
 import safetensors.torch
 import torch
+from safetensors import safe_open
 
 from rim.config import Config, save_config
 from rim.errors import RimError
 from rim.fsdp import local
-from rim.io import atomic_dir, os_error, remove, storage_error, write_bytes
+from rim.io import atomic_dir, atomic_file, os_error, remove, storage_error, write_bytes
+from rim.manifest import MANIFEST, check_files, read_manifest, write_manifest
 from rim.model import save_meta
 from rim.runs import new_run_id, read_run_id
 
 STATE_FILE = "trainer_state.json"
-MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
 
 
@@ -67,6 +70,7 @@ class TrainState:
     branch: str = field(default_factory=new_run_id)
     resumed_from: int | None = None  # step of the checkpoint this branch resumed
     superseded: bool = False  # the abandoned branch's later outputs moved aside
+    branch_of_checkpoint: str | None = None  # the branch that wrote the resumed checkpoint
 
     SAVED = (
         "stage_index", "step_in_stage", "global_step", "cursor", "best", "train_s", "run_id",
@@ -101,13 +105,6 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _torch_bytes(obj) -> bytes:
-    """torch.save to memory: a full disk then fails in a plain write (an OSError we can name)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
 def _save_weights(model, file: Path) -> None:
     state = {n: local(p).detach().cpu().contiguous() for n, p in _trainable(model).items()}
     write_bytes(file, safetensors.torch.save(state))
@@ -140,83 +137,133 @@ def _load_weights(model, file: Path) -> None:
             mine.copy_(saved[name])
 
 
-def _torch_load(file: Path):
+def _tensor_file(tensors: dict[str, torch.Tensor], record: dict) -> bytes:
+    """Tensors and a JSON record in one safetensors file (the record in its header)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return safetensors.torch.save(tensors, metadata={"rim": json.dumps(record)})
+
+
+def _read_tensor_file(file: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, record) of `_tensor_file`: data only, nothing in it can run."""
     try:
-        return torch.load(file, weights_only=False)
-    except Exception as err:
+        with safe_open(file, "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            record = json.loads((f.metadata() or {})["rim"])
+    except Exception as err:  # SafetensorError, OSError, KeyError, ValueError
         raise _unreadable(file, err) from None
+    return tensors, record
 
 
-def _rng_state() -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
+def _old_format(file: Path):
+    """A checkpoint file of rim's earlier pickle format, read without running code from it:
+    `weights_only=True` admits tensors and plain containers only (no allow-listed globals)."""
+    try:
+        return torch.load(file, weights_only=True)
+    except Exception:
+        raise RimError(
+            f"{file}: an old-format (pickle) file that cannot be read as plain data; rim "
+            "never unpickles code from a run folder. Resume from a checkpoint written by this "
+            "version, or start afresh with --overwrite"
+        ) from None
+
+
+def _plain(value):
+    """A JSON-able copy of an optimizer/scheduler value (tuples become lists)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        raise TypeError("tensors go to the tensor part")
+    return value
+
+
+def _optimizer_bytes(opt_state: dict) -> bytes:
+    """optimizer + scheduler state dicts as safetensors (moment tensors) + JSON (the rest)."""
+    opt = opt_state["optimizer"]
+    tensors, record = {}, {"optimizer": None, "scheduler": _plain(opt_state["scheduler"])}
+    if opt is not None:
+        state = {}
+        for idx, entries in opt["state"].items():
+            state[str(idx)] = {}
+            for name, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"state.{idx}.{name}"] = local(value)
+                else:
+                    state[str(idx)][name] = _plain(value)
+        record["optimizer"] = {"state": state, "param_groups": _plain(opt["param_groups"])}
+    return _tensor_file(tensors, record)
+
+
+def _read_optimizer(file: Path) -> dict:
+    """The state dicts `_optimizer_bytes` wrote (or an old-format optimizer.pt beside)."""
+    old = file.with_suffix(".pt")
+    if not file.is_file() and old.is_file():
+        return _old_format(old)
+    tensors, record = _read_tensor_file(file)
+    opt = record.get("optimizer")
+    if opt is not None:
+        state = {int(i): dict(v) for i, v in opt["state"].items()}
+        for key, t in tensors.items():
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = t
+        for group in opt["param_groups"]:
+            if isinstance(group.get("betas"), list):
+                group["betas"] = tuple(group["betas"])
+        opt = {"state": state, "param_groups": opt["param_groups"]}
+    return {"optimizer": opt, "scheduler": record.get("scheduler")}
+
+
+def _rng_bytes() -> bytes:
+    """Python, NumPy, torch (and CUDA) generator states: tensors + JSON, no pickle."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(keys.astype(np.int64))}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    record = {
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+    }
+    return _tensor_file(tensors, record)
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _restore_rng(file: Path) -> None:
+    old = file.with_suffix(".pt")
+    if not file.is_file() and old.is_file():
+        state = _old_format(old)
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        return
+    tensors, record = _read_tensor_file(file)
+    try:
+        version, mt, gauss = record["python"]
+        random.setstate((version, tuple(mt), gauss))
+        kind, pos, has_gauss, cached = record["numpy"]
+        keys = tensors["numpy"].numpy().astype(np.uint32)
+        np.random.set_state((kind, keys, pos, has_gauss, cached))
+        torch.set_rng_state(tensors["torch"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise _unreadable(file, err) from None
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 # ---------------------------------------------------------------- manifest
 
 
-def _sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_manifest(folder: Path, run_id: str | None = None) -> None:
-    """Sizes and hashes of every file in `folder`: written last, it marks the folder complete."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
-    entry = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    record = {"format": 1, "run_id": run_id, "files": entry}
-    write_bytes(folder / MANIFEST, json.dumps(record, indent=2).encode())
-
-
-def _read_manifest(folder: Path) -> dict:
-    file = folder / MANIFEST
-    if not file.is_file():
-        raise RimError(f"{file}: missing (an incomplete checkpoint)")
-    try:
-        data = json.loads(file.read_bytes())
-        files = data["files"]
-        if not isinstance(files, dict):
-            raise TypeError
-    except (ValueError, KeyError, TypeError):
-        raise RimError(f"{file}: not a valid manifest") from None
-    return data
-
-
 def verify(folder: Path) -> str | None:
     """None if `folder` matches its manifest, else what is wrong (one line, naming the file)."""
     try:
-        files = _read_manifest(folder)["files"]
+        files = read_manifest(folder)["files"]
     except RimError as err:
         return str(err)
     if STATE_FILE not in files:
         return f"{folder / MANIFEST}: lists no {STATE_FILE}"
-    for name, want in files.items():
-        file = folder / name
-        if not file.is_file():
-            return f"{file}: missing"
-        size = file.stat().st_size
-        if size != want.get("size"):
-            return f"{file}: {size} bytes, the manifest says {want.get('size')} (truncated?)"
-        if _sha256(file) != want.get("sha256"):
-            return f"{file}: content differs from the manifest (damaged or edited)"
-    return None
+    return check_files(folder, files)
 
 
 # ---------------------------------------------------------------- save
@@ -243,8 +290,15 @@ def _written_by(folder: Path) -> dict:
         return {}
 
 
+def pending_metrics(out: Path, branch: str) -> Path:
+    """Where a resumed branch logs until its first checkpoint supersedes the old lineage."""
+    return out / f".metrics-branch-{branch}.jsonl"
+
+
 def supersede(out: Path, resumed_from: int, branch: str) -> list[Path]:
-    """Move the abandoned branch's outputs past step `resumed_from` to `out/abandoned/`."""
+    """Move the abandoned branch's outputs past step `resumed_from` to `out/abandoned/`:
+    checkpoints, `final/`, a later `best/`, and its metrics records; the branch's own records
+    (logged aside until now, `pending_metrics`) then continue `metrics.jsonl`."""
     moved = []
     aside = out / "abandoned" / f"after-step-{resumed_from:08d}-{branch}"
     for ckpt in sorted((out / "checkpoints").glob("step-*")):
@@ -258,13 +312,35 @@ def supersede(out: Path, resumed_from: int, branch: str) -> list[Path]:
     for path in moved:
         aside.mkdir(parents=True, exist_ok=True)
         path.rename(aside / path.name)
+    kept, later = split_metrics(out / METRICS, resumed_from)
+    if later:
+        aside.mkdir(parents=True, exist_ok=True)
+        atomic_file(aside / METRICS, "".join(later))
+        moved.append(out / METRICS)
+    pending = pending_metrics(out, branch)
+    mine = pending.read_text() if pending.is_file() else ""
+    atomic_file(out / METRICS, "".join(kept) + mine)
+    pending.unlink(missing_ok=True)
+    return moved
+
+
+def set_aside_unsaved_branches(out: Path) -> list[Path]:
+    """A branch killed before its first checkpoint superseded nothing: its records (logged
+    aside) move to `out/abandoned/unsaved-BRANCH/metrics.jsonl`; `metrics.jsonl` is intact."""
+    moved = []
+    for pending in sorted(out.glob(".metrics-branch-*.jsonl")):
+        branch = pending.name.removeprefix(".metrics-branch-").removesuffix(".jsonl")
+        aside = out / "abandoned" / f"unsaved-{branch}"
+        aside.mkdir(parents=True, exist_ok=True)
+        pending.rename(aside / METRICS)
+        moved.append(aside / METRICS)
     return moved
 
 
 def _write_files(parts: Parts, tmp: Path) -> None:
     """This process's share of the checkpoint."""
     acc, opt = parts.acc, parts.optimizer
-    write_bytes(tmp / f"rng-{acc.process_index}.pt", _torch_bytes(_rng_state()))
+    write_bytes(tmp / f"rng-{acc.process_index}.safetensors", _rng_bytes())
     opt_state = {
         "optimizer": opt.state_dict() if opt is not None else None,
         "scheduler": parts.scheduler.state_dict() if opt is not None else None,
@@ -272,7 +348,7 @@ def _write_files(parts: Parts, tmp: Path) -> None:
     if parts.sharded or acc.is_main_process:
         sfx = _suffix(parts)
         _save_weights(acc.unwrap_model(parts.model), tmp / f"weights{sfx}.safetensors")
-        write_bytes(tmp / f"optimizer{sfx}.pt", _torch_bytes(opt_state))
+        write_bytes(tmp / f"optimizer{sfx}.safetensors", _optimizer_bytes(opt_state))
 
 
 def _failed(tmp: Path, exc: BaseException) -> BaseException:
@@ -324,8 +400,8 @@ def save_state(out: Path, state: TrainState, parts: Parts, cfg: Config) -> Path:
 def save_model(
     path: Path, model, tokenizer, cfg: Config, meta: dict, method, state_dict: dict | None = None
 ) -> None:
-    """A loadable checkpoint (`best/`, `final/`): weights (or adapter), tokenizer, config.yaml
-    and rim.json (`meta`), written atomically.
+    """A loadable checkpoint (`best/`, `final/`): weights (or adapter), tokenizer, config.yaml,
+    rim.json (`meta`) and manifest.json (what `rim eval` and the others verify), atomically.
 
     `state_dict`: the gathered full weights when the model is sharded (FSDP); `method`
     writes its own modules (CODI's projection) beside them.
@@ -339,6 +415,7 @@ def save_model(
         tokenizer.save_pretrained(tmp)
         save_config(cfg, tmp / "config.yaml")
         save_meta(tmp, meta)
+        write_manifest(tmp, meta.get("run", {}).get("id"))  # last: the folder is complete
 
     atomic_dir(path, write)
 
@@ -408,22 +485,25 @@ def latest(folder: Path) -> Path:
     return resolve(folder, report=lambda line: None)
 
 
-def truncate_metrics(file: Path, step: int) -> None:
-    """Keep the records of steps <= `step` (and drop a half-written last line)."""
+def split_metrics(file: Path, step: int) -> tuple[list[str], list[str]]:
+    """(records of steps <= `step`, the later ones) of a metrics.jsonl; a half-written last
+    line is dropped."""
     if not file.is_file():
-        return
-    kept = []
+        return [], []
+    good = []
     for line in file.read_text().splitlines():
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if "step" not in rec or rec["step"] > step:
-            break
-        kept.append(line + "\n")
-    tmp = file.with_name(f".{file.name}.tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(file)
+            good.append((line + "\n", json.loads(line)))
+        except json.JSONDecodeError:  # a line half-written by a kill
+            continue
+    cut = next((i for i, (_, r) in enumerate(good) if r.get("step", 1 << 62) > step), len(good))
+    return [line for line, _ in good[:cut]], [line for line, _ in good[cut:]]
+
+
+def truncate_metrics(file: Path, step: int) -> None:
+    """Keep the records of steps <= `step` (and drop a half-written last line)."""
+    if file.is_file():
+        atomic_file(file, "".join(split_metrics(file, step)[0]))
 
 
 def _read_state(ckpt: Path) -> dict:
@@ -452,7 +532,8 @@ class Restored:
 
 def load_state(folder: Path, out: Path, parts: Parts) -> Restored:
     """Weights and RNG restored from a checkpoint folder (or a run folder: its newest intact
-    one); `out/metrics.jsonl` truncated to its step. A collective call."""
+    one). `out/metrics.jsonl` is left as it is: the branch logs aside until its first
+    checkpoint supersedes the old lineage (`supersede`). A collective call."""
     acc = parts.acc
     ckpt = latest(Path(folder))
     saved = _read_state(ckpt)
@@ -466,12 +547,10 @@ def load_state(folder: Path, out: Path, parts: Parts) -> Restored:
         raise RimError(f"--resume {ckpt}: saved {was} FSDP, resumed {now} (launch it as before)")
     sfx = _suffix(parts)
     _load_weights(acc.unwrap_model(parts.model), ckpt / f"weights{sfx}.safetensors")
-    opt_state = _torch_load(ckpt / f"optimizer{sfx}.pt")
-    _set_rng_state(_torch_load(ckpt / f"rng-{acc.process_index}.pt"))
+    opt_state = _read_optimizer(ckpt / f"optimizer{sfx}.safetensors")
+    _restore_rng(ckpt / f"rng-{acc.process_index}.safetensors")
     names = set(TrainState.SAVED) - {"branch"}  # a resume starts a new branch
     state = TrainState(**{k: saved[k] for k in names if saved.get(k) is not None})
     state.resumed_from = state.global_step
-    if acc.is_main_process:
-        truncate_metrics(out / METRICS, state.global_step)
-    acc.wait_for_everyone()
+    state.branch_of_checkpoint = saved.get("branch")
     return Restored(ckpt, state, opt_state["optimizer"], opt_state["scheduler"])

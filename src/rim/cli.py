@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rim.errors import EXIT_INTERRUPTED, Preempted, RimError
-from rim.io import atomic_file
+from rim.io import atomic_file, check_writable
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -26,6 +26,11 @@ def _train(args: argparse.Namespace) -> None:
     from rim.runs import is_main_rank
     from rim.trainer import train
 
+    if not args.config and not args.resume:
+        raise RimError(
+            "train: needs --config RECIPE (e.g. configs/toy/pick_llama_rim.yaml) or --resume RUN;"
+            " see rim train --help"
+        )
     if args.overwrite and (args.resume or args.resume_if_exists):
         raise RimError("--overwrite: starts afresh; it cannot be combined with a resume")
     resume = args.resume
@@ -34,6 +39,8 @@ def _train(args: argparse.Namespace) -> None:
             raise RimError("--resume-if-exists: needs --config C and --out RUN (not --resume)")
         if any(Path(args.out, "checkpoints").glob("step-*")):
             resume = args.out
+        elif _finished_as_asked(args):
+            return
         else:  # a requeued job that never checkpointed: start afresh
             args.overwrite = True
     if args.allow_change and not resume:
@@ -52,6 +59,28 @@ def _train(args: argparse.Namespace) -> None:
     result = train(cfg, out, resume=ckpt, overwrite=args.overwrite, changes=changes)
     if is_main_rank():  # one result line from a multi-process launch
         print(json.dumps(result))
+
+
+def _finished_as_asked(args) -> bool:
+    """--resume-if-exists on a finished run with no checkpoint left: nothing to resume.
+    True (exit 0) when the recipe is the run's; another recipe is refused: retraining would
+    delete its `final/`, `best/` and metrics (that takes --overwrite)."""
+    from rim.assembly import load_recipe
+    from rim.runs import config_changes, finished
+
+    out = Path(args.out)
+    if not finished(out):
+        return False
+    asked = load_recipe(args.config, args.set).to_dict()
+    changes = config_changes(load_recipe(out / "config.yaml").to_dict(), asked)
+    if changes:
+        key, (was, now) = next(iter(changes.items()))
+        raise RimError(
+            f"--resume-if-exists: {out} is a finished run of another recipe ({key}: {was!r} -> "
+            f"{now!r}) with no checkpoint to resume; retrain it with --overwrite"
+        )
+    print(f"rim: nothing to resume: {out} is finished (its final/ and best/ are kept)")
+    return True
 
 
 def _resume_config(args, ckpt: Path, out: Path, where: str):
@@ -95,7 +124,9 @@ def _eval(args: argparse.Namespace) -> None:
     from rim.reasoner import Reasoner
     from rim.report import format_table
 
-    r = Reasoner.load(args.checkpoint, args.device)
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
+    check_writable(out, is_file=True)  # before the evaluation, not after it
+    r = Reasoner.load(args.checkpoint, args.device, args.verify)
     examples = _load_eval_data(args, r.config)
     source = args.data or f"data.{args.split}"
     where = lambda i: f"{source}: example {i + 1}"  # noqa: E731
@@ -119,7 +150,6 @@ def _eval(args: argparse.Namespace) -> None:
         res |= _selection(args, r, examples)
     if args.explain:
         res |= _explained(args, r, examples)
-    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
     record = {k: v for k, v in res.items() if k not in ("predictions", "records")}
     record |= {"checkpoint": str(args.checkpoint), "data": args.data or args.split}
     record |= {"decoder": decoder, "records": [asdict(x) for x in res["records"]]}
@@ -177,7 +207,8 @@ def _probe(args: argparse.Namespace) -> None:
 
     if args.split == "test" and not args.data:
         raise RimError("--split test: the probe and its layer are chosen on this data; use valid")
-    r = Reasoner.load(args.checkpoint, args.device)
+    check_writable(Path(args.checkpoint))  # probe.json goes there
+    r = Reasoner.load(args.checkpoint, args.device, args.verify)
     examples = _load_eval_data(args, r.config)
     states, records = block_states(r.method, r.model, examples, args.batch_size)
     probe = fit(states, correctness(records), seed=args.seed)
@@ -196,7 +227,8 @@ def _inspect(args: argparse.Namespace) -> None:
     from rim.reasoner import Reasoner
 
     thresholds = parse_thresholds(args.thresholds)
-    r = Reasoner.load(args.checkpoint, args.device)
+    check_writable(Path(args.out))  # before the analyses, not after them
+    r = Reasoner.load(args.checkpoint, args.device, args.verify)
     examples = _load_eval_data(args, r.config)
     source = args.data or f"data.{args.split}"
     where = lambda i: f"{source}: example {i + 1}"  # noqa: E731
@@ -211,6 +243,19 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"probe: {rep['probe']['note']}" + (
         f" (AUROC {rep['probe_auroc']:.3f})" if rep["probe_auroc"] is not None else ""))  # fmt: skip
     print(f"wrote {Path(args.out) / 'report.md'}")
+
+
+# flags that count something, and their least value: below it, one error line instead of a
+# traceback deep in decoding (`--batch-size 0`) or a silent slice (`--limit -3`)
+COUNTS = {"blocks": 1, "batch_size": 1, "limit": 1, "timing_examples": 0, "threads": 1}
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    for name, low in COUNTS.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            what = "K " if name == "blocks" else ""
+            raise RimError(f"--{name.replace('_', '-')}: {what}must be >= {low}, got {value}")
 
 
 EVAL_FIELDS = [
@@ -231,7 +276,7 @@ def _generate(args: argparse.Namespace) -> None:
     from rim.decoders import get
     from rim.reasoner import Reasoner
 
-    r = Reasoner.load(args.checkpoint, args.device)
+    r = Reasoner.load(args.checkpoint, args.device, args.verify)
     get(args.decoder, r.method)
     if args.explain:
         from rim.explain import check_explainable
@@ -303,7 +348,7 @@ def _export(args: argparse.Namespace) -> None:
 
     export(
         args.checkpoint, args.out, args.format, args.lm_eval_data, args.lm_eval_format,
-        args.lm_eval_limit,
+        args.lm_eval_limit, verbose=args.verbose, verify=args.verify,
     )  # fmt: skip
 
 
@@ -346,6 +391,12 @@ def _train_parser(sub) -> None:
     t.set_defaults(fn=_train)
 
 
+def _verify_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verify", action="store_true", default=None,
+                   help="hash every file against the checkpoint's manifest (default: sizes, "
+                   "and hashes when the folder is under 256 MB)")  # fmt: skip
+
+
 def _checkpoint_data(p: argparse.ArgumentParser, split_help: str) -> None:
     """The checkpoint, the data it reads and how (shared by `eval` and `probe`)."""
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. RUN/best)")
@@ -359,6 +410,7 @@ def _checkpoint_data(p: argparse.ArgumentParser, split_help: str) -> None:
     p.add_argument("--limit", type=int, help="use the first N examples only")
     p.add_argument("--batch-size", type=int, default=64, help="questions decoded together")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    _verify_flag(p)
 
 
 def _eval_parser(sub) -> None:
@@ -419,6 +471,7 @@ def _generate_parser(sub) -> None:
     _flag(g, "--explain", "also print the step each block holds (explain-mode checkpoints)")
     _flag(g, "--truncate", TRUNCATE)
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    _verify_flag(g)
     g.add_argument(
         "--runtime",
         default="torch",
@@ -457,29 +510,21 @@ def _sweep_parser(sub) -> None:
 
 
 def _bench_parser(sub) -> None:
+    """One sub-parser per kind: its --help says what it measures, lists its own options only."""
+    from rim.bench.run import DEFAULTS, MODES, OPTION_HELP
+
     b = sub.add_parser("bench", help="latency, training-throughput and any-block benchmarks")
-    b.add_argument("kind", choices=["latency", "train", "any-block"], help="what to measure")
-    b.add_argument(
-        "--model",
-        help="gpt2 | llama-1b | llama-3b | tiny | small | base | a model "
-        "folder (default: gpt2 for latency, small for train, tiny for any-block)",
-    )
-    b.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    b.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    b.add_argument("--batch", type=int, help="default 1 (latency), 16 (train), 64 (any-block)")
-    b.add_argument(
-        "--question-tokens", type=int, help="default 100 (latency), 60 (train), 30 (any-block)"
-    )
-    b.add_argument("--cot-tokens", type=int, default=26, help="CoT reasoning tokens generated")
-    b.add_argument("--answer-tokens", type=int, default=3, help="answer tokens generated")
-    b.add_argument("--thoughts", type=int, default=6, help="Coconut continuous thoughts")
-    b.add_argument(
-        "--runs", type=int, help="timed runs (default 20 latency, 10 train, 7 any-block)"
-    )
-    b.add_argument("--warmup", type=int, default=2, help="untimed runs first")
-    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    _flag(b, "--json", "print the result as JSON")
-    b.set_defaults(fn=_bench)
+    kinds = b.add_subparsers(dest="kind", required=True, metavar="KIND", help="what to measure")
+    for kind, defaults in DEFAULTS.items():
+        k = kinds.add_parser(kind, help=MODES[kind][0], description=MODES[kind][1])
+        for name, value in defaults.items():
+            flag, text = "--" + name.replace("_", "-"), f"{OPTION_HELP[name]} (default {value})"
+            k.add_argument(flag, type=type(value), default=value, help=text)
+        k.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+        k.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+        k.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+        _flag(k, "--json", "print the result as JSON")
+        k.set_defaults(fn=_bench)
 
 
 def _export_parser(sub) -> None:
@@ -502,6 +547,8 @@ def _export_parser(sub) -> None:
     x.add_argument(
         "--lm-eval-limit", type=int, help="at most N examples in the lm-eval task (default 1000)"
     )
+    _flag(x, "--verbose", "--format onnx: print the exporter's messages (else OUT/onnx_export.log)")
+    _verify_flag(x)
     x.set_defaults(fn=_export)
 
 
@@ -529,8 +576,7 @@ def main(argv: list[str] | None = None) -> None:
 
         logging.disable_progress_bar()
     try:
-        if getattr(args, "blocks", None) is not None and args.blocks < 1:
-            raise RimError(f"--blocks: K must be >= 1, got {args.blocks}")
+        _check_counts(args)
         args.fn(args)
     except Preempted as err:
         print(f"rim: {err}", file=sys.stderr)

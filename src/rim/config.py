@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import sys
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -20,6 +22,22 @@ import yaml
 from rim.errors import ConfigError
 
 
+def _positive(section: str, obj: Any, *names: str) -> None:
+    """Epoch counts and rates: > 0 where set (null means "not given this way")."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{section}.{name}: must be > 0, got {value!r}")
+
+
+def _at_least(low: int, section: str, obj: Any, *names: str) -> None:
+    """Step counts, sizes and intervals: >= `low` where set (null means "not given")."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < low:
+            raise ConfigError(f"{section}.{name}: must be >= {low}, got {value!r}")
+
+
 @dataclass
 class ModelConfig:
     path: str | None = (
@@ -29,7 +47,7 @@ class ModelConfig:
     size: str = "tiny"  # a name in rim.model.SIZES
     overrides: dict = field(default_factory=dict)  # extra HF config fields for built models
     tokenizer: str | None = None  # local tokenizer folder; None = `path`, else built from the data
-    attn_implementation: str = "sdpa"  # sdpa | eager
+    attn_implementation: str = "sdpa"  # sdpa | eager | flex (FlexAttention on a GPU: rim.flex)
     lora_rank: int = 128  # pretrained models only; higher = more capacity and memory
     lora_alpha: int = 256
     lora_dropout: float = 0.05
@@ -39,8 +57,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.arch not in ("gpt2", "llama", "qwen2"):
             raise ConfigError(f"model.arch: {self.arch!r} is not one of gpt2, llama, qwen2")
-        if self.attn_implementation not in ("sdpa", "eager"):
-            raise ConfigError("model.attn_implementation: must be sdpa or eager")
+        if self.attn_implementation not in ("sdpa", "eager", "flex"):
+            raise ConfigError("model.attn_implementation: must be sdpa, eager or flex")
         if self.lora_rank < 1:
             raise ConfigError("model.lora_rank: must be >= 1")
 
@@ -92,10 +110,15 @@ class DataConfig:
     too_long: str = "skip"  # skip (and count) | error, for examples over max_length
     cot_join: str = "source"  # CoT text of cot/icot/coconut: source = as written (Example.cot,
     # the iCoT multiplication keeps its ` + `); space = steps joined by spaces (rim before 11)
+    extra_tests: list[str] = field(default_factory=list)  # more test files, each scored like
+    # data.test by `rim sweep` / `rim demo` (rim.runner: test_eval.<file stem>.json)
 
     def __post_init__(self) -> None:
         if self.too_long not in ("skip", "error"):
             raise ConfigError("data.too_long: must be skip or error")
+        names = [Path(p).stem if isinstance(p, str) and p else None for p in self.extra_tests]
+        if None in names or len(set(names)) < len(names):
+            raise ConfigError("data.extra_tests: expected a list of files with distinct names")
         if self.cot_join not in ("source", "space"):
             raise ConfigError("data.cot_join: must be source or space")
 
@@ -135,6 +158,8 @@ class CurriculumConfig:
         w = self.explain_weight
         if isinstance(w, bool) or not isinstance(w, int | float) or not 0.0 <= w <= 10.0:
             raise ConfigError(f"curriculum.explain_weight: must be a number in [0, 10], got {w!r}")
+        _positive("curriculum", self, "stage1_epochs", "stage2_epochs")
+        _at_least(1, "curriculum", self, "stage1_steps", "stage2_steps")
 
 
 def _trackers(names: list[str] | str) -> list[str]:
@@ -161,23 +186,30 @@ def _trackers(names: list[str] | str) -> list[str]:
 @dataclass
 class TrainConfig:
     lr: float = 1e-4  # paper: searched in [1e-5, 1e-3]; tiny models from scratch like ~1e-3
+    # usual range [1e-6, 0.1] (AdamW); outside it `load_config` warns (USUAL_RANGES)
     stage2_lr: float | None = None  # RiM stage 2 (paper: lower); None = lr
-    warmup: float = 0.04  # fraction of each stage's steps spent in linear warm-up
+    warmup: float = 0.04  # fraction of each stage's steps spent in linear warm-up; [0, 1),
+    # a warning above 0.5
     lr_schedule: str = "constant"  # after warm-up, per stage: constant (paper) | cosine (to 0)
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's decoupled decay; >= 0, a warning above 1
     batch_size: int = 128  # global batch (examples per optimizer step)
     micro_batch_size: int | None = None  # per forward pass and process; None = batch_size
-    grad_clip: float = 1.0
-    dropout: float | None = None  # None = keep the model's own
-    stage2_dropout: float | None = None  # RiM stage 2 (paper: higher)
+    group_by_length: bool = False  # batches of similar-length examples (rim.batching)
+    pack_tokens: int | None = None  # several examples per row up to N tokens; None = one
+    grad_clip: float = 1.0  # max gradient norm; 0 = off; >= 0, a warning outside [0.01, 100]
+    dropout: float | None = None  # None = keep the model's own; [0, 1), a warning above 0.5
+    stage2_dropout: float | None = None  # RiM stage 2 (paper: higher); as dropout
     epochs: float | None = None  # single-stage methods (direct, cot, pause, icot)
     steps: int | None = None
     seed: int = 0
     eval_every: int = 0  # optimizer steps between validations; 0 = at the end of each stage
-    log_every: int = 10
+    log_every: int = 10  # >= 1
     save_every: int = 0  # optimizer steps between resumable checkpoints; 0 = stage ends only
-    keep_last: int = 2  # resumable checkpoints kept
-    mixed_precision: str | bool = "no"  # no | bf16 (accelerate autocast, fp32 master weights)
+    keep_last: int = 2  # resumable checkpoints kept (>= 1)
+    mixed_precision: str | bool = "no"  # no | bf16 | fp16 (accelerate autocast, fp32 master
+    # weights; fp16 with a grad scaler, GPU only: rim.speed)
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
+    compile: bool = False  # torch.compile the model for training (rim.speed)
     threads: int | None = None  # torch CPU threads; None = torch default
     fsdp: bool = False  # shard weights, gradients, AdamW state over processes (rim.fsdp)
     # experiment trackers, through accelerate (rim.tracking): tensorboard | wandb | mlflow |
@@ -193,14 +225,23 @@ class TrainConfig:
             raise ConfigError("train.batch_size: must be >= 1")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ConfigError("train.micro_batch_size: must be >= 1")
+        if self.pack_tokens is not None and self.pack_tokens < 1:
+            raise ConfigError("train.pack_tokens: must be >= 1 (or null: one example per row)")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError("train.warmup: must be in [0, 1)")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError("train.lr_schedule: must be constant or cosine")
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ConfigError("train.mixed_precision: must be no or bf16")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError("train.mixed_precision: must be no, bf16 or fp16")
         if self.lr <= 0:
             raise ConfigError("train.lr: must be > 0")
+        _positive("train", self, "stage2_lr", "epochs")
+        _at_least(1, "train", self, "steps", "log_every", "keep_last", "threads")
+        _at_least(0, "train", self, "eval_every", "save_every", "weight_decay", "grad_clip")
+        for key in ("dropout", "stage2_dropout"):
+            p = getattr(self, key)
+            if p is not None and not 0.0 <= p < 1.0:
+                raise ConfigError(f"train.{key}: must be in [0, 1) (or null), got {p!r}")
 
 
 @dataclass
@@ -211,6 +252,11 @@ class EvalConfig:
     val_limit: int | None = 256  # validation examples used for checkpoint selection
     timing_examples: int = 16  # batch-1 runs for the latency medians
     answer_marker: str = "####"  # separates reasoning from the answer in CoT targets
+
+    def __post_init__(self) -> None:
+        _at_least(1, "eval", self, "batch_size", "max_new_tokens", "cot_max_new_tokens")
+        _at_least(1, "eval", self, "val_limit")  # null = all
+        _at_least(0, "eval", self, "timing_examples")
 
 
 @dataclass
@@ -246,6 +292,8 @@ class CoconutConfig:
             raise ConfigError("coconut.epochs, coconut.steps: set at most one (the other null)")
         if self.warmup is not None and not 0.0 <= self.warmup < 1.0:
             raise ConfigError("coconut.warmup: must be in [0, 1) or null")
+        _positive("coconut", self, "epochs_per_stage", "epochs")
+        _at_least(1, "coconut", self, "steps_per_stage", "steps")
 
 
 @dataclass
@@ -504,10 +552,47 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for assignment in overrides or []:
         apply_override(data, assignment)
     try:
-        return from_dict(Config, data)
+        cfg = from_dict(Config, data)
     except ConfigError as err:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{err}") from None
+    _warn_unusual(cfg)
+    return cfg
+
+
+# Legal but unusual values, more often a typo (1e6 for 1e-6) than meant: `load_config` warns
+# once per key and value, `rim: warning: KEY: V is outside the usual range [LO, HI]`, and uses
+# the value (a researcher may mean it). 0 (off, none) is never unusual.
+USUAL_RANGES: dict[str, tuple[float, float]] = {
+    "train.lr": (1e-6, 0.1),  # AdamW: fine-tuning ~1e-5..1e-4, tiny models from scratch ~1e-3
+    "train.stage2_lr": (1e-6, 0.1),
+    "train.weight_decay": (0.0, 1.0),  # decoupled decay: 0.01..0.1 is usual
+    "train.warmup": (0.0, 0.5),  # a fraction of each stage
+    "train.grad_clip": (0.01, 100.0),  # max gradient norm (0 = off)
+    "train.dropout": (0.0, 0.5),
+    "train.stage2_dropout": (0.0, 0.5),
+}
+_warned: set[str] = set()  # lines already printed by this process (a resume loads twice)
+
+
+def unusual(cfg: Config) -> list[str]:
+    """`KEY: V is outside the usual range [LO, HI]` for each value outside USUAL_RANGES."""
+    lines = []
+    for key, (lo, hi) in USUAL_RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and value != 0 and not lo <= value <= hi:
+            lines.append(f"{key}: {value:g} is outside the usual range [{lo:g}, {hi:g}]")
+    return lines
+
+
+def _warn_unusual(cfg: Config) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # one warning from a multi-process launch
+        return
+    for line in unusual(cfg):
+        if line not in _warned:
+            _warned.add(line)
+            print(f"rim: warning: {line} (used as given)", file=sys.stderr)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -23,6 +23,7 @@ from rim.errors import ConfigError
 __all__ = [
     "SCHEDULES",
     "Stage",
+    "TRAIN_KEYS",
     "WarmupConstant",
     "alpha_weights",
     "check_schedule",
@@ -196,28 +197,36 @@ class Stage:
             raise ConfigError(f"{where}: payload must be immutable (a frozen dataclass)")
 
 
-def steps_for(epochs: float | None, steps: int | None, n_examples: int, batch_size: int) -> int:
-    """Optimizer steps of a stage given either its epochs or its steps (exactly one).
+def steps_for(
+    epochs: float | None, steps: int | None, n_examples: int, batch_size: int,
+    keys: tuple[str, str] = ("epochs", "steps"),
+) -> int:  # fmt: skip
+    """Optimizer steps of a stage given either its epochs or its steps (exactly one); errors
+    name `keys`, the recipe keys the two came from (`curriculum.stage1_epochs`, ...).
 
     Epochs are converted with ceil(epochs * n_examples / batch_size), computed on the decimal
     value of `epochs` so that e.g. 0.1 epochs of 100 examples at batch 10 is 1 step, not 2.
     """
+    ek, sk = keys
     if (epochs is None) == (steps is None):
         got = "both" if epochs is not None else "neither"
-        raise ConfigError(f"exactly one of epochs, steps must be set for a stage (got {got})")
+        raise ConfigError(f"{ek}, {sk}: set exactly one of them (the other null), got {got}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if steps is not None:
         if isinstance(steps, bool) or int(steps) != steps or steps < 1:
-            raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+            raise ConfigError(f"{sk}: must be a positive integer, got {steps!r}")
         return int(steps)
     assert epochs is not None
     if isinstance(epochs, bool) or not (math.isfinite(epochs) and epochs > 0):
-        raise ConfigError(f"epochs must be a positive number, got {epochs!r}")
+        raise ConfigError(f"{ek}: must be a positive number, got {epochs!r}")
     if n_examples < 1:
         raise ValueError(f"n_examples must be >= 1 to count steps from epochs, got {n_examples}")
     exact = Fraction(repr(float(epochs))) * n_examples / batch_size
     return max(1, math.ceil(exact))
+
+
+TRAIN_KEYS = ("train.epochs", "train.steps")  # `steps_for`'s keys of a single-stage budget
 
 
 def stage_progress(step_in_stage: int, stage_steps: int) -> float:

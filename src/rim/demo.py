@@ -52,6 +52,10 @@ QUICK: dict[str, object] = {
     "eval.val_limit": 64,
     "eval.timing_examples": 8,
 }
+QUICK_CAVEAT = (
+    "[demo] --quick: a smoke test (tiny model, a few dozen steps); the accuracies above are "
+    "not meaningful, run `rim demo` without --quick to compare methods"
+)
 
 RESULT_KEYS = (
     "accuracy",
@@ -324,6 +328,8 @@ def run_demo(args, overrides: dict | None = None) -> dict:
     ]
     write_markdown(out / "results.md", res, [p.name for p in plots])
     print("\n" + markdown_table(res["methods"]))
+    if args.quick:  # the caveat results.md has, where the numbers are read first
+        print(QUICK_CAVEAT)
     written = [out / "results.json", out / "results.md", *plots]
     print(f"\n[demo] {res['wall_s']:.0f}s; wrote " + ", ".join(map(str, written)))
     if res["failed"]:

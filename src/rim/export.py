@@ -91,6 +91,11 @@ def _serving_meta(method, tokenizer, cfg, template: str, suffix: list[int], exac
 
 
 def _resolve(checkpoint: Path) -> Path:
+    from rim.model import not_a_checkpoint
+
+    problem = not_a_checkpoint(checkpoint)
+    if problem:
+        raise problem
     if not checkpoint.exists():
         raise RimError(f"--checkpoint {checkpoint}: no such folder")
     if not (checkpoint / "rim.json").is_file():
@@ -103,13 +108,13 @@ def _resolve(checkpoint: Path) -> Path:
     return checkpoint
 
 
-def _load(ckpt: Path):
+def _load(ckpt: Path, verify: bool | None = None):
     """(model, tokenizer, method, recipe) with LoRA merged; refuses methods without a plain
     prompt (they need sequential forward passes at inference)."""
     from rim.assembly import from_checkpoint
     from rim.model import load_meta
 
-    model, tok, method, cfg = from_checkpoint(ckpt)
+    model, tok, method, cfg = from_checkpoint(ckpt, verify=verify)
     if not method.plain_prompt:
         raise RimError(
             f"--checkpoint {ckpt}: method {method.name} needs sequential forward passes at "
@@ -142,9 +147,12 @@ def export(
     lm_eval_data: str | None = None,
     lm_eval_format: str = "auto",
     lm_eval_limit: int | None = None,
+    verbose: bool = False,
+    verify: bool | None = None,
 ) -> Path:
     """Write a serving folder: `hf` (plain HF model + an lm-eval task folder) or `onnx` (one
-    ONNX graph with a KV cache, rim.onnx_runtime runs it); tokenizer and rim.json in both."""
+    ONNX graph with a KV cache, rim.onnx_runtime runs it); tokenizer and rim.json in both.
+    `verbose`: the ONNX exporter's messages on the terminal, not in `onnx_export.log`."""
     from rim.io import atomic_dir
 
     if format not in FORMATS:
@@ -158,7 +166,7 @@ def export(
     ckpt, out = _resolve(Path(checkpoint)), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RimError(f"--out {out}: already exists and is not empty")
-    model, tok, method, cfg = _load(ckpt)
+    model, tok, method, cfg = _load(ckpt, verify)
     template, suffix = prompt_template(method, tok)
     exact = template_is_exact(method, tok, template)
     serving = _serving_meta(method, tok, cfg, template, suffix, exact)
@@ -169,7 +177,7 @@ def export(
 
     def write(tmp: Path) -> None:
         if format == "onnx":
-            _write_onnx(tmp, model, method, serving)
+            _write_onnx(tmp, model, method, serving, verbose)
         else:
             model.save_pretrained(tmp)  # before ours: it writes a generation_config.json too
         _write_tokenizer(tmp, tok, method)
@@ -209,13 +217,13 @@ def _write_tokenizer(tmp: Path, tok, method) -> None:
     gen.save_pretrained(tmp)
 
 
-def _write_onnx(tmp: Path, model, method, serving: dict) -> None:
+def _write_onnx(tmp: Path, model, method, serving: dict, verbose: bool = False) -> None:
     """The ONNX graph, traced on a real RiM prompt, and a copy of the runner (rim.onnx_runtime)."""
     import shutil
 
     from rim.onnx_export import export_onnx
 
-    serving["onnx"] = export_onnx(model, method.prompt(_PROBES[1]), tmp)
+    serving["onnx"] = export_onnx(model, method.prompt(_PROBES[1]), tmp, verbose)
     shutil.copyfile(Path(__file__).with_name("onnx_runtime.py"), tmp / "onnx_runtime.py")
 
 
@@ -232,7 +240,10 @@ def _check_tokenizer_json(tmp: Path, method, serving: dict) -> None:
 def _print_next(out: Path, format: str, task) -> None:
     """The command that uses the export, so a user can copy it."""
     if format == "onnx":
-        print(f'[rim] answer with: rim generate --runtime onnx --checkpoint {out} "QUESTION"')
+        from rim.onnx_export import LOG_FILE
+
+        log = f"exporter messages in {out / LOG_FILE}; " if (out / LOG_FILE).is_file() else ""
+        print(f'[rim] {log}answer with: rim generate --runtime onnx --checkpoint {out} "QUESTION"')
     elif task:
         name, examples, source = task
         print(

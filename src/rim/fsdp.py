@@ -87,3 +87,22 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def replicated(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's full value on every process (e.g. the gradient norm); else `t`."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def like_params(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer state dict read from a file (plain tensors) made to match `optimizer`'s
+    parameters: under FSDP2 those are DTensors, and AdamW cannot mix the two."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for idx, entries in state["state"].items():
+        p = params[int(idx)] if int(idx) < len(params) else None
+        if not isinstance(p, DTensor):
+            continue
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.dim():
+                entries[name] = DTensor.from_local(
+                    value.to(p.device), p.device_mesh, p.placements, shape=p.shape,
+                    stride=p.stride(),
+                )  # fmt: skip
+    return state

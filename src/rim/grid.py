@@ -1,6 +1,7 @@
 """Grid files of `rim sweep`: methods x seeds x values of any recipe key, in one YAML file.
 
-    recipes: ../demo              # <recipes>/<method>.yaml, relative to this file
+    recipes: ../demo              # <recipes>/<method>.yaml, relative to this file, or a
+                                  # path with {method}: ../mult/small_4x4_{method}.yaml
     methods: [direct, pause, rim, cot]
     seeds: 3                      # train.seed = 0 .. seeds - 1
     set:                          # overrides of every run
@@ -19,7 +20,11 @@ so two grids that share a point (width's N = 16 column and grounding's LR 1e-3) 
 runs.
 
 `grid` may also be a list of such mappings, each its own product, the runs their union (as
-scikit-learn's ParameterGrid takes a list); each may name its own `methods`. Keys that move
+scikit-learn's ParameterGrid takes a list); each may name its own `methods`, `recipes` (one
+grid holds 4x4 and 5x5 recipes) and `seeds`. A part with fewer `seeds` than the grid is a
+search of the `select` axis, which must be one of its axes: its cells run seeds 0 .. its
+seeds - 1, then `rim sweep` runs the grid's other seeds of the value chosen on validation
+only (rim.sweep), in the same command (grounding's LR, chosen on seed 0). Keys that move
 together are listed value by value, not derived by a formula: the file shows every value a
 run gets, and a test can check the rule (K = N + 1, equal budgets). A run's recipe is the
 method's file, then `set`, then `rim sweep --set`, then the cell's axis values, so the grid
@@ -62,6 +67,8 @@ class Part:
 
     methods: tuple[str, ...]
     axes: tuple[Axis, ...]
+    recipes: Path  # a folder of <method>.yaml, or a path with {method}
+    seeds: int  # below the grid's: a search of `select` on these seeds (the module doc)
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,8 @@ class Cell:
     method: str
     values: dict  # axis name -> value, for this part's axes
     overrides: dict  # recipe key -> value
+    recipe: Path
+    seeds: int  # its part's
 
 
 @dataclass(frozen=True)
@@ -99,7 +108,7 @@ class Grid:
         return list(seen.values())
 
     def recipe(self, method: str) -> Path:
-        return self.recipes / f"{method}.yaml"
+        return recipe_path(self.recipes, method)
 
     def cells(self) -> list[Cell]:
         """Every (method, axis values) of every part, in file order (methods outermost)."""
@@ -109,8 +118,17 @@ class Grid:
                 for index in itertools.product(*(range(len(a.values)) for a in part.axes)):
                     values = {a.name: a.values[i] for a, i in zip(part.axes, index)}
                     over = {k: v[i] for a, i in zip(part.axes, index) for k, v in a.keys.items()}
-                    out.append(Cell(method, values, over))
+                    recipe = recipe_path(part.recipes, method)
+                    out.append(Cell(method, values, over, recipe, part.seeds))
         return out
+
+
+def recipe_path(recipes: Path, method: str) -> Path:
+    """A method's recipe: `recipes` with {method} filled in, or <recipes>/<method>.yaml."""
+    text = str(recipes)
+    if "{method}" in text:
+        return Path(text.replace("{method}", method))
+    return recipes / f"{method}.yaml"
 
 
 # --------------------------------------------------------------------------- parsing
@@ -147,26 +165,35 @@ def _axis(name, spec, where: str) -> Axis:
     return Axis(name.rsplit(".", 1)[-1] if one else name, dict(keys))
 
 
-def _part(spec, methods, where: str) -> Part:
+def _part(spec, top: Part, here: Path, where: str) -> Part:
+    """One product; `top` holds the grid's methods, recipes and seeds (a part may set its own;
+    `here`: the grid file's folder)."""
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: expected a mapping of axes")
     spec = dict(spec)
+    methods, recipes, seeds = top.methods, top.recipes, top.seeds
     if "methods" in spec:
         methods = _methods(spec.pop("methods"), f"{where}.methods")
+    if "recipes" in spec:
+        recipes = _recipes(spec.pop("recipes"), here, f"{where}.recipes")
+    if "seeds" in spec:
+        seeds = _seeds(spec.pop("seeds"), f"{where}.seeds")
+        if seeds > top.seeds:
+            raise ConfigError(f"{where}.seeds: more than the grid's seeds ({top.seeds})")
     axes = [_axis(name, values, f"{where}.{name}") for name, values in spec.items()]
     names = [a.name for a in axes]
     keys = [k for a in axes for k in a.keys]
     if len(set(names)) < len(names) or len(set(keys)) < len(keys):
         raise ConfigError(f"{where}: an axis name or recipe key appears twice")
-    return Part(methods, tuple(axes))
+    return Part(methods, tuple(axes), recipes, seeds)
 
 
-def _parts(raw: dict, methods: tuple[str, ...]) -> tuple[Part, ...]:
+def _parts(raw: dict, top: Part, here: Path) -> tuple[Part, ...]:
     grid = raw.get("grid", {})
     if isinstance(grid, dict):
-        parts = (_part(grid, methods, "grid"),)
+        parts = (_part(grid, top, here, "grid"),)
     elif isinstance(grid, list) and grid:
-        parts = tuple(_part(p, methods, f"grid[{i}]") for i, p in enumerate(grid))
+        parts = tuple(_part(p, top, here, f"grid[{i}]") for i, p in enumerate(grid))
     else:
         raise ConfigError("grid: expected a mapping of axes or a non-empty list of them")
     if any(not p.methods for p in parts):
@@ -182,48 +209,65 @@ def _parts(raw: dict, methods: tuple[str, ...]) -> tuple[Part, ...]:
     return parts
 
 
-def _grid(path: Path, raw: dict) -> Grid:
+def _recipes(value, here: Path, where: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: expected a folder or a path with {{method}}, got {value!r}")
+    return here / value
+
+
+def _seeds(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+def _grid(path: Path, raw: dict, need_reuse: bool) -> Grid:
     unknown = [k for k in raw if k not in TOP_KEYS]
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown grid key (known: {', '.join(TOP_KEYS)})")
-    recipes = raw.get("recipes", "../demo")
-    if not isinstance(recipes, str):
-        raise ConfigError(f"recipes: expected a folder name, got {recipes!r}")
+    recipes = _recipes(raw.get("recipes", "../demo"), path.parent, "recipes")
     methods = _methods(raw["methods"], "methods") if "methods" in raw else ()
-    seeds = raw.get("seeds", 1)
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ConfigError(f"seeds: expected an integer >= 1, got {seeds!r}")
+    seeds = _seeds(raw.get("seeds", 1), "seeds")
     sets = raw.get("set") or {}
     if not isinstance(sets, dict) or not all(isinstance(k, str) for k in sets):
         raise ConfigError("set: expected a mapping of recipe keys to values")
-    parts = _parts(raw, methods)
+    parts = _parts(raw, Part(methods, (), recipes, seeds), path.parent)
     select = raw.get("select")
     if select is not None and select not in {a.name for p in parts for a in p.axes}:
         raise ConfigError(f"select: {select!r} is not an axis of grid")
-    reuse = _reuse(raw.get("reuse", []), path.parent)
-    grid = Grid(path, path.parent / recipes, seeds, dict(sets), parts, select, reuse)
-    for m in grid.methods:
-        if not grid.recipe(m).is_file():
-            raise ConfigError(f"methods: {m}: no recipe {grid.recipe(m)}")
+    for i, part in enumerate(parts):
+        if part.seeds < seeds and select not in {a.name for a in part.axes}:
+            where = f"grid[{i}]" if isinstance(raw.get("grid"), list) else "grid"
+            raise ConfigError(
+                f"{where}.seeds: fewer than the grid's seeds makes a search, whose `select` "
+                "axis this part must have"
+            )
+    reuse = _reuse(raw.get("reuse", []), path.parent, need_reuse)
+    grid = Grid(path, recipes, seeds, dict(sets), parts, select, reuse)
+    for cell in grid.cells():
+        if not cell.recipe.is_file():
+            raise ConfigError(f"methods: {cell.method}: no recipe {cell.recipe}")
     return grid
 
 
-def _reuse(value, here: Path) -> tuple[Path, ...]:
-    """`reuse: [FOLDER, ...]`: sweep output folders (relative to the grid file) that exist."""
+def _reuse(value, here: Path, need: bool = True) -> tuple[Path, ...]:
+    """`reuse: [FOLDER, ...]`: sweep output folders (relative to the grid file); with `need`,
+    they must exist (`--dry-run` lists a plan before the sweep it reuses has run)."""
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ConfigError(f"reuse: expected a list of sweep --out folders, got {value!r}")
     folders = tuple(Path(os.path.normpath(here / v)) for v in value)  # a/b/../../c -> c
     for v, folder in zip(value, folders):
-        if not (folder / "runs").is_dir():
+        if need and not (folder / "runs").is_dir():
             raise ConfigError(f"reuse: {v}: no sweep output there (no folder {folder / 'runs'})")
     return folders
 
 
-def load_grid(path: str | Path) -> Grid:
-    """Read and check a grid file; every error is one line naming the file and the key."""
+def load_grid(path: str | Path, need_reuse: bool = True) -> Grid:
+    """Read and check a grid file; every error is one line naming the file and the key.
+    `need_reuse=False` accepts `reuse` folders that do not exist yet (a plan only)."""
     path = Path(path)
     raw = _read_yaml(path)
     try:
-        return _grid(path, raw)
+        return _grid(path, raw, need_reuse)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None

@@ -4,18 +4,21 @@ Every write of a run's outputs (checkpoints, `best/`, `final/`, `rim export`, `r
 --out`, generated data) goes through `atomic_file` or `atomic_dir`: the content goes to a
 temporary sibling, then one rename. On any failure the temporary is removed and the old
 content is untouched; an OS error (a full disk, a read-only folder) becomes one `StorageError`
-line that names the path and the OS's reason.
+line that names the path and the OS's reason (exit 74). A path through a regular file
+(`--out FILE/x.json`, `--out FILE` for a folder) is bad input instead: one `RimError` line that
+names the file in the way (exit 2). Cleanup never raises, so that line is what the user sees.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from rim.errors import StorageError
+from rim.errors import RimError, StorageError
 
 # what libraries that write through their own C code say instead of raising OSError
 _OS_TEXT = {os.strerror(e).lower(): e for e in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)}
@@ -35,16 +38,59 @@ def os_error(exc: BaseException) -> OSError | None:
     return None
 
 
-def storage_error(path: Path, err: OSError) -> StorageError:
+def storage_error(path: Path, err: OSError) -> RimError:
+    """One line for a failed write: a StorageError (exit 74), or a RimError (exit 2) when a
+    regular file stands where the path needs a folder: a wrong path, not a failing disk."""
+    if err.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocker = _file_in_the_way(Path(path))
+        if blocker is not None:
+            at = "" if blocker == Path(path) else f" ({blocker} is a file)"
+            return RimError(f"{path}: a file stands where a folder is needed{at}")
     reason = err.strerror or str(err)
     return StorageError(f"{path}: {reason[0].lower() + reason[1:]} (errno {err.errno})")
 
 
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest of `path` and its parents that exists and is not a folder, if any."""
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            return None if p.is_dir() else p
+    return None
+
+
+def check_writable(path: Path, is_file: bool = False) -> None:
+    """Fail before a long computation, not after it: `path` (a folder, or with `is_file` a
+    file; existing or to be created) must be writable by this process. Racy by nature; the
+    write itself reports its own failure."""
+    path = Path(path)
+    folder = path.parent if is_file else path
+    near = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+    if not near.is_dir():
+        raise storage_error(path, OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
+    if not os.access(near, os.W_OK | os.X_OK):
+        code = errno.EROFS if os.statvfs(near).f_flag & os.ST_RDONLY else errno.EACCES
+        raise storage_error(near, OSError(code, os.strerror(code)))
+
+
+def ensure_dir(folder: Path) -> Path:
+    """`mkdir -p folder`, an OS error as one line (`storage_error`)."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise storage_error(Path(folder), err) from None
+    return Path(folder)
+
+
 def remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+    """Best-effort cleanup; never raises, so the error that called for it is the one reported
+    (on a read-only file system even unlinking a missing file fails with EROFS)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _guarded(final: Path, tmp: Path, write: Callable[[Path], None]) -> None:
@@ -53,7 +99,7 @@ def _guarded(final: Path, tmp: Path, write: Callable[[Path], None]) -> None:
     except BaseException as exc:
         remove(tmp)
         err = os_error(exc)
-        if err is not None and not isinstance(exc, StorageError):
+        if err is not None and not isinstance(exc, RimError):
             raise storage_error(final, err) from None
         raise
 
@@ -80,7 +126,8 @@ def atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
     except OSError as err:
         remove(tmp)
         if old.exists() and not final.exists():
-            old.rename(final)
+            with contextlib.suppress(OSError):  # else `.NAME.old-PID` stays, as after a crash
+                old.rename(final)
         raise storage_error(final, err) from None
     remove(old)
     return final

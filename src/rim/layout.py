@@ -122,6 +122,35 @@ def allowed(p: Packed) -> torch.Tensor:
     return anc[seg[:, None], seg[None, :]] & causal  # (L, L)
 
 
+def concat(items: list[Packed]) -> Packed:
+    """Several examples in one row (`train.pack_tokens`): the document level of the tree.
+
+    Each example keeps its own position ids (restarting at 0) and its segments are
+    renumbered after the previous example's, so the ancestor sets of two examples are
+    disjoint and `allowed` never lets a token see another example. Labels stay where they
+    are: a label is predicted at its own position, never from the next example.
+
+    >>> a, b = pack([Segment((5, 6))], 0), pack([Segment((7,)), Segment((8,), 0, 1.0)], 0)
+    >>> row = concat([a, b])
+    >>> row.position_ids, row.segment
+    ([0, 1, 0, 1], [0, 0, 1, 2])
+    >>> allowed(row).int().tolist()   # the second example sees only itself
+    [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    """
+    if len(items) == 1:
+        return items[0]
+    out = Packed([], [], [], [], [], [])
+    for p in items:
+        base = len(out.ancestors)
+        out.input_ids += p.input_ids
+        out.labels += p.labels
+        out.weights += p.weights
+        out.position_ids += p.position_ids
+        out.segment += [s + base for s in p.segment]
+        out.ancestors += [frozenset(a + base for a in anc) for anc in p.ancestors]
+    return out
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # (B, L)
@@ -129,15 +158,19 @@ class Batch:
     weights: torch.Tensor  # (B, L) float loss weight per label
     position_ids: torch.Tensor  # (B, L)
     attention_mask: torch.Tensor  # (B, 1, L, L) additive float: 0 allowed, dtype-min blocked
+    # (or, from `collate(..., mask=rim.flex.Tables.of)`, the tree as FlexAttention tables)
 
     def to(self, device) -> Batch:
         return Batch(*(t.to(device) for t in vars(self).values()))
 
 
-def collate(items: list[Packed], pad_id: int, dtype: torch.dtype = torch.float32) -> Batch:
+def collate(
+    items: list[Packed], pad_id: int, dtype: torch.dtype = torch.float32, mask=None
+) -> Batch:
     """Right-pad `items` into a batch with a 4-D additive mask; padded keys are blocked.
 
-    A padded query row sees only itself, so no softmax row is empty.
+    A padded query row sees only itself, so no softmax row is empty. `mask`: a function of
+    `items` that builds the mask instead (`rim.flex.Tables.of`: no dense mask at all).
 
     >>> b = collate([pack([Segment((5, 6))], 0), pack([Segment((5,))], 0)], pad_id=9)
     >>> b.input_ids.tolist(), tuple(b.attention_mask.shape)
@@ -150,26 +183,32 @@ def collate(items: list[Packed], pad_id: int, dtype: torch.dtype = torch.float32
     labels = torch.full((B, L), IGNORE, dtype=torch.long)
     weights = torch.zeros(B, L)
     position_ids = torch.zeros(B, L, dtype=torch.long)
-    ok = torch.eye(L, dtype=torch.bool).repeat(B, 1, 1)  # (B, L, L)
+    ok = torch.eye(L, dtype=torch.bool).repeat(B, 1, 1) if mask is None else None  # (B, L, L)
     for b, p in enumerate(items):
         n = len(p)
         input_ids[b, :n] = torch.tensor(p.input_ids)
         labels[b, :n] = torch.tensor(p.labels)
         weights[b, :n] = torch.tensor(p.weights)
         position_ids[b, :n] = torch.tensor(p.position_ids)
-        ok[b, :n, :n] = allowed(p)
+        if ok is not None:
+            ok[b, :n, :n] = allowed(p)
+    if mask is not None:
+        return Batch(input_ids, labels, weights, position_ids, mask(items))
     mask = torch.zeros(B, 1, L, L, dtype=dtype)
     mask.masked_fill_(~ok[:, None], torch.finfo(dtype).min)
     return Batch(input_ids, labels, weights, position_ids, mask)
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, L) NLL of `labels` under `logits` (B, L, V), in fp32; 0 where the label is IGNORE."""
-    B, L, V = logits.shape
+    """NLL of `labels` (B, L) under `logits` (B, L, V), in fp32; 0 where the label is IGNORE.
+
+    Any leading shape: the gathered logits (N, V) of the labelled positions and their labels
+    (N,) give (N,) (`rim.methods.base.labelled_head`)."""
+    V = logits.shape[-1]
     return torch.nn.functional.cross_entropy(
-        logits.float().reshape(B * L, V), labels.reshape(B * L), ignore_index=IGNORE,
+        logits.float().reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE,
         reduction="none",
-    ).reshape(B, L)  # fmt: skip
+    ).reshape(labels.shape)  # fmt: skip
 
 
 def weighted_nll(

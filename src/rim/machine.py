@@ -79,26 +79,42 @@ class Machine:
         return info
 
     def busy_note(self) -> list[str]:
-        """A warning when other processes share the CPU (timings are then noisy)."""
+        """A warning when other processes share the CPU (timings are then noisy).
+
+        `load_avg` must be read before the measured work (`describe(..., load_avg=)`): the
+        1-minute average read afterwards counts the run itself and calls an idle machine busy.
+        """
         cores = self.cores or 1
         if self.load_avg is None or self.load_avg[0] <= 0.75 * cores:
             return []
         hint = "; threads > 1 suffer most (try --threads 1)" if self.device == "cpu" else ""
         return [
-            f"machine busy: load average {self.load_avg[0]:.1f} on {cores} cores, "
-            f"timings are noisy{hint}"
+            f"machine busy: load average {self.load_avg[0]:.1f} on {cores} cores before the "
+            f"run, timings are noisy{hint}"
         ]
 
 
-def describe(device) -> Machine:
-    """The machine now: CPU, library versions, torch threads, load, and the GPU of `device`."""
+def load_average() -> tuple[float, float, float] | None:
+    """The OS load average (1, 5, 15 minutes); None where the OS has none."""
+    with contextlib.suppress(OSError, AttributeError):
+        return tuple(os.getloadavg())
+    return None
+
+
+_NOW = object()
+
+
+def describe(device, load_avg=_NOW) -> Machine:
+    """The machine now: CPU, library versions, torch threads, load, and the GPU of `device`.
+
+    `load_avg`: a `load_average()` read earlier (a benchmark reads it before its own run),
+    else the load now.
+    """
     import torch
     import transformers
 
     dev = torch.device(device)
-    load = None
-    with contextlib.suppress(OSError, AttributeError):
-        load = tuple(os.getloadavg())
+    load = load_average() if load_avg is _NOW else load_avg
     return Machine(
         cpu=cpu_model(),
         cores=os.cpu_count(),

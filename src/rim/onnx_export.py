@@ -13,17 +13,26 @@ dynamic, so the prefill is the same graph fed an empty cache, and the weights ar
 once. `logits_to_keep=1` is traced in: only the last position's logits are computed, as in
 rim's own prefill (greedy needs no more). The batch axis is fixed at 1 and the graph takes no
 attention mask: one question at a time, the edge case. `rim.onnx_runtime` runs it.
+
+The exporter is chatty (torch.onnx's progress, torch.export's shape notes, transformers'
+"experimental" warnings, ~25 lines on success): all it writes goes to `onnx_export.log` in the
+export folder, shown on stderr only if the export fails, or as it comes with `--verbose`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import re
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from rim.errors import RimError
 
 ONNX_FILE = "model.onnx"
+LOG_FILE = "onnx_export.log"  # what the exporter printed (`--verbose` shows it instead)
 _NEEDS = ("onnx", "onnxscript", "onnxruntime")
 
 
@@ -34,30 +43,55 @@ def require_onnx(flag: str = "--format onnx") -> None:
         raise RimError(f"{flag}: needs {', '.join(missing)} (pip install 'rim[onnx]')")
 
 
-def _quiet_exporter_log() -> None:
-    """The exporter warns that it is experimental and that versions drifted, on every call;
-    the test suite pins what rim relies on, so the warning is noise in `rim export`."""
-    from transformers.utils import logging
+@contextlib.contextmanager
+def output_to(log: Path) -> Iterator[None]:
+    """Everything written while it runs goes to `log`: Python's stdout, stderr, warnings and
+    logging, and file descriptors 1 and 2 (torch's log handlers hold the real stderr). On an
+    error the log is shown on stderr, then the error propagates."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(log, "a", buffering=1, encoding="utf-8") as f:  # append: both writers at the end
+        saved: list[int] = []
+        try:
+            with contextlib.suppress(OSError):  # no fd 1 or 2 (embedded): Python streams only
+                saved = [os.dup(1), os.dup(2)]
+                os.dup2(f.fileno(), 1)
+                os.dup2(f.fileno(), 2)
+            with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                yield
+        except BaseException:
+            _restore(saved)
+            sys.stderr.write(Path(log).read_text(encoding="utf-8", errors="replace"))
+            raise
+        finally:
+            _restore(saved)
 
-    logging.get_logger("transformers.exporters").setLevel(logging.ERROR)
+
+def _restore(saved: list[int]) -> None:
+    for fd, old in zip((1, 2), saved):
+        os.dup2(old, fd)
+        os.close(old)
+    saved.clear()
 
 
-def export_onnx(model, prompt_ids: list[int], folder: Path) -> dict:
+def export_onnx(model, prompt_ids: list[int], folder: Path, verbose: bool = False) -> dict:
     """Write `model.onnx` (+ `.data`, `export.json`, `config.json`) into `folder`, traced on
-    one real prompt; returns the `onnx` section of rim.json (the graph's cache inputs)."""
+    one real prompt; returns the `onnx` section of rim.json (the graph's cache inputs).
+    The exporter's messages go to `folder/onnx_export.log`, or to the terminal (`verbose`)."""
     import torch
     from transformers.exporters import OnnxConfig, OnnxExporter
     from transformers.exporters.utils import decompose_prefill_decode
 
-    _quiet_exporter_log()
     model.eval()
     ids = torch.tensor([prompt_ids], dtype=torch.long)
-    with torch.no_grad():
-        stages = decompose_prefill_decode(model, {"input_ids": ids}, multi_token_decode=True)
-    step, inputs = stages["decode"]
-    inputs["logits_to_keep"] = 1  # a constant in the graph: logits of the last position only
-    exported = OnnxExporter().export(step, inputs, OnnxConfig(dynamic=True))
-    exported.save_pretrained(folder)
+    quiet = contextlib.nullcontext() if verbose else output_to(Path(folder) / LOG_FILE)
+    with quiet:
+        with torch.no_grad():
+            stages = decompose_prefill_decode(model, {"input_ids": ids}, multi_token_decode=True)
+        step, inputs = stages["decode"]
+        inputs["logits_to_keep"] = 1  # a constant in the graph: logits of the last position
+        exported = OnnxExporter().export(step, inputs, OnnxConfig(dynamic=True))
+        exported.save_pretrained(folder)
     graph_inputs = [v.name for v in exported.program.graph.inputs]
     cache = _cache_inputs(graph_inputs, inputs["cache"])
     return {

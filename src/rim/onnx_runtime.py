@@ -55,6 +55,23 @@ def _read_meta(folder: Path) -> dict:
     return meta
 
 
+def _inside(folder: Path, name: object) -> Path:
+    """`folder/name` for a file named in rim.json, refused unless it lies inside `folder`
+    (no absolute path, no `..`, no symlink out): an export from someone else must not point
+    the runtime at a file elsewhere. (rim.manifest.member, repeated: this file runs alone.)"""
+    ok = isinstance(name, str) and name and not Path(name).is_absolute()
+    ok = ok and ".." not in Path(name).parts
+    if ok:
+        path = folder / name
+        ok = path.resolve().is_relative_to(folder.resolve()) and path.is_file()
+    if not ok:
+        raise RimError(
+            f"{folder / 'rim.json'}: onnx.model {name!r} is not a file inside {folder} "
+            "(only files inside the export folder are read)"
+        )
+    return path
+
+
 class OnnxReasoner:
     """An ONNX export ready to answer: `OnnxReasoner(folder).generate(["3 + 4"])`."""
 
@@ -66,7 +83,7 @@ class OnnxReasoner:
         if not self.folder.is_dir():
             raise RimError(f"--checkpoint {folder}: no such folder")
         self.meta = meta = _read_meta(self.folder)
-        self.session = _session(self.folder / meta["onnx"]["model"], threads)
+        self.session = _session(_inside(self.folder, meta["onnx"].get("model")), threads)
         self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         dtype = np.dtype(_DTYPES[meta["onnx"]["dtype"]])
         self.empty = {n: np.zeros(shape, dtype) for n, shape in meta["onnx"]["cache_inputs"]}

@@ -2,7 +2,7 @@
 
 One job = one recipe (a method's file plus `--set` overrides) and one seed: `python -m rim
 train` (checkpoint `best/` chosen on the valid split), then `python -m rim eval` of `best/`
-on the test split in the same worker slot. `run_jobs` runs `workers` jobs at a time, one
+on the test split (and on each file of the recipe's `data.extra_tests`) in the same slot. `run_jobs` runs `workers` jobs at a time, one
 thread each driving its own subprocesses (one core per process on a CPU; on a GPU they run
 one after another on it, `pick_device`). Ctrl-C stops every running job and starts no other.
 
@@ -162,11 +162,14 @@ class Runner:
         if self._call(cmd + [a for s in job.train_sets for a in ("--set", s)], log):
             return self._fail(job, "training failed", log)
         job.state = "eval"
-        cmd = py + ["eval", "--checkpoint", str(job.out / "best"), "--split", "test"]
-        cmd += ["--timing-examples", "0", "--batch-size", str(self.eval_batch)]
-        cmd += ["--device", self.device, "--out", str(job.out / "test_eval.json")]
-        if self._call(cmd, log):
-            return self._fail(job, "test evaluation failed", log)
+        tests = {"test_eval.json": ["--split", "test"]}  # data.test, then data.extra_tests
+        tests |= {f"test_eval.{k}.json": ["--data", v] for k, v in extra_tests(job).items()}
+        for name, data in tests.items():
+            cmd = py + ["eval", "--checkpoint", str(job.out / "best"), *data]
+            cmd += ["--timing-examples", "0", "--batch-size", str(self.eval_batch)]
+            cmd += ["--device", self.device, "--out", str(job.out / name)]
+            if self._call(cmd, log):
+                return self._fail(job, f"test evaluation failed ({' '.join(data)})", log)
         return collect(job)
 
     def _fail(self, job: Job, what: str, log: Path) -> Job:
@@ -188,6 +191,9 @@ def collect(job: Job) -> Job:
     res.pop("records", None)  # per-example records stay in test_eval.json
     done = [json.loads(x) for x in (job.out / "metrics.jsonl").read_text().splitlines()]
     done = [r for r in done if r.get("event") == "done"][-1]
+    extra = {k: json.loads((job.out / f"test_eval.{k}.json").read_text()) for k in extra_tests(job)}
+    if extra:  # data.extra_tests: accuracy on each
+        res["extra_tests"] = {k: r["accuracy"] for k, r in extra.items()}
     job.result = res | {
         "train_s": done["train_s"],
         "best_valid_accuracy": done["best_valid_accuracy"],
@@ -208,18 +214,27 @@ def keep_if_finished(job: Job) -> bool:
 
 
 def finished(job: Job) -> bool:
-    """A job folder with a test evaluation and a finished training of the job's recipe."""
+    """A job folder with its test evaluations and a finished training of the job's recipe."""
     from rim.assembly import load_recipe
 
     try:
         lines = (job.out / "metrics.jsonl").read_text().splitlines()
         done = any(json.loads(x).get("event") == "done" for x in lines)
-        if not (done and (job.out / "test_eval.json").is_file()):
+        tests = ["test_eval.json"] + [f"test_eval.{k}.json" for k in extra_tests(job)]
+        if not (done and all((job.out / t).is_file() for t in tests)):
             return False
         saved = load_recipe(job.out / "config.yaml").to_dict()
         return saved == load_recipe(job.recipe, job.train_sets).to_dict()
     except (OSError, ValueError, RimError):
         return False
+
+
+def extra_tests(job: Job) -> dict[str, str]:
+    """The recipe's `data.extra_tests`, by file stem (their results: test_eval.<stem>.json)."""
+    from rim.assembly import load_recipe
+
+    paths = load_recipe(job.recipe, job.train_sets).data.extra_tests
+    return {Path(p).stem: p for p in paths}
 
 
 def finished_elsewhere(job: Job, sweeps: tuple[Path, ...]) -> Path | None:

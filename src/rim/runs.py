@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from rim.errors import RimError
-from rim.io import atomic_file
+from rim.io import atomic_file, remove
 
 LOCK = ".lock"
 RUN_FILE = "run.json"
@@ -129,11 +129,77 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def write_run(folder: Path, run_id: str, config_text: str) -> None:
-    """`config.yaml` and `run.json` (its hash, to tell a user's later edit from our copy)."""
+def write_run(folder: Path, run_id: str, config_text: str, branch: str | None = None) -> None:
+    """`config.yaml` and `run.json`: its hash (to tell a user's later edit from our copy) and
+    every branch that trained in this folder with its recipe's hash (`check_lineage`)."""
     atomic_file(Path(folder) / "config.yaml", config_text)
-    record = {"run_id": run_id, "config_sha256": _sha(config_text)}
+    old = _run_record(folder)
+    branches = old.get("branches", {}) if old.get("run_id") == run_id else {}
+    branches = dict(branches) if isinstance(branches, dict) else {}
+    if branch is not None:
+        branches[branch] = _sha(config_text)
+    record = {"run_id": run_id, "config_sha256": _sha(config_text), "branches": branches}
     atomic_file(Path(folder) / RUN_FILE, json.dumps(record) + "\n")
+
+
+def check_lineage(folder: Path, ckpt: Path, run_id: str, branch: str | None) -> None:
+    """Refuse a checkpoint of this run's id that this folder's lineage never wrote (a folder
+    copied from this one, trained on with another recipe, then copied back), or whose recipe
+    is not the one its branch trained with. Runs from before branches were recorded pass."""
+    record = _run_record(folder)
+    branches = record.get("branches")
+    if record.get("run_id") != run_id or not isinstance(branches, dict) or not branches:
+        return
+    if branch not in branches:
+        raise RimError(
+            f"--resume {ckpt}: written by branch {branch} of run {run_id}, which never trained "
+            f"in {folder} (copied in from another folder?); resume it in its own folder"
+        )
+    try:
+        text = (Path(ckpt) / "config.yaml").read_text()
+    except OSError:
+        text = ""
+    if _sha(text) != branches[branch]:
+        raise RimError(
+            f"--resume {ckpt}: its config.yaml is not the recipe branch {branch} trained with "
+            "(edited or copied in); resume from an untouched checkpoint"
+        )
+
+
+def finished(folder: Path) -> bool:
+    """Did the run in `folder` end (its `done` record in metrics.jsonl, or `final/`)?"""
+    if (Path(folder) / "final" / "rim.json").is_file():
+        return True
+    try:
+        lines = (Path(folder) / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return False
+    return any('"event": "done"' in line for line in lines[-3:])
+
+
+def clean_temporaries(folder: Path) -> list[str]:
+    """Remove what a killed process left in `folder` (`.NAME.tmp-PID`, `.step-N.tmp`); a
+    `.NAME.old-PID` whose `NAME` is missing (a kill between atomic_dir's two renames) is put
+    back as `NAME`. Called under the run's lock, so no live writer owns these. Returns names."""
+    done = []
+    for root in (Path(folder), Path(folder) / "checkpoints"):
+        if not root.is_dir():
+            continue
+        for path in sorted(root.iterdir()):
+            name = path.name
+            if not name.startswith(".") or name == LOCK:
+                continue
+            if ".old-" in name:
+                target = root / name[1:].rsplit(".old-", 1)[0]
+                if not target.exists():
+                    path.rename(target)
+                    done.append(f"{path.name} -> {target.name}")
+                    continue
+            elif ".tmp" not in name:
+                continue
+            remove(path)
+            done.append(path.name)
+    return done
 
 
 def edited_config(folder: Path) -> Path | None:
@@ -165,11 +231,37 @@ def config_changes(saved: dict, requested: dict) -> dict[str, list]:
     return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+# what a resume can change and the trainer then applies from the resume step (rim.trainer:
+# the optimizer groups and LR schedule are rebased, stages extended); everything else (the
+# model, method, data, memory, seed, batch) would silently not apply or mix two runs
+CHANGEABLE = (
+    "train.lr", "train.stage2_lr", "train.weight_decay", "train.warmup", "train.lr_schedule",
+    "train.grad_clip", "train.dropout", "train.stage2_dropout", "train.steps", "train.epochs",
+    "train.micro_batch_size", "train.eval_every", "train.log_every", "train.save_every",
+    "train.keep_last", "train.threads", "train.report_to", "train.tracking_project",
+    "curriculum.stage1_steps", "curriculum.stage1_epochs", "curriculum.stage2_steps",
+    "curriculum.stage2_epochs", "eval.", "data.valid.",
+)  # fmt: skip
+
+
+def changeable(key: str) -> bool:
+    return any(key == c or (c.endswith(".") and key.startswith(c)) for c in CHANGEABLE)
+
+
 def check_changes(changes: dict[str, list], allowed: list[str], where: str) -> None:
-    """Refuse changes not named by `--allow-change KEY` (a key or a whole section)."""
+    """Refuse changes not named by `--allow-change KEY` (a key or a whole section), and
+    named ones the trainer cannot apply from the resume step."""
 
     def ok(key: str) -> bool:
         return any(key == a or key.startswith(a.rstrip(".") + ".") for a in allowed)
+
+    fixed = [k for k in changes if ok(k) and not changeable(k)]
+    if fixed:
+        keys = ", ".join(c.rstrip(".") + (".*" if c.endswith(".") else "") for c in CHANGEABLE)
+        raise RimError(
+            f"--allow-change: {fixed[0]} cannot change on resume ({changes[fixed[0]][0]!r} -> "
+            f"{changes[fixed[0]][1]!r}); start a new run for it. Changeable: {keys}"
+        )
 
     refused = {k: v for k, v in changes.items() if not ok(k)}
     if refused:

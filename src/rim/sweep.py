@@ -6,7 +6,9 @@
 
 The grid file (`rim.grid`) names the recipes, methods, seeds and axes. Every run goes
 through the demo's runner (`rim.runner`): `rim train`, then `rim eval --split test` of
-`best/`, `--workers` at a time. Always resumable: a finished run of the same resolved recipe
+`best/` (and of each `data.extra_tests` file), `--workers` at a time. A search (a grid part
+with fewer seeds than the grid, rim.grid) runs first; then the grid's other seeds of the
+`select` value chosen on validation, in the same command. Always resumable: a finished run of the same resolved recipe
 is kept as it is, an unfinished one continues from its last checkpoint; so a stopped sweep is
 restarted by running the same command again, and adding a value to an axis runs only the
 new cells. No latency timing: a grid compares accuracies (the demo times latency).
@@ -65,6 +67,8 @@ class Planned:
     values: dict  # every axis of the grid -> this recipe's value of the axis key
     sets: list[str]
     cfg: Config
+    recipe: Path
+    seeds: int  # planned now; a search's chosen cell gets the grid's seeds later
     jobs: list[Job] = field(default_factory=list)
 
     @property
@@ -88,7 +92,7 @@ def _resolve(grid: Grid, cell, sets: list[str]) -> Planned:
     """The cell's recipe, loaded and checked before anything runs."""
     from rim.assembly import load_recipe
 
-    recipe = grid.recipe(cell.method)
+    recipe = cell.recipe
     sets = sets + [f"{k}={json.dumps(v)}" for k, v in cell.overrides.items()]
     label = cell_label(cell.values)
     try:
@@ -101,7 +105,7 @@ def _resolve(grid: Grid, cell, sets: list[str]) -> Planned:
         raise ConfigError(f"{recipe}: a sweep needs data.test (its runs are tested on it)")
     resolved = cfg.to_dict()
     values = {a.name: _lookup(resolved, a.key) for a in grid.axes}
-    return Planned(cell.method, values, sets, cfg)
+    return Planned(cell.method, values, sets, cfg, recipe, cell.seeds)
 
 
 def _check_fair(cells: list[Planned], grid: Grid) -> None:
@@ -118,33 +122,52 @@ def _check_fair(cells: list[Planned], grid: Grid) -> None:
 
 
 def plan(grid: Grid, out: Path, cli_sets: list[str] | None = None) -> list[Planned]:
-    """One `Planned` cell per distinct recipe (two parts naming the same run share it),
-    `grid.seeds` jobs each, in OUT/runs/<method>/<values>/seed<s>."""
+    """One `Planned` cell per distinct recipe (two parts naming the same run share it, with
+    the more seeds of the two), a job per seed of its part, in
+    OUT/runs/<method>/<values>/seed<s>."""
     sets = [f"{k}={json.dumps(v)}" for k, v in grid.set.items()] + list(cli_sets or [])
     cells: dict[str, Planned] = {}
     for cell in grid.cells():
         p = _resolve(grid, cell, sets)
-        seen = cells.get(p.name)
-        if seen is not None:
-            if seen.cfg.to_dict() != p.cfg.to_dict():
-                raise ConfigError(
-                    f"{grid.path}: {p.name}: two cells of one label but different recipes "
-                    "(make the differing key the first of its axis)"
-                )
-            continue
-        folder = out / "runs" / p.method / cell_label(p.values)
-        recipe, steps = grid.recipe(p.method), total_steps(p.cfg)
-        p.jobs = [
-            Job(p.method, s, recipe, folder / f"seed{s}", p.sets, steps, values=p.values)
-            for s in range(grid.seeds)
-        ]
-        for j in p.jobs if grid.reuse else ():  # trained by another sweep: take it from there
-            if not finished(j) and (there := finished_elsewhere(j, grid.reuse)):
-                j.out, j.reused = there, True
-        cells[p.name] = p
+        seen = cells.setdefault(p.name, p)
+        if seen is not p and seen.cfg.to_dict() != p.cfg.to_dict():
+            raise ConfigError(
+                f"{grid.path}: {p.name}: two cells of one label but different recipes "
+                "(make the differing key the first of its axis)"
+            )
+        seen.seeds = max(seen.seeds, p.seeds)
     planned = list(cells.values())
+    for p in planned:
+        add_jobs(p, range(p.seeds), out, grid)
     _check_fair(planned, grid)
     return planned
+
+
+def add_jobs(p: Planned, seeds: range, out: Path, grid: Grid) -> list[Job]:
+    """`p`'s jobs of these seeds (appended to `p.jobs`); a run of the same recipe and seed
+    that another sweep finished (`reuse`) is taken from there."""
+    folder = out / "runs" / p.method / cell_label(p.values)
+    steps = total_steps(p.cfg)
+    new = [
+        Job(p.method, s, p.recipe, folder / f"seed{s}", p.sets, steps, values=p.values)
+        for s in seeds
+    ]
+    for j in new if grid.reuse else ():
+        if not finished(j) and (there := finished_elsewhere(j, grid.reuse)):
+            j.out, j.reused = there, True
+    p.jobs += new
+    return new
+
+
+def searched(grid: Grid, cells: list[Planned], res: dict, out: Path) -> list[Job]:
+    """After a search (a part with fewer seeds than the grid, rim.grid): the grid's other
+    seeds of each value chosen on validation (`res["best"]`), as new jobs of its cell."""
+    by_name = {c.name: c for c in cells}
+    new: list[Job] = []
+    for b in res.get("best", []):
+        c = by_name[b["cell"]]
+        new += add_jobs(c, range(len(c.jobs), grid.seeds), out, grid)
+    return new
 
 
 # --------------------------------------------------------------------------- summary
@@ -181,6 +204,12 @@ def _cell_record(c: Planned) -> dict:
         for k in METRICS
         if any(r.get(k) is not None for r in done)
     }
+    names = dict.fromkeys(k for r in done for k in r.get("extra_tests", {}))
+    if names:  # data.extra_tests: accuracy on each other test file
+        rec["extra_tests"] = {
+            k: aggregate([r["extra_tests"][k] for r in done if k in r.get("extra_tests", {})])
+            for k in names
+        }
     if done and all("per_block_accuracy" in r for r in done):
         cols = list(zip(*(r["per_block_accuracy"] for r in done)))
         aggs = [aggregate(list(col)) for col in cols]
@@ -284,14 +313,16 @@ def _pm(agg: dict | None) -> str:
 def markdown_table(res: dict) -> str:
     """One row per cell: its method and axis values, then the metrics (means over seeds)."""
     axes = list(res["grid"]["axes"])
-    header = ["method", *axes, "test acc (mean ± s.d.)"] + [h for _, h, _ in COLUMNS]
-    header += ["train examples", "runs"]
+    extra = list(dict.fromkeys(k for c in res["cells"] for k in c.get("extra_tests", {})))
+    header = ["method", *axes, "test acc (mean ± s.d.)", *(f"{k} acc" for k in extra)]
+    header += [h for _, h, _ in COLUMNS] + ["train examples", "runs"]
     rows = []
     for c in res["cells"]:
         row = [
             c["method"],
             *(fmt(c["values"][a], "") for a in axes),
             _pm(c["metrics"].get("accuracy")),
+            *(_pm(c.get("extra_tests", {}).get(k)) for k in extra),
         ]
         row += [fmt(_mean(c, k), spec) for k, _, spec in COLUMNS]
         rows.append(row + [str(c["train_examples"]), f"{c['n']}/{c['runs']}"])
@@ -338,7 +369,8 @@ def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
         "",
         "Test acc: exact-match fraction on the test split (after the last memory block for "
         "block methods; any-block: after at least one), of the checkpoint chosen on the valid "
-        "split; mean ± s.d. over seeds. Best valid acc: the best validation accuracy during "
+        "split (`<file> acc`: on the recipe's data.extra_tests file of that name); mean ± s.d. "
+        "over seeds. Best valid acc: the best validation accuracy during "
         "training (what chose that checkpoint). Train examples: optimizer steps x batch size. "
         "Runs: finished / planned.",
     ]
@@ -384,19 +416,36 @@ def _command(args) -> str:
 
 
 def print_plan(cells: list[Planned], grid: Grid) -> None:
-    """`--dry-run`: the cells, their budgets and overrides; nothing runs or is written."""
+    """`--dry-run`: the cells, their seeds, budgets and overrides; nothing runs or is written."""
     rows = []
     for c in cells:
         j = c.jobs[0]
         sets = " ".join(
             s for s in c.sets if s.split("=", 1)[0] in {k for a in grid.axes for k in a.keys}
         )
-        rows.append([c.name, str(j.total_steps), str(j.total_steps * c.cfg.train.batch_size), sets])
-    print(table(["cell", "steps", "train examples", "grid overrides"], rows))
-    print(f"\n[sweep] {len(cells)} cells x {grid.seeds} seed(s) = {len(cells) * grid.seeds} runs")
-    reused = [j for c in cells for j in c.jobs if j.reused]
+        seeds = f"0-{len(c.jobs) - 1}" if len(c.jobs) > 1 else "0"
+        seeds += " (search)" if len(c.jobs) < grid.seeds else ""
+        examples = str(j.total_steps * c.cfg.train.batch_size)
+        rows.append([c.name, seeds, str(j.total_steps), examples, sets])
+    print(table(["cell", "seeds", "steps", "train examples", "grid overrides"], rows))
+    jobs = [j for c in cells for j in c.jobs]
+    print(f"\n[sweep] {len(cells)} cells, {len(jobs)} runs")
+    searches: dict[tuple, int] = {}  # (method, other axes) -> the chosen value's seeds to come
+    for c in cells:
+        if len(c.jobs) < grid.seeds:
+            others = {k: v for k, v in c.values.items() if k != grid.select}
+            searches[(c.method, cell_label(others))] = grid.seeds - len(c.jobs)
+    if searches:
+        print(
+            f"[sweep] then {sum(searches.values())} runs more: seeds up to {grid.seeds - 1} of "
+            f"the {grid.select} chosen on validation by each of {len(searches)} searches"
+        )
+    reused = [j for j in jobs if j.reused]
     if reused:
         print(f"[sweep] {len(reused)} of them finished in another sweep (reuse), taken from there")
+    missing = [f for f in grid.reuse if not (f / "runs").is_dir()]
+    if missing:  # a plan before the reused sweep has run (training refuses it)
+        print(f"[sweep] reuse: nothing in {', '.join(map(str, missing))} yet")
 
 
 def _write(out: Path, res: dict) -> list[Path]:
@@ -408,12 +457,24 @@ def _write(out: Path, res: dict) -> list[Path]:
     return [out / "results.json", out / "results.md", *plots]
 
 
+def _execute(jobs: list[Job], args, workers: int, runner: Runner) -> None:
+    """Run (resuming) `jobs`; with --report-only, keep the finished ones and run nothing."""
+    if args.report_only:  # the finished runs' results (a sweep still running)
+        for j in jobs:
+            keep_if_finished(j)
+        return
+    # cheapest first, then seed by seed: a stopped sweep has its small cells whole and one
+    # seed of every cell at a budget before a second (stable: the plan's method order)
+    order = sorted(jobs, key=lambda j: (j.total_steps, j.seed))
+    run_jobs(order, workers, runner, tag="sweep")
+
+
 def run_sweep(args) -> dict:
     """Plan, run (resuming), summarise and report a grid; returns results.json's dict."""
     if args.workers < 1:
         raise RimError("--workers must be >= 1")
     t0 = time.perf_counter()
-    grid = load_grid(args.config)
+    grid = load_grid(args.config, need_reuse=not args.dry_run)
     out = Path(args.out)
     cells = plan(grid, out, args.set)
     if args.dry_run:
@@ -423,20 +484,19 @@ def run_sweep(args) -> dict:
     device, workers = pick_device(args.workers, "sweep")
     out.mkdir(parents=True, exist_ok=True)
     print(
-        f"[sweep] {len(jobs)} runs ({len(cells)} cells x {grid.seeds} seed(s)), {workers} at a "
-        f"time on {device}; logs in {out / 'runs'}/<method>/<values>/seed<s>/train.log"
+        f"[sweep] {len(jobs)} runs ({len(cells)} cells), {workers} at a time on {device}; "
+        f"logs in {out / 'runs'}/<method>/<values>/seed<s>/train.log"
     )
     machine = describe(device).demo_dict(workers)
-    if args.report_only:  # the finished runs' results, nothing run (a sweep still running)
-        for j in jobs:
-            keep_if_finished(j)
-    else:
-        # cheapest first, then seed by seed: a stopped sweep has its small cells whole and one
-        # seed of every cell at a budget before a second (stable: the plan's method order)
-        order = sorted(jobs, key=lambda j: (j.total_steps, j.seed))
-        runner = Runner(device, cells[0].cfg.eval.batch_size, resume=True)
-        run_jobs(order, workers, runner, tag="sweep")
+    runner = Runner(device, cells[0].cfg.eval.batch_size, resume=True)
+    _execute(jobs, args, workers, runner)
     res = results(grid, cells, out, machine, _command(args))
+    more = searched(grid, cells, res, out)  # the other seeds of each search's chosen value
+    if more:
+        print(f"[sweep] {grid.select} chosen on validation: {len(more)} runs of the other seeds")
+        _execute(more, args, workers, runner)
+        jobs += more
+        res = results(grid, cells, out, machine, _command(args))
     res["wall_s"] = time.perf_counter() - t0
     res["report_only"] = bool(args.report_only)
     written = _write(out, res)

@@ -30,34 +30,26 @@ from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from rim import fsdp, progress, runs, tracking
+from rim import fsdp, progress, runs, speed, tracking
 from rim.assembly import Setup, assemble, t_max
-from rim.checkpoint import Parts, TrainState, find_latest, load_state, save_model, save_state
+from rim.batching import example_lengths, make_stream, micro_batches
+from rim.checkpoint import (
+    Parts,
+    TrainState,
+    find_latest,
+    load_state,
+    pending_metrics,
+    save_model,
+    save_state,
+    set_aside_unsaved_branches,
+    supersede,
+)
 from rim.config import Config
 from rim.curriculum import Stage, stage_progress, warmup_constant
 from rim.errors import Preempted, RimError
 from rim.evaluation import evaluate
 from rim.io import os_error, storage_error
 from rim.machine import cpu_model
-
-
-class ExampleStream:
-    """Seeded, resumable order: epoch e is permutation(seed + e); `cursor` counts examples."""
-
-    def __init__(self, n: int, seed: int, cursor: int = 0):
-        self.n, self.seed, self.cursor = n, seed, cursor
-        self._epoch, self._perm = -1, None
-
-    def take(self, k: int) -> list[int]:
-        out = []
-        for _ in range(k):
-            epoch, i = divmod(self.cursor, self.n)
-            if epoch != self._epoch:
-                g = torch.Generator().manual_seed(self.seed + epoch)
-                self._perm, self._epoch = torch.randperm(self.n, generator=g).tolist(), epoch
-            out.append(self._perm[i])
-            self.cursor += 1
-        return out
 
 
 def set_dropout(model: torch.nn.Module, p: float | None) -> None:
@@ -82,7 +74,12 @@ class Trainer:
         else:
             self.model = self.acc.prepare_model(setup.model)
         self.plan = setup.method.plan(len(setup.train), t_max(setup.train))
-        self.stream = ExampleStream(len(setup.train), self.cfg.train.seed)
+        speed.check(self.cfg, setup.method, self.plan, self.acc.device)  # fp16, flex, compile
+        self.model = speed.prepare(self.model, self.cfg, self.acc)
+        # group_by_length: each example's longest sequence over the plan (rim.batching)
+        grouped = self.cfg.train.group_by_length
+        self.lengths = example_lengths(setup.method, setup.train, self.plan) if grouped else None
+        self.stream = make_stream(len(setup.train), self.cfg.train, self.lengths)
         self.state = TrainState()
         self._clock = (time.perf_counter(), 0.0)  # (start, seconds before it): _train_s
         self.optimizer = self.scheduler = None
@@ -112,7 +109,10 @@ class Trainer:
     def log(self, record: dict) -> None:
         """One metrics.jsonl record; its numbers also go to the trackers (rim.tracking)."""
         if self.main:
+            st = self.state
             file = self.out / "metrics.jsonl"
+            if st.resumed_from is not None and not st.superseded:  # until the branch's
+                file = pending_metrics(self.out, st.branch)  # first checkpoint: aside
             try:
                 with open(file, "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -143,10 +143,10 @@ class Trainer:
         idx = self.stream.take(t.batch_size)
         mine = idx[self.acc.process_index :: self.acc.num_processes]
         micro = t.micro_batch_size or t.batch_size
-        chunks = [mine[i : i + micro] for i in range(0, len(mine), micro)] or [[]]
+        chunks = micro_batches(mine, micro, self.lengths)
         progress = stage_progress(self.state.step_in_stage, stage.steps)
         self.model.train()
-        total = 0.0
+        total = torch.zeros((), device=self.acc.device)  # summed where the loss is: no sync
         for j, chunk in enumerate(chunks):
             examples = [self.s.train[i] for i in chunk]
             sync = j == len(chunks) - 1
@@ -159,14 +159,18 @@ class Trainer:
                 else:  # an idle process still joins the gradient all-reduce
                     loss = sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
                 self.acc.backward(loss * self.acc.num_processes)
-            total += loss.detach().float().item()
+            total += loss.detach().float()
         if self.acc.num_processes > 1:
-            total = self.acc.reduce(torch.tensor(total, device=self.acc.device), "sum").item()
+            total = self.acc.reduce(total, "sum")
         # the norm is also the overflow check (a finite loss can still give inf gradients)
+        speed.unscale(self.acc, self.optimizer)  # fp16: clip the true gradients
         norm = self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
-        norm = float(fsdp.replicated(norm)) if norm is not None else 0.0
-        if not (math.isfinite(total) and math.isfinite(norm)):  # before the update: the
-            good = find_latest(self.out)  # weights and checkpoints stay good
+        norm = fsdp.replicated(norm) if norm is not None else 0.0
+        norm = torch.as_tensor(norm, dtype=torch.float32, device=total.device)
+        total, norm = torch.stack([total, norm]).tolist()  # the one host sync of a step
+        scaled = self.acc.scaler is not None  # fp16: the scaler skips inf gradients
+        if not (math.isfinite(total) and (math.isfinite(norm) or scaled)):  # before the update:
+            good = find_latest(self.out)  # the weights and checkpoints stay good
             raise RimError(
                 f"train: non-finite loss or gradient (loss {total}, gradient norm {norm}) "
                 f"at step {self.state.global_step + 1} ({stage.name} step "
@@ -174,7 +178,7 @@ class Trainer:
                 " stopped, last good checkpoint: "
                 + (str(good) if good else "none written yet (set train.save_every)")
             )
-        self.optimizer.step()
+        speed.optimizer_step(self.acc, self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total
@@ -186,7 +190,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.main:
             recipe = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
-            runs.write_run(self.out, self.state.run_id, recipe)
+            runs.write_run(self.out, self.state.run_id, recipe, self.state.branch)
         if self.acc.log_with:
             st = self.state
             tracking.local_stores(self.cfg.train.report_to, self.out)
@@ -209,6 +213,8 @@ class Trainer:
                 stage = self.plan[st.stage_index]
                 if self.optimizer is None:
                     self.new_optimizer(stage)
+                    if st.step_in_stage:  # a finished stage extended on resume
+                        self._rebase(stage, st.step_in_stage)
                 self._run_stage(stage)
                 st.stage_index += 1
                 st.step_in_stage = 0
@@ -216,6 +222,9 @@ class Trainer:
                 self.save_resumable()
                 self._stop_if_asked(saved=True)
         train_s = self._train_s()
+        if self.main and st.resumed_from is not None and not st.superseded:
+            supersede(self.out, st.resumed_from, st.branch)  # resumed at the very end
+            st.superseded = True
         self._save_model("final")
         if not (self.out / "best").exists():
             self._save_model("best")
@@ -278,7 +287,7 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.0f}")
             if logged and status.due():  # in a log: a line every 30 s, not a redrawn bar
                 print(
-                    f"[rim] {bar.desc} step {st.step_in_stage}/{stage.steps}: "
+                    f"[rim] {self.cfg.method}:{stage.name} step {st.step_in_stage}/{stage.steps}: "
                     f"loss {loss:.4f}, {rate:.0f} examples/s",
                     flush=True,
                 )
@@ -309,10 +318,11 @@ class Trainer:
         valid = self.s.valid[: e.val_limit] if e.val_limit else self.s.valid
         # sharded: every process decodes the same examples (identical steps) through FSDP
         model = self.model if self.sharded else self.acc.unwrap_model(self.model)
-        res = evaluate(
-            self.s.method, model, valid, e.batch_size, decoder="final", timing_examples=0,
-            progress=False,
-        )  # fmt: skip
+        with speed.decoding(model):  # sdpa, not FlexAttention; compiled layers run eagerly
+            res = evaluate(
+                self.s.method, model, valid, e.batch_size, decoder="final", timing_examples=0,
+                progress=False,
+            )  # fmt: skip
         if self.sharded:
             fsdp.reshard(self.model)
         acc = res["accuracy"]
@@ -351,17 +361,73 @@ class Trainer:
         self.state.train_s = self._train_s()
         save_state(self.out, self.state, self._parts(), self.cfg)
 
-    def resume(self, folder: Path) -> Path:
+    def resume(self, folder: Path, changes: dict | None = None) -> Path:
         """Continue from a checkpoint (or a run folder's newest intact one): weights, RNG,
-        state, data cursor and, mid-stage, the optimizer and LR schedule."""
+        state, data cursor and, mid-stage, the optimizer and LR schedule. `changes`
+        (`--allow-change`) apply from the resume step: the LR, weight decay and schedule are
+        rebased, a stage made longer goes on (a finished one too)."""
         got = load_state(folder, self.out, self._parts())
-        self.state = got.state
-        self.stream.cursor = got.state.cursor
-        if got.optimizer is not None and self.state.stage_index < len(self.plan):
-            self.new_optimizer(self.plan[self.state.stage_index])
-            self.optimizer.load_state_dict(got.optimizer)
+        st = self.state = got.state
+        runs.check_lineage(self.out, got.checkpoint, st.run_id, st.branch_of_checkpoint)
+        self.stream.cursor = st.cursor
+        reopened = self._extend_stages(got.checkpoint) if changes else False
+        if got.optimizer is not None and st.stage_index < len(self.plan) and not reopened:
+            stage = self.plan[st.stage_index]
+            self.new_optimizer(stage)
+            self.optimizer.load_state_dict(fsdp.like_params(got.optimizer, self.optimizer))
             self.scheduler.load_state_dict(got.scheduler)
+            if changes:
+                self._rebase(stage, self.scheduler.last_epoch)
         return got.checkpoint
+
+    def _rebase(self, stage: Stage, at: int) -> None:
+        """The optimizer groups and LR schedule at step `at` of `stage` as this recipe says
+        (a loaded state carries the old recipe's LR and weight decay)."""
+        sched, groups = self.scheduler, self.optimizer.param_groups
+        sched.last_epoch = at
+        sched.base_lrs = [stage.lr for _ in groups]
+        lrs = [stage.lr * lam(at) for lam in sched.lr_lambdas]
+        for g, lr in zip(groups, lrs):
+            g["initial_lr"], g["lr"], g["weight_decay"] = stage.lr, lr, self.cfg.train.weight_decay
+        sched._last_lr = lrs
+
+    def _extend_stages(self, ckpt: Path) -> bool:
+        """Map the checkpoint's position onto this recipe's (changed) stage lengths; True if
+        the stage the checkpoint had just finished is longer now and goes on."""
+        from rim.assembly import load_recipe
+        from rim.methods import plan
+
+        old = plan(load_recipe(ckpt / "config.yaml"), len(self.s.train), t_max(self.s.train))
+        st, new = self.state, self.plan
+        i = st.stage_index
+        reopen = 0 < i <= len(new) and st.step_in_stage == 0 and new[i - 1].steps > old[i - 1].steps
+        for j in range(min(i, len(old), len(new))):
+            if new[j].steps != old[j].steps and not (reopen and j == i - 1):
+                raise RimError(
+                    f"--allow-change: stage {old[j].name} is over ({old[j].steps} steps); "
+                    f"its length cannot change to {new[j].steps} now"
+                )
+        if reopen:
+            st.stage_index, st.step_in_stage = i - 1, old[i - 1].steps
+        elif i < len(new) and st.step_in_stage > new[i].steps:
+            raise RimError(
+                f"--allow-change: stage {new[i].name} already ran {st.step_in_stage} steps, "
+                f"more than the {new[i].steps} asked"
+            )
+        return reopen
+
+
+def _clean(out: Path, fresh: bool) -> None:
+    """What a killed process left in `out`: temporaries removed (an interrupted `best/`
+    swap put back), an unsaved branch's records set aside (or removed for a fresh run)."""
+    left = runs.clean_temporaries(out)
+    if fresh:
+        for pending in out.glob(".metrics-branch-*.jsonl"):
+            pending.unlink()
+    else:
+        left += [str(p.relative_to(out)) for p in set_aside_unsaved_branches(out)]
+    if left:
+        print(f"[rim] {out}: cleaned up after a killed run: {', '.join(left)}")
 
 
 def make_accelerator(mixed_precision: str = "no", options: dict | None = None) -> Accelerator:
@@ -426,9 +492,11 @@ def train(
             runs.clear(out)
         elif rank0 and resume is None:  # again under the lock: a run may have ended since
             runs.refuse_existing(out)
+        if rank0:
+            _clean(out, fresh=resume is None)
         trainer = Trainer(setup, out)
         if resume is not None:
-            ckpt = trainer.resume(Path(resume))
+            ckpt = trainer.resume(Path(resume), changes)
             if changes:
                 step = trainer.state.global_step
                 trainer.log(

@@ -17,7 +17,8 @@ Random models never stop on EOS by design, so the methods' EOS is set to an id n
 have and each method generates exactly its configured number of tokens (`models.py`).
 Measurements are interleaved (round robin, rotating order) so background load hits all
 methods alike; figures are medians (`stats.py`). Each bench returns its JSON as a dict;
-`tables.py` renders it as Markdown, `run.py` is the command.
+`tables.py` renders it as Markdown, `run.py` is the command (`DEFAULTS` and `MODES`: each
+kind's options with their defaults and what it measures, which `rim bench KIND --help` shows).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from rim.bench.models import (
     question_text,
     run_decode,
 )
-from rim.bench.run import DEFAULTS, run_bench
+from rim.bench.run import DEFAULTS, MODES, run_bench
 from rim.bench.tables import format_any_block, format_latency, format_train
 from rim.bench.training import (
     TrainSpec,
@@ -61,6 +62,7 @@ __all__ = [
     "DTYPES",
     "FAMILY",
     "LATENCY_METHODS",
+    "MODES",
     "NEVER",
     "BenchModel",
     "LatencySpec",

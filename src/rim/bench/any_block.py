@@ -11,7 +11,7 @@ from rim.bench import stats
 from rim.bench.models import BenchModel, dtype_name, load_bench_model, make_method, question_text
 from rim.data import Example
 from rim.decoding import wall_clock
-from rim.machine import describe
+from rim.machine import describe, load_average
 
 
 @dataclass
@@ -55,6 +55,7 @@ def any_block_bench(
     """Wall time of evaluating after every block against after the last block only."""
     from rim.evaluation import evaluate
 
+    load = load_average()  # before the run: the 1-minute average read after it counts the run
     bm = model if isinstance(model, BenchModel) else load_bench_model(model, device, dtype)
     m = make_method(
         "rim", bm.tokenizer, blocks=blocks, mem_tokens=mem_tokens, answer_tokens=answer_tokens
@@ -75,7 +76,7 @@ def any_block_bench(
                 f"any {times['any'][-1]:.0f} ms"
             )
     ms = {k: stats.median(v) for k, v in times.items()}
-    machine = describe(bm.device)
+    machine = describe(bm.device, load_avg=load)
     config = {
         "model": bm.name,
         "device": str(bm.device),

@@ -16,7 +16,7 @@ from rim.bench import stats
 from rim.bench.models import BenchModel, load_bench_model, make_method, question_text, run_decode
 from rim.decoding import wall_clock
 from rim.errors import RimError
-from rim.machine import describe
+from rim.machine import describe, load_average
 
 LATENCY_METHODS = ("direct", "rim", "coconut", "cot")
 RATIOS = {
@@ -44,12 +44,12 @@ def _plain_thoughts(model, ids, thoughts: int, eot):
         return model(input_ids=torch.cat([ids, eot], dim=1), use_cache=True, logits_to_keep=1)
     kw = dict(use_cache=True, logits_to_keep=1, output_hidden_states=True)
     out = model(input_ids=ids, **kw)
-    cache, h = out.past_key_values, out.hidden_states[-1][:, -1:]  # h (B, 1, D): thought 1
+    cache, h = out.cache, out.hidden_states[-1][:, -1:]  # h (B, 1, D): thought 1
     for _ in range(thoughts - 1):
-        out = model(inputs_embeds=h, past_key_values=cache, **kw)
-        cache, h = out.past_key_values, out.hidden_states[-1][:, -1:]
+        out = model(inputs_embeds=h, cache=cache, **kw)
+        cache, h = out.cache, out.hidden_states[-1][:, -1:]
     last = torch.cat([h, model.get_input_embeddings()(eot)], dim=1)  # (B, 2, D)
-    return model(inputs_embeds=last, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return model(inputs_embeds=last, cache=cache, use_cache=True, logits_to_keep=1)
 
 
 @torch.no_grad()
@@ -76,15 +76,15 @@ def plain_loop(
     else:
         eot = torch.full((batch, 1), eot_id, dtype=torch.long, device=device)  # (B, 1)
         out = _plain_thoughts(model, ids, thoughts, eot)
-    cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)  # nxt (B,)
+    cache, nxt = out.cache, out.logits[:, -1].argmax(-1)  # nxt (B,)
     times, tokens = [], []
     for step in range(new_tokens):
         tokens.append(nxt.tolist()[0])  # synchronises, as greedy decoding does to check EOS
         times.append(clock() - start)
         if step == new_tokens - 1:
             break
-        out = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+        out = model(input_ids=nxt[:, None], cache=cache, use_cache=True)
+        cache, nxt = out.cache, out.logits[:, -1].argmax(-1)
     return times, tokens
 
 
@@ -249,7 +249,7 @@ def _ratios(ms: dict) -> dict:
     return {k: stats.ratio(ms.get(a), ms.get(b)) for k, (a, b) in RATIOS.items()}
 
 
-def _result(session: _Session, notes: list[str]) -> LatencyResult:
+def _result(session: _Session, notes: list[str], load: tuple | None) -> LatencyResult:
     spec, S = session.spec, session.samples
     med = {n: s.medians() for n, s in S.items()}
     keys = list(dict.fromkeys(LATENCY_METHODS + tuple(spec.methods)))  # None where not run
@@ -265,7 +265,7 @@ def _result(session: _Session, notes: list[str]) -> LatencyResult:
         }
         for n, s in S.items()
     }
-    machine = describe(session.bm.device)
+    machine = describe(session.bm.device, load_avg=load)
     return LatencyResult(
         ms=ms,
         ratios=_ratios(ms),
@@ -291,6 +291,7 @@ def measure_latency(
 ) -> LatencyResult:
     """Median TTFT and full-answer latency per method, ratios, and the plain-loop figures."""
     spec.check()
+    load = load_average()  # before the run: the 1-minute average read after it counts the run
     bm = model
     if not isinstance(model, BenchModel):
         bm = load_bench_model(model, device, dtype, max_positions=spec.max_positions())
@@ -312,7 +313,7 @@ def measure_latency(
             meths[name] = m
     session = _Session(bm, spec, meths)
     session.run(log)
-    return _result(session, notes)
+    return _result(session, notes, load)
 
 
 def latency_bench(

@@ -72,10 +72,9 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def _device(name: str | torch.device) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RimError(f"--device {name}: CUDA is not available on this machine")
-    return device
+    from rim.reasoner import check_device  # the one check every command shares
+
+    return check_device(name)
 
 
 def _special_strings() -> list[str]:

@@ -24,7 +24,7 @@ from rim.curriculum import Stage
 from rim.data import Example
 from rim.decoding import wall_clock
 from rim.layout import IGNORE, Segment, pack, weighted_loss
-from rim.machine import describe
+from rim.machine import describe, load_average
 from rim.methods.base import readout
 from rim.methods.coconut import Latent
 from rim.methods.rim import Grounding
@@ -278,6 +278,7 @@ def measure_train(
     """Examples/s and peak memory of one training step (forward + backward + AdamW):
     stage-1 RiM packed, stage-1 RiM naive (one pass per readout), Coconut at its last stage."""
     s = spec
+    load = load_average()  # before the run: the 1-minute average read after it counts the run
     bm = model if isinstance(model, BenchModel) else load_bench_model(model, device, dtype)
     examples = gsm8k_like(s.batch, s.question_tokens, s.steps_per_example, s.step_tokens)
     v = _Variants(bm, examples, s.steps_per_example, s.thoughts)
@@ -296,7 +297,7 @@ def measure_train(
             d.setdefault(n, None)
     skipped = "coconut: method not registered in rim.methods.METHODS; skipped"
     notes = [] if v.coco is not None else [skipped]
-    machine = describe(bm.device)
+    machine = describe(bm.device, load_avg=load)
     return TrainResult(
         ms=ms,
         examples_per_s=eps,

@@ -34,7 +34,7 @@ from rim.inspection.analyses import (
 )
 from rim.inspection.internals import attention_mass, lens_summary, lens_top1
 from rim.inspection.markdown import render
-from rim.io import atomic_file
+from rim.io import atomic_file, ensure_dir
 from rim.probe import PROBE_JSON, SELECTIONS, Probe, block_states, correctness, fit
 from rim.probe import selection_report as selections
 
@@ -129,8 +129,7 @@ def inspect_checkpoint(
     _require_blocks(method)
     if not examples:
         raise RimError("inspect: no examples")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(Path(out))  # a file or a read-only folder: one line, before the work
     br = collect(method, model, examples, batch_size)
     scores = probe.score(br.states) if probe is not None else None  # (N, K)
     rep = _header(method, model, br, where, probe_info)

@@ -7,19 +7,27 @@ Coconut, whose thoughts need sequential passes, overrides `loss` and `prefill`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
+from accelerate.utils import extract_model_from_parallel
 
+from rim import flex
+from rim.batching import pack_rows
 from rim.config import Config
-from rim.curriculum import Stage, steps_for
+from rim.curriculum import TRAIN_KEYS, Stage, steps_for
 from rim.data import Example
 from rim.decoding import Prefill, prefill
-from rim.layout import Segment, collate, pack, weighted_loss
+from rim.errors import ConfigError
+from rim.layout import IGNORE, Batch, Segment, collate, concat, pack, weighted_nll
 from rim.memory import MemoryTokens
+from rim.tokenized import TokenTable
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,7 @@ class Common:
     lr: float = 1e-4
     dropout: float | None = None
     seed: int = 0
+    pack_tokens: int | None = None  # train.pack_tokens: several examples per row
 
     @classmethod
     def from_config(cls, cfg: Config) -> Common:
@@ -48,6 +57,7 @@ class Common:
         return cls(
             e.answer_marker, e.max_new_tokens, e.cot_max_new_tokens, cfg.data.cot_join,
             cfg.data.max_length, t.epochs, t.steps, t.batch_size, t.lr, t.dropout, t.seed,
+            t.pack_tokens,
         )  # fmt: skip
 
 
@@ -71,8 +81,16 @@ class Method:
     # inference is one causal prefill of `prompt()` then greedy tokens, so a stock
     # `generate()` serves it (`rim export`); False for latent thoughts (Coconut, CODI)
     plain_prompt: ClassVar[bool] = True
+    # training rows may hold several examples (`train.pack_tokens`); False for methods whose
+    # loss is not one pass over `segments` (Coconut's and CODI's sequential latent passes)
+    shares_rows: ClassVar[bool] = True
 
     def __init__(self, common: Common, settings: Any, tokens: Tokens, tokenizer):
+        if common.pack_tokens is not None and not self.shares_rows:
+            raise ConfigError(
+                f"train.pack_tokens: {self.name} trains with sequential latent passes, one "
+                "example per row; set it null"
+            )
         self.common, self.settings, self.tokens = common, settings, tokens
         self.tokenizer = tokenizer
         self.eos_id: int = tokens.eos
@@ -81,6 +99,10 @@ class Method:
         self.mem: MemoryTokens | None = None  # set by block methods
         self._question = lru_cache(maxsize=200_000)(self._encode_question)
         self._text = lru_cache(maxsize=200_000)(self._encode_text)
+        # every string of the run's splits, encoded once (`pretokenize`); the caches above
+        # serve only what it did not foresee (inference prompts)
+        self._questions = TokenTable(self._encode_questions)
+        self._texts = TokenTable(self._encode_texts)
 
     @classmethod
     def settings_from(cls, cfg: Config) -> Any:
@@ -99,11 +121,37 @@ class Method:
     def _encode_text(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(" " + text, add_special_tokens=False)["input_ids"])
 
+    def _encode_questions(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+
+    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer([" " + t for t in texts], add_special_tokens=False)["input_ids"]
+
     def question_ids(self, question: str) -> tuple[int, ...]:
-        return self._question(question)
+        ids = self._questions.get(question)
+        return self._question(question) if ids is None else ids
 
     def text_ids(self, text: str) -> tuple[int, ...]:
-        return self._text(text)
+        ids = self._texts.get(text)
+        return self._text(text) if ids is None else ids
+
+    def pretokenize(self, examples: Iterable[Example]) -> None:
+        """Encode every question and text `examples` train and evaluate with, once, in
+        batch calls of the tokenizer (`rim.tokenized`); the same ids as one call each."""
+        examples = list(examples)
+        self._questions.fill(ex.question for ex in examples)
+        self._texts.fill([self.marker] + [t for ex in examples for t in self.texts(ex)])
+
+    def texts(self, ex: Example) -> Iterator[str]:
+        """The strings `ex`'s segments pass to `text_ids`: each step, the answer target,
+        and for CoT-like methods the chain (`pretokenize` encodes them ahead)."""
+        yield from ex.steps
+        yield f"{self.marker} {ex.answer}" if self.writes_reasoning else ex.answer
+        if self.writes_reasoning and ex.steps:
+            yield self._cot_text(ex.steps, ex.step_sep)
+
+    def _cot_text(self, steps: tuple[str, ...], step_sep: str) -> str:
+        return (step_sep if self.common.cot_join == "source" else " ").join(steps)
 
     def answer_ids(self, answer: str) -> tuple[int, ...]:
         """The answer target; CoT-like methods put the marker first so it can be found."""
@@ -120,14 +168,14 @@ class Method:
         `data.cot_join: space` joins with spaces instead (the iCoT multiplication then loses
         its ` + ` tokens, which moves every iCoT removal cut point).
         """
-        sep = ex.step_sep if self.common.cot_join == "source" else " "
-        return self.reasoning_ids(ex.steps[start:], sep)
+        steps = ex.steps[start:]
+        return self.text_ids(self._cot_text(steps, ex.step_sep)) if steps else ()
 
     # ---- training ----
     def plan(self, n_train: int, t_max: int) -> list[Stage]:
         """Single-stage default: `train.epochs` or `train.steps`."""
         c = self.common
-        steps = steps_for(c.epochs, c.steps, n_train, c.batch_size)
+        steps = steps_for(c.epochs, c.steps, n_train, c.batch_size, TRAIN_KEYS)
         return [Stage(self.name, 0, steps, c.lr, c.dropout)]
 
     def segments(self, ex: Example, stage: Stage, progress: float) -> list[Segment]:
@@ -143,19 +191,36 @@ class Method:
         device: torch.device,
     ) -> torch.Tensor:
         """Weighted readout NLL of `examples`, normalised by the global `num_examples`."""
+        mask = flex.Tables.of if flex.enabled(model) else None  # FlexAttention: no dense mask
+        batch = self.batch(examples, stage, progress, _mask_dtype(model), mask)
+        return batch_loss(model, batch.to(device), num_examples)
+
+    def batch(
+        self, examples: list[Example], stage: Stage, progress: float, dtype=torch.float32,
+        mask=None,
+    ) -> Batch:  # fmt: skip
+        """The rows of one forward pass: an example each, or with `train.pack_tokens`
+        several (`rim.batching.pack_rows`, first-fit decreasing; `rim.layout.concat`).
+        `mask`: as `rim.layout.collate`'s (`rim.flex.Tables.of` for FlexAttention)."""
         packed = [pack(self.segments(ex, stage, progress), self.eos_id) for ex in examples]
-        batch = collate(packed, self.pad_id, dtype=_mask_dtype(model)).to(device)
-        logits = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        ).logits
-        return weighted_loss(logits, batch, num_examples)
+        budget = self.common.pack_tokens
+        if budget is not None:
+            rows = pack_rows([len(p) for p in packed], budget)
+            packed = [concat([packed[i] for i in row]) for row in rows]
+        return collate(packed, self.pad_id, dtype=dtype, mask=mask)
 
     def train_length(self, ex: Example, stage: Stage) -> int:
         """Tokens of the training sequence (for max-length checks)."""
         return len(pack(self.segments(ex, stage, 0.0), self.eos_id))
+
+    def train_lengths(self, examples: list[Example], stages: list[Stage]) -> np.ndarray:
+        """(stages, examples) int64 array: `train_length` of every example at every stage.
+
+        The start-up length check needs all of them; the shipped methods override this to
+        sum per-segment token counts (`rim.tokenized.counts`) instead of laying out each
+        sequence, tested against `pack`. This default loops, for any other method."""
+        out = [[self.train_length(ex, s) for ex in examples] for s in stages]
+        return np.array(out, dtype=np.int64).reshape(len(stages), len(examples))
 
     # ---- inference ----
     def prompt(self, question: str, blocks: int | None = None) -> list[int]:
@@ -217,6 +282,42 @@ class Method:
 
 def _mask_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
+
+
+def batch_loss(model, batch: Batch, num_examples: int) -> torch.Tensor:
+    """`weighted_nll` of one forward pass over `batch`, the LM head only where labels are."""
+    where = batch.labels != IGNORE  # (B, L)
+    with labelled_head(model, where):
+        logits = model(
+            input_ids=batch.input_ids,
+            attention_mask=flex.attention_mask(batch.attention_mask),
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).logits  # (N, V): N labelled positions
+    return weighted_nll(logits, batch.labels[where], batch.weights[where], num_examples)
+
+
+@contextmanager
+def labelled_head(model, where: torch.Tensor) -> Iterator[None]:
+    """Inside, `model`'s LM head runs only at the positions `where` (B, L) is True: its
+    logits come back flat, (N, V), in `where`'s row-major order.
+
+    Only readouts carry labels, so the full (B, L, V) logits (and their fp32 copy) are mostly
+    waste. A pre-hook on the output embedding gathers the head's input, so the forward still
+    runs through `model` (DDP syncs, FSDP gathers, PEFT's LoRA or trainable-token head and the
+    model's own logit post-processing all apply), on any transformers version
+    (`logits_to_keep` takes a boolean mask only in recent ones). Unwrapped by accelerate.
+    """
+    head = extract_model_from_parallel(model).get_output_embeddings()
+
+    def gather(module, args):
+        return (args[0][where], *args[1:])  # (B, L, D) -> (N, D)
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def readout(ids: tuple[int, ...], parent: int, weight: float) -> Segment:

@@ -19,9 +19,10 @@ so each row computes exactly what it would alone.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
@@ -31,8 +32,9 @@ from rim.data import Example
 from rim.decoding import Prefill, left_pad, positions
 from rim.errors import ConfigError
 from rim.layout import IGNORE, Segment, weighted_nll
-from rim.methods.base import Common, Method, Tokens, readout
+from rim.methods.base import Common, Method, Tokens, labelled_head, readout
 from rim.methods.registry import register
+from rim.tokenized import counts
 
 
 @dataclass(frozen=True)
@@ -130,11 +132,14 @@ def run(
     tails: list[list[int]],
     pad_id: int,
     keep: int | None = None,
+    where: torch.Tensor | None = None,
 ) -> Passes:
     """`x ++ <bot>`, `counts[b]` thoughts, then `tails[b]` per row: max(counts) + 1 passes.
 
-    `keep`: logits of the last `keep` positions only (default: the whole tail).
+    `keep`: logits of the last `keep` positions only (default: the whole tail). `where`
+    (B, Lt): the tail's logits only where it is True, flat (N, V) (`labelled_head`).
     """
+    head = nullcontext() if where is None else labelled_head(model, where)
     device = next(model.parameters()).device
     ids, mask = left_pad(prefixes, pad_id, device)  # (B, P)
     pos = positions(mask)  # (B, P)
@@ -146,14 +151,15 @@ def run(
     if n_max == 0:  # no thought: one pass over the whole sequence, as the original
         mask = torch.cat([mask, tmask], dim=1)  # (B, P + Lt)
         tpos = pos[:, -1:] + 1 + steps  # (B, Lt)
-        out = model(
-            input_ids=torch.cat([ids, tail], dim=1),
-            attention_mask=mask,
-            position_ids=torch.cat([pos, tpos], dim=1),
-            cache=DynamicCache(),
-            use_cache=True,
-            logits_to_keep=keep or Lt,
-        )
+        with head:
+            out = model(
+                input_ids=torch.cat([ids, tail], dim=1),
+                attention_mask=mask,
+                position_ids=torch.cat([pos, tpos], dim=1),
+                cache=DynamicCache(),
+                use_cache=True,
+                logits_to_keep=keep or Lt,
+            )
         return Passes(out.cache, mask, out.logits, tpos[:, 0] + tmask.sum(1), 1)
     cache, mask, next_pos, last = _think(model, ids, mask, pos, n, n_max)
     has = (n > 0).to(mask.dtype)  # (B,) rows with a last thought
@@ -161,7 +167,7 @@ def run(
     slot[:, 0] = n > 0  # (B, 1 + Lt): where the last thought goes
     mask = torch.cat([mask, has[:, None], tmask], dim=1)  # (B, P + n_max - 1 + 1 + Lt)
     tpos = next_pos[:, None] + has[:, None] + steps  # (B, Lt)
-    with _feeding(model, slot, last):
+    with _feeding(model, slot, last), head:
         out = model(
             input_ids=torch.cat([tail[:, :1], tail], dim=1),  # slot 0: any id, replaced
             attention_mask=mask,
@@ -178,6 +184,7 @@ class Coconut(Method):
     name = "coconut"
     section = "coconut"
     plain_prompt = False  # sequential latent passes at inference: not exportable
+    shares_rows = False  # one example per row: the thought passes run row by row
     # the target after <eot> is `remaining steps ++ marker ++ answer`, as the original's
     # `steps ++ "### " answer`; fully latent at the final stage, the marker still comes first
     writes_reasoning = True
@@ -200,11 +207,12 @@ class Coconut(Method):
         """
         c, t = self.settings, self.common
         bs = t.batch_size
-        per = steps_for(c.epochs_per_stage, c.steps_per_stage, n_train, bs)
+        keys = ("coconut.epochs_per_stage", "coconut.steps_per_stage")
+        per = steps_for(c.epochs_per_stage, c.steps_per_stage, n_train, bs, keys)
         total = (
             None
             if c.epochs is None and c.steps is None
-            else steps_for(c.epochs, c.steps, n_train, bs)
+            else steps_for(c.epochs, c.steps, n_train, bs, ("coconut.epochs", "coconut.steps"))
         )
         epoch = steps_for(1.0, None, n_train, bs) if c.reset_optimizer else None
         spans = coconut_plan(c.max_stage, c.stage0, per, total, epoch)
@@ -262,6 +270,26 @@ class Coconut(Method):
         prefix, n, target = self.parts(ex, _k(stage))
         return len(prefix) + n + 1 + len(target)
 
+    def train_lengths(self, examples: list[Example], stages: list[Stage]) -> np.ndarray:
+        """`train_length` of every example at every stage, counted once per curriculum k."""
+        c, by_k = self.settings, {}
+        q = counts(self.question_ids(e.question) for e in examples)
+        a = counts(self.answer_ids(e.answer) for e in examples)
+        T = np.fromiter((len(e.steps) for e in examples), np.int64, len(examples))
+        for k in dict.fromkeys(_k(s) for s in stages):
+            cot = counts(self.cot_ids(e, k) for e in examples) if k <= c.max_stage else 0
+            latent = min(k, c.max_stage)
+            n = latent if c.pad_latent_to_max else np.minimum(latent, T)
+            by_k[k] = q + 1 + c.thoughts_per_step * n + 1 + cot + a  # + <bot>, <eot>
+        rows = [by_k[_k(s)] for s in stages]
+        return np.stack(rows) if rows else np.zeros((0, len(examples)), np.int64)
+
+    def texts(self, ex: Example) -> Iterator[str]:
+        """The base's strings and the chains that stages 1..max_stage leave."""
+        yield from super().texts(ex)
+        for k in range(1, min(self.settings.max_stage, len(ex.steps) - 1) + 1):
+            yield self._cot_text(ex.steps[k:], ex.step_sep)
+
     def loss(
         self,
         model,
@@ -275,14 +303,16 @@ class Coconut(Method):
         k = _k(stage)
         prefixes, counts, targets = zip(*(self.parts(ex, k) for ex in examples))
         tails = [[self.eot_id, *t] for t in targets]  # <eot> predicts t_1, t_m predicts EOS
-        logits = run(model, list(prefixes), list(counts), tails, self.pad_id).logits  # (B, Lt, V)
-        B, Lt = logits.shape[:2]
+        B, Lt = len(tails), max(len(t) for t in tails)
         labels = torch.full((B, Lt), IGNORE, dtype=torch.long)
         weights = torch.zeros(B, Lt)
         for b, t in enumerate(targets):
             labels[b, : len(t) + 1] = torch.tensor(t + (self.eos_id,))
             weights[b, : len(t) + 1] = 1.0 / (len(t) + 1)
-        return weighted_nll(logits, labels.to(device), weights.to(device), num_examples)
+        labels, weights = labels.to(device), weights.to(device)
+        where = labels != IGNORE  # (B, Lt): the LM head runs only there (not on padding)
+        logits = run(model, list(prefixes), list(counts), tails, self.pad_id, where=where).logits
+        return weighted_nll(logits, labels[where], weights[where], num_examples)  # (N, V)
 
     # ---- inference ----
     def thoughts(self) -> int:

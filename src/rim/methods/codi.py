@@ -21,10 +21,12 @@ resumable checkpoints see it) and is saved beside the weights as `codi_projectio
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,8 +38,9 @@ from rim.data import Example
 from rim.decoding import Prefill, left_pad, positions
 from rim.errors import RimError
 from rim.layout import IGNORE, Segment, token_nll
-from rim.methods.base import Common, Method, Tokens, readout
+from rim.methods.base import Common, Method, Tokens, labelled_head, readout
 from rim.methods.registry import register
+from rim.tokenized import counts
 
 PROJECTION = "codi_projection"  # the submodule's name on the model
 PROJECTION_FILE = "codi_projection.safetensors"
@@ -82,6 +85,7 @@ class CODI(Method):
     name = "codi"
     section = "codi"
     plain_prompt = False  # sequential latent passes at inference: not exportable
+    shares_rows = False  # teacher and student passes, one example per row
     writes_reasoning = True  # the student writes the marker, then the answer
     settings: CODIConfig
 
@@ -145,7 +149,7 @@ class CODI(Method):
     # ---- layout ----
     def _layout(self, ex: Example) -> Layout:
         q = self.question_ids(ex.question)
-        steps = ex.steps[:-1] if self.settings.drop_last_step else ex.steps
+        steps = self._steps(ex)
         answer = self.answer_ids(ex.answer)
         k = self.distill_index(answer)
         cot = self.reasoning_ids(steps)
@@ -182,6 +186,24 @@ class CODI(Method):
         lay = self.layout(ex)
         student = len(lay.encoder) + self.settings.latents + len(lay.decoder) - 1
         return max(len(lay.teacher) - 1, student)
+
+    def train_lengths(self, examples: list[Example], stages: list[Stage]) -> np.ndarray:
+        """`train_length` from token counts: the teacher's `q ++ cot ++ answer`, the
+        student's `q ++ <bot> ++ latents ++ <eot> ++ answer` (the last input unused)."""
+        q = counts(self.question_ids(e.question) for e in examples)
+        a = counts(self.answer_ids(e.answer) for e in examples)
+        cot = counts(self.reasoning_ids(self._steps(e)) for e in examples)
+        n = np.maximum(q + cot + a, q + a + self.settings.latents + 2)
+        return np.tile(n, (len(stages), 1))
+
+    def _steps(self, ex: Example) -> tuple[str, ...]:
+        return ex.steps[:-1] if self.settings.drop_last_step else ex.steps
+
+    def texts(self, ex: Example) -> Iterator[str]:
+        """The answer target and the teacher's chain (steps joined by spaces)."""
+        yield f"{self.marker} {ex.answer}"
+        if self._steps(ex):
+            yield " ".join(self._steps(ex))
 
     # ---- training ----
     def loss(
@@ -220,12 +242,14 @@ class CODI(Method):
             IGNORE,
         ).to(device)  # (B, L): position t predicts teacher[t + 1]
         kw = dict(attention_mask=mask, position_ids=positions(mask), use_cache=False)
-        out = model(input_ids=ids, output_hidden_states=True, **kw)
-        nll = token_nll(out.logits, labels)  # (B, L)
+        where = labels != IGNORE  # (B, L): the LM head runs only there
+        with labelled_head(model, where):
+            out = model(input_ids=ids, output_hidden_states=True, **kw)
+        nll = _spread(token_nll(out.logits, labels[where]), where)  # (B, L)
         idx = torch.tensor([lay.teacher_distill for lay in lays], device=device)  # (B,)
         hidden = out.hidden_states
         if self.settings.separate_target_pass:  # the original: a 2nd pass, own dropout draw
-            with torch.no_grad():
+            with torch.no_grad(), labelled_head(model, torch.zeros_like(where)):  # no logits
                 hidden = model(input_ids=ids, output_hidden_states=True, **kw).hidden_states
         rows_ = torch.arange(len(lays), device=device)
         targets = [h[rows_, idx].detach() for h in hidden]  # L+1 x (B, D)
@@ -274,17 +298,17 @@ class CODI(Method):
         labels = right_pad([lay.decoder[1:] for lay in lays], IGNORE).to(device)  # (B, Ld)
         emb = _core(model).get_input_embeddings()(ids)  # (B, Ld, D)
         Ld = ids.shape[1]
-        out = model(
-            inputs_embeds=torch.cat([latent.to(emb.dtype), emb], dim=1),  # (B, 1 + Ld, D)
-            attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1]), dmask], dim=1),
-            position_ids=next_pos[:, None] + torch.arange(1 + Ld, device=device),
-            cache=cache,
-            use_cache=True,
-            output_hidden_states=True,
-        )
-        nll = token_nll(
-            out.logits[:, 1:], labels
-        )  # (B, Ld): <eot> predicts the marker's first token
+        where = labels != IGNORE  # (B, Ld): <eot> predicts the marker's first token
+        with labelled_head(model, torch.cat([torch.zeros_like(where[:, :1]), where], dim=1)):
+            out = model(
+                inputs_embeds=torch.cat([latent.to(emb.dtype), emb], dim=1),  # (B, 1 + Ld, D)
+                attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1]), dmask], dim=1),
+                position_ids=next_pos[:, None] + torch.arange(1 + Ld, device=device),
+                cache=cache,
+                use_cache=True,
+                output_hidden_states=True,
+            )
+        nll = _spread(token_nll(out.logits, labels[where]), where)  # (B, Ld)
         idx = 1 + torch.tensor([lay.student_distill for lay in lays], device=device)  # (B,)
         rows_ = torch.arange(len(lays), device=device)
         return nll, labels != IGNORE, [h[rows_, idx] for h in out.hidden_states]
@@ -341,6 +365,12 @@ class CODI(Method):
     def meta(self, plan: list[Stage] | None = None) -> dict:
         c = self.settings
         return super().meta(plan) | {"latents": c.latents, "projection": c.projection}
+
+
+def _spread(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """(N,) `values` of the labelled positions back to `where`'s shape (B, L), 0 elsewhere."""
+    out = torch.zeros(where.shape, dtype=values.dtype, device=values.device)
+    return out.masked_scatter(where, values)
 
 
 def _mean(nll: torch.Tensor, mask: torch.Tensor, per_example: bool) -> torch.Tensor:

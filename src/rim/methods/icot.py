@@ -19,10 +19,12 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from rim.config import ICoTConfig
 from rim.curriculum import (
+    TRAIN_KEYS,
     Stage,
     icot_offset,
     icot_removed,
@@ -34,6 +36,7 @@ from rim.data import Example
 from rim.layout import Segment
 from rim.methods.base import Method, readout
 from rim.methods.registry import register
+from rim.tokenized import counts
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class ICoT(Method):
     def plan(self, n_train: int, t_max: int) -> list[Stage]:
         """One stage per removal count, each with its `Removal`."""
         t, i = self.common, self.settings
-        total = steps_for(t.epochs, t.steps, n_train, t.batch_size)
+        total = steps_for(t.epochs, t.steps, n_train, t.batch_size, TRAIN_KEYS)
         per_epoch = max(1, math.ceil(n_train / t.batch_size))
         if i.schedule == "step":
             spt = icot_steps_per_token(per_epoch, i.remove_per_epoch)
@@ -142,6 +145,18 @@ class ICoT(Method):
         o = _removal(stage)
         kept = 0 if o.all else max(0, cot - o.removed)
         return q + kept + answer
+
+    def train_lengths(self, examples: list[Example], stages: list[Stage]) -> np.ndarray:
+        """`train_length` of every example at every stage, the counts taken once."""
+        q = counts(self.question_ids(e.question) for e in examples)
+        cot = counts(self.cot_ids(e) for e in examples)
+        answer = counts(self.answer_ids(e.answer) for e in examples)
+        rows = []
+        for stage in stages:
+            o = _removal(stage)
+            kept = 0 if o.all else np.maximum(0, cot - o.removed)
+            rows.append(q + kept + answer)
+        return np.stack(rows) if rows else np.zeros((0, len(examples)), np.int64)
 
     @lru_cache(maxsize=4096)  # noqa: B019 (one method per run; examples come in order)
     def _lengths(self, ex: Example) -> tuple[int, int, int]:

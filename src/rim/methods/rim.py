@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from rim.config import Config, CurriculumConfig, MemoryConfig
 from rim.curriculum import Stage, alpha_weights, stage1_weights, steps_for
 from rim.data import Example
@@ -22,6 +24,7 @@ from rim.layout import Segment
 from rim.memory import MemoryTokens, token_strings
 from rim.methods.base import Common, Method, Tokens, block_chain, readout
 from rim.methods.registry import register
+from rim.tokenized import counts, ragged
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,11 @@ class RiM(Method):
     def plan(self, n_train: int, t_max: int) -> list[Stage]:
         c, s = self.common, self.settings
         cur = s.curriculum
-        s1 = steps_for(cur.stage1_epochs, cur.stage1_steps, n_train, c.batch_size)
-        s2 = steps_for(cur.stage2_epochs, cur.stage2_steps, n_train, c.batch_size)
+        s1, s2 = (
+            steps_for(getattr(cur, f"{k}_epochs"), getattr(cur, f"{k}_steps"), n_train,
+                      c.batch_size, (f"curriculum.{k}_epochs", f"curriculum.{k}_steps"))
+            for k in ("stage1", "stage2")
+        )  # fmt: skip
         lr2 = s.stage2_lr if s.stage2_lr is not None else c.lr
         drop2 = s.stage2_dropout if s.stage2_dropout is not None else c.dropout
         return [
@@ -108,6 +114,40 @@ class RiM(Method):
         steps = [self.text_ids(s) for s in ex.steps[:k]] + [()] * max(k - len(ex.steps), 0)
         cue = (self.explain_id,)
         return [Segment(cue + ids, j, w, "readout", cue=1) for j, ids in enumerate(steps, 1)]
+
+    def train_lengths(self, examples: list[Example], stages: list[Stage]) -> np.ndarray:
+        """`grounding` / `refinement` lengths at progress 0, summed from token counts."""
+        q = counts(self.question_ids(e.question) for e in examples)
+        a = counts(self.answer_ids(e.answer) for e in examples)
+        T = np.fromiter((len(e.steps) for e in examples), np.int64, len(examples))
+        steps = ragged(counts(self.text_ids(s) for e in examples for s in e.steps), T)
+        block, K = len(self.mem.block()), self.mem.num_blocks
+        rows = []
+        for stage in stages:
+            if isinstance(stage.payload, Grounding):
+                read = self._grounded(T, steps, a, stage.payload.t_max)
+                rows.append(q + (T + 1) * block + read + self._explained(steps, T + 1))
+            else:
+                rows.append(q + K * block + K * a + self._explained(steps, np.full_like(T, K)))
+        return np.stack(rows) if rows else np.zeros((0, len(examples)), np.int64)
+
+    def _grounded(self, T: np.ndarray, steps: np.ndarray, a: np.ndarray, t_max: int | None):
+        """Tokens of the stage-1 readouts kept at progress 0 (weight > 0), per example."""
+        width = steps.shape[1]
+        kinds, which = np.unique(T, return_inverse=True)
+        on = np.zeros((len(kinds), width + 1), dtype=bool)  # readout k kept (k = T: answer)
+        for u, t in enumerate(kinds.tolist()):
+            w = stage1_weights(t, 0.0, self.settings.curriculum.schedule, t_max)
+            on[u, : t + 1] = np.array(w) > 0
+        on = on[which.reshape(-1)]  # (N, width + 1)
+        return (steps * on[:, :width]).sum(1) + on[np.arange(len(T)), T] * a
+
+    def _explained(self, steps: np.ndarray, k: np.ndarray) -> np.ndarray | int:
+        """Tokens of explain mode's readouts under blocks 1..k: a cue each, steps 1..k."""
+        if not self.settings.curriculum.explain_weight or self.explain_id is None:
+            return 0
+        first_k = np.arange(steps.shape[1])[None, :] < k[:, None]  # (N, width)
+        return k + (steps * first_k).sum(1)
 
     def prompt(self, question: str, blocks: int | None = None) -> list[int]:
         return list(self.question_ids(question)) + self.mem.blocks(blocks)
