@@ -1,6 +1,6 @@
 """A GSM8K-Aug-*sized* training file for start-up and throughput measurements.
 
-    python benchmarks/make_gsm8k_aug_385k.py /tmp/gsm8k_aug_385k.txt            # 385,620 lines
+    python benchmarks/make_gsm8k_aug_385k.py runs/gsm8k_aug_385k.txt            # 385,620 lines
     python benchmarks/make_gsm8k_aug_385k.py OUT --n 10000 --seed 1 --distinct
 
 RESAMPLED, NOT THE REAL AUG TRAIN SPLIT: the lines are drawn with replacement (seeded) from

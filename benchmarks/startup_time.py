@@ -1,7 +1,7 @@
 """Seconds from `rim train`'s process start to its first optimizer step, on a big data file.
 
-    python benchmarks/make_gsm8k_aug_385k.py /tmp/gsm8k_aug_385k.txt
-    python benchmarks/startup_time.py --data /tmp/gsm8k_aug_385k.txt            # GPT-2 RiM
+    python benchmarks/make_gsm8k_aug_385k.py runs/gsm8k_aug_385k.txt
+    python benchmarks/startup_time.py --data runs/gsm8k_aug_385k.txt            # GPT-2 RiM
     python benchmarks/startup_time.py --data FILE --config configs/gsm8k/gpt2_cot.yaml
 
 Runs the recipe with a tiny model built from its config (`model.path=null`, `model.size`,

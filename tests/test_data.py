@@ -133,12 +133,15 @@ def test_gsmhard(data: Path) -> None:
 @pytest.mark.parametrize("k", [4, 5])
 def test_mult_regenerated_byte_identical(data: Path, k: int) -> None:
     for name in ("valid.txt", "test_bigbench.txt", "test_bigbench.implicit_chain_of_thought.txt"):
-        lines = (data / f"{k}_by_{k}_mult" / name).read_text().splitlines()
+        raw = (data / f"{k}_by_{k}_mult" / name).read_bytes()
+        lines = raw.decode().splitlines()
         assert len(lines) == 1000
-        for line in lines:
+        out = []
+        for line in lines:  # each line from its question alone
             a, b = (int(x.replace(" ", "")[::-1]) for x in line.split("||")[0].split(" * "))
             assert 10 ** (k - 1) <= a < 10**k and 10 ** (k - 1) <= b < 10**k  # no leading 0
-            assert format_icot(mult_example(a, b, k, k), " + ") == line
+            out.append(format_icot(mult_example(a, b, k, k), " + ") + "\n")
+        assert "".join(out).encode() == raw  # the whole file, byte for byte
 
 
 # --------------------------------------------------------------------------- generators

@@ -9,6 +9,7 @@ byte for byte, is tests/test_data.py::test_mult_regenerated_byte_identical.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -266,3 +267,33 @@ def test_a_tiny_mult_grid_runs_end_to_end(at_root, tmp_path, monkeypatch):
     assert f"| {name} acc |" in md and "## lr chosen on validation" in md
     again = run_sweep(parser().parse_args(argv + ["--report-only"]))  # resumes: all kept
     assert [r["kept"] for r in again["runs"]] == [True] * 3
+
+
+def test_extra_tests_need_distinct_file_names():
+    """Each is scored into test_eval.<file stem>.json: two of one name would collide."""
+    from rim.config import load_config
+
+    two = 'data.extra_tests=["a/test.txt", "b/test.txt"]'
+    with pytest.raises(ConfigError, match="data.extra_tests: expected a list of files with dist"):
+        load_config(overrides=[two])
+    assert load_config(overrides=['data.extra_tests=["a/t1.txt"]']).data.extra_tests == ["a/t1.txt"]
+
+
+@pytest.mark.parametrize(
+    "part, message",
+    [
+        ({"seeds": 3, "train.lr": [1e-3, 2e-3]}, "grid[0].seeds: more than the grid's seeds"),
+        ({"seeds": 1, "train.steps": [4, 8]}, "grid[0].seeds: fewer than the grid's seeds"),
+        ({"recipes": "nowhere/{method}.yaml", "train.lr": [1e-3]}, "methods: direct: no recipe"),
+    ],
+)
+def test_a_search_part_names_its_select_axis(tmp_path, part, message):
+    from rim.grid import load_grid
+
+    grid = {"methods": ["direct"], "seeds": 2, "grid": [part], "select": "lr"}
+    if "train.lr" not in part:
+        grid["grid"].append({"train.lr": [1e-3]})
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"recipes": str(MULT / "small_4x4_{method}.yaml")} | grid))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_grid(path)

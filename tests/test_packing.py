@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -21,6 +22,7 @@ from rim.batching import (
     MEGA,
     ExampleStream,
     GroupedStream,
+    StageLengths,
     micro_batches,
     pack_rows,
     padding_fraction,
@@ -211,11 +213,15 @@ lengths_st = st.lists(st.integers(1, 40), min_size=1, max_size=90)
 @given(lengths_st, st.integers(1, 12), st.integers(0, 5), st.integers(0, 200), st.integers(1, 40))
 def test_grouped_order_is_a_resumable_permutation(lengths, batch, seed, cursor, k):
     n = len(lengths)
-    full = GroupedStream(lengths, seed, batch)
+
+    def of_epoch(epoch):  # another stage, other lengths, every other epoch
+        return lengths if epoch % 2 == 0 else [-x for x in lengths]
+
+    full = GroupedStream(of_epoch, n, seed, batch)
     for epoch in range(3):
         assert sorted(full.order(epoch)) == list(range(n))  # each epoch: a permutation
     whole = full.take(cursor + k)
-    resumed = GroupedStream(lengths, seed, batch, cursor=cursor)  # a resume at any cursor
+    resumed = GroupedStream(of_epoch, n, seed, batch, cursor=cursor)  # resumed anywhere
     assert resumed.take(k) == whole[cursor:]
     assert resumed.cursor == cursor + k
 
@@ -227,7 +233,7 @@ def test_grouped_batches_hold_neighbouring_lengths(lengths, batch, seed):
     their length ranges never interleave (what removes the padding)."""
     n = len(lengths)
     assert n <= MEGA * batch  # one mega-batch per epoch here
-    s = GroupedStream(lengths, seed, batch)
+    s = GroupedStream(lengths, n, seed, batch)
     batches = [s.take(batch) for _ in range(n // batch)]  # epoch 0: aligned, no head
     for j, x in enumerate(batches):
         for y in batches[j + 1 :]:
@@ -239,9 +245,28 @@ def test_grouped_order_pads_less_than_random():
     g = torch.Generator().manual_seed(0)
     lengths = (torch.randint(10, 200, (2000,), generator=g)).tolist()
     pads = {}
-    for name, s in (("random", ExampleStream(2000, 0)), ("grouped", GroupedStream(lengths, 0, 64))):
+    for name, s in (
+        ("random", ExampleStream(2000, 0)),
+        ("grouped", GroupedStream(lengths, 2000, 0, 64)),
+    ):
         pads[name] = padding_fraction([[lengths[i] for i in s.take(64)] for _ in range(60)])
     assert pads["grouped"] < 0.1 < pads["random"]
+
+
+def test_epochs_are_grouped_by_the_stage_that_trains_their_middle():
+    """RiM's stage 2 starts just after an epoch boundary (ceil(6 n / B) steps of stage 1):
+    that epoch is grouped by stage 2's lengths; each step sorts by its own stage's."""
+
+    class Fake:  # lengths 10 * (stage index + 1) + example index
+        def train_lengths(self, examples, stages):
+            return np.array([[10 * (s.index + 1) + i for i in examples] for s in stages])
+
+    n, B = 10, 4
+    plan = [Stage("stage1", 0, 15, 1e-3, None), Stage("stage2", 1, 5, 1e-3, None)]  # 6 + 2
+    lengths = StageLengths(Fake(), list(range(n)), plan, B)
+    assert [lengths.of_epoch(e)[0] for e in range(8)] == [10] * 6 + [20] * 2
+    assert lengths.of_epoch(99)[0] == 20  # past the plan: its last stage
+    assert lengths.at(plan[1]) == [20 + i for i in range(n)]
 
 
 def test_ungrouped_stream_is_unchanged():
@@ -272,7 +297,7 @@ def _cfg(**train):
         "batch_size": 8,
         "micro_batch_size": 4,
         "log_every": 1,
-        "save_every": 2,
+        "save_every": 1,
         "keep_last": 9,
     }
     return Config(
@@ -290,8 +315,9 @@ def _cfg(**train):
 
 
 def test_grouped_packed_training_resumes_exactly(tmp_path):
-    """group_by_length + pack_tokens: a run resumed from its step-2 checkpoint (mid stage 1,
-    mid epoch: 20 examples, batch 8) ends with the uninterrupted run's weights."""
+    """group_by_length + pack_tokens: runs resumed from the step-2 checkpoint (mid stage 1,
+    mid epoch: 20 examples, batch 8) and from step 5 (stage 2, at an epoch's start, whose
+    order a resumed run builds afresh) end with the uninterrupted run's weights."""
     from safetensors.torch import load_file
 
     from rim.assembly import assemble
@@ -300,12 +326,13 @@ def test_grouped_packed_training_resumes_exactly(tmp_path):
     quiet = {"log": lambda *_: None}
     cfg = _cfg(group_by_length=True, pack_tokens=64)
     ref = Trainer(assemble(cfg, **quiet), tmp_path / "ref")
-    assert ref.lengths is not None and isinstance(ref.stream, GroupedStream)
+    assert isinstance(ref.lengths, StageLengths) and isinstance(ref.stream, GroupedStream)
     ref.fit()
-    run = Trainer(assemble(cfg, **quiet), tmp_path / "run")
-    run.resume(tmp_path / "ref" / "checkpoints" / "step-00000002")
-    assert run.state.global_step == 2 and run.stream.cursor == 16
-    run.fit()
-    a = load_file(tmp_path / "ref" / "final" / "model.safetensors")
-    b = load_file(tmp_path / "run" / "final" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    want = load_file(tmp_path / "ref" / "final" / "model.safetensors")
+    for step in (2, 5):
+        run = Trainer(assemble(cfg, **quiet), tmp_path / f"run{step}")
+        run.resume(tmp_path / "ref" / "checkpoints" / f"step-{step:08d}")
+        assert run.state.global_step == step and run.stream.cursor == 8 * step
+        run.fit()
+        got = load_file(tmp_path / f"run{step}" / "final" / "model.safetensors")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

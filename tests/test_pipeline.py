@@ -5,6 +5,7 @@ optimizer step, and the resampled 385k-line file of benchmarks/make_gsm8k_aug_38
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -15,12 +16,15 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+import rim
+from rim.assembly import Setup
 from rim.config import Config, CurriculumConfig, MemoryConfig
 from rim.data import Example, generate, read_examples
 from rim.errors import RimError
 from rim.layout import pack
 from rim.methods import METHODS, build
-from tests.conftest import SHARED_DATA
+from rim.trainer import Trainer
+from tests.conftest import SHARED_DATA, make_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 AUG = SHARED_DATA / "gsm8k_aug"
@@ -130,9 +134,7 @@ def test_training_sequences_need_no_tokenizer_call_after_the_pass(name: str):
 def test_word_tokenizer_vocabulary_in_first_appearance_order():
     """The word-level vocabulary built from distinct chunks is the per-text loop's, ids and
     order, unusual whitespace included (a tiny model's ids never change)."""
-    import re
-
-    from rim.model import SPECIALS, _WORD
+    from rim.model import _WORD, SPECIALS
 
     texts = TEXTS + ["a\u00a0b\u2028c\x1cd", "12 apples.", "x_y\tz", "12 apples."]
     want: dict[str, int] = {}
@@ -231,11 +233,6 @@ def test_one_host_sync_per_optimizer_step(monkeypatch):
     """The loss is summed on the device over micro-batches and read once per optimizer step,
     with the gradient norm (the non-finite check): 1 read by rim's code for 1 or 4
     micro-batches (the data order's CPU permutation and torch's own reads aside)."""
-    import rim
-    from rim.assembly import Setup
-    from rim.trainer import Trainer
-    from tests.conftest import make_setup
-
     cfg, tok, model, method = make_setup("rim")
     cfg.train.batch_size, cfg.train.threads = 4, 1
     data = generate("chain", 8, seed=0)

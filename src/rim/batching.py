@@ -1,9 +1,10 @@
 """Which examples train together: the seeded example order, micro-batches and packed rows.
 
-    stream = make_stream(len(train), cfg.train, lengths)  # lengths: only with group_by_length
-    idx = stream.take(cfg.train.batch_size)               # one global batch; resumable by cursor
-    chunks = micro_batches(idx, micro, lengths)           # longest first with lengths
-    rows = pack_rows([len(p) for p in packed], budget)    # several examples per row
+    lengths = StageLengths(method, train, plan, batch_size)  # only with group_by_length
+    stream = make_stream(len(train), cfg.train, lengths)     # lengths None: random order
+    idx = stream.take(cfg.train.batch_size)                  # a global batch; resumable
+    chunks = micro_batches(idx, micro, lengths.at(stage))    # longest first
+    rows = pack_rows([len(p) for p in packed], budget)       # several examples per row
 
 Random order right-pads every micro-batch to its longest example; on GSM8K-Aug about 45%
 of the tokens were padding. `train.group_by_length` orders each epoch as Hugging Face's
@@ -11,10 +12,19 @@ of the tokens were padding. `train.group_by_length` orders each epoch as Hugging
 batches, sorted by length within each, cut into global batches, the batches shuffled), so
 a batch holds examples of similar length. `train.pack_tokens` puts several examples in one
 row up to a token budget (first-fit decreasing; `rim.layout.concat`). Neither changes which
-examples a step sees in total over an epoch, nor the loss each example gets.
+examples an epoch sees, nor the loss each example gets.
+
+Lengths change between stages (RiM's stage 2 has other readouts, iCoT removes tokens), so
+an epoch is grouped by the lengths of the stage that trains its middle example and each
+step's micro-batches by the current stage's: both functions of the plan, so a resumed run
+takes the same batches. On GSM8K-Aug valid + test (RiM, GPT-2 recipe, micro-batches of 32)
+that leaves ~3.5% padding instead of ~35-46% (`train.pack_tokens` within micro-batches of
+32: ~6-17%, the last row of each is part-filled).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -45,27 +55,37 @@ class ExampleStream:
 
 
 class GroupedStream(ExampleStream):
-    """`ExampleStream` whose global batches hold examples of similar `lengths`.
+    """`ExampleStream` whose global batches hold examples of similar length.
 
     Epoch e: the same permutation as `ExampleStream`, cut into mega-batches of `MEGA`
     global batches, each sorted by length (longest first, ties in permutation order), cut
     into global batches, the full batches shuffled (the same generator, continued). Cuts
     fall where the run's cursor is a multiple of `batch_size`, so when the data does not
     divide into batches, the batch that straddles two epochs (the epoch's first `head`
-    examples and the previous epoch's last ones) is the only mixed one.
+    examples and the previous epoch's last ones) is the only mixed one. `lengths`: one
+    list, or a function of the epoch (`StageLengths.of_epoch`) that must be pure, so
+    that the order stays a function of (seed, epoch): resumable from any cursor.
     """
 
-    def __init__(self, lengths: list[int], seed: int, batch_size: int, cursor: int = 0):
-        super().__init__(len(lengths), seed, cursor)
-        self.lengths, self.batch_size = list(lengths), batch_size
+    def __init__(
+        self,
+        lengths: Sequence[int] | Callable[[int], Sequence[int]],
+        n: int,
+        seed: int,
+        batch_size: int,
+        cursor: int = 0,
+    ):
+        super().__init__(n, seed, cursor)
+        self.lengths = lengths if callable(lengths) else (lambda epoch: lengths)
+        self.batch_size = batch_size
 
     def order(self, epoch: int) -> list[int]:
-        n, B = self.n, self.batch_size
+        n, B, lengths = self.n, self.batch_size, self.lengths(epoch)
         g = torch.Generator().manual_seed(self.seed + epoch)
         perm = torch.randperm(n, generator=g).tolist()
         head = min((-epoch * n) % B, n)  # completes the batch the last epoch began
         sized = [perm[:head]] + [perm[i : i + MEGA * B] for i in range(head, n, MEGA * B)]
-        ranked = [sorted(m, key=lambda i: -self.lengths[i]) for m in sized]  # stable
+        ranked = [sorted(m, key=lambda i: -lengths[i]) for m in sized]  # stable
         rest = [i for m in ranked[1:] for i in m]
         batches = [rest[i : i + B] for i in range(0, len(rest), B)]
         tail = [batches.pop()] if batches and len(batches[-1]) < B else []
@@ -73,16 +93,47 @@ class GroupedStream(ExampleStream):
         return ranked[0] + [i for b in shuffled + tail for i in b]
 
 
-def make_stream(n: int, train, lengths: list[int] | None = None) -> ExampleStream:
+class StageLengths:
+    """Every example's training length at a stage (`Method.train_lengths`, vectorised),
+    for the stage being trained (micro-batches) and for the stage that trains the middle
+    of an epoch (`of_epoch`, the grouped order): a function of the plan, so resumable."""
+
+    def __init__(self, method, examples: list, plan: list, batch_size: int):
+        self.method, self.examples, self.plan = method, examples, plan
+        self.batch_size = batch_size
+        self._cache: dict[int, list[int]] = {}  # stage index -> lengths; the last two
+
+    def at(self, stage) -> list[int]:
+        if stage.index not in self._cache:
+            lengths = self.method.train_lengths(self.examples, [stage])[0].tolist()
+            self._cache = {k: v for k, v in list(self._cache.items())[-1:]}
+            self._cache[stage.index] = lengths
+        return self._cache[stage.index]
+
+    def of_epoch(self, epoch: int) -> list[int]:
+        """The lengths at the stage that trains epoch `epoch`'s middle example (RiM's stage 2
+        starts just after an epoch boundary: its first epoch is grouped for stage 2)."""
+        n = len(self.examples)
+        step = (epoch * n + n // 2) // self.batch_size  # 0-based step taking that example
+        for stage in self.plan:
+            if step < stage.steps:
+                return self.at(stage)
+            step -= stage.steps
+        return self.at(self.plan[-1])
+
+
+def make_stream(n: int, train, lengths: StageLengths | None = None) -> ExampleStream:
     """The example stream of `train` (a `TrainConfig`): grouped when `lengths` are given."""
     if lengths is None:
         return ExampleStream(n, train.seed)
-    return GroupedStream(lengths, train.seed, train.batch_size)
+    return GroupedStream(lengths.of_epoch, n, train.seed, train.batch_size)
 
 
-def micro_batches(idx: list[int], micro: int, lengths: list[int] | None = None) -> list[list[int]]:
+def micro_batches(
+    idx: list[int], micro: int, lengths: Sequence[int] | None = None
+) -> list[list[int]]:
     """`idx` in chunks of `micro` (at least one, maybe empty: an idle DDP process); with
-    `lengths`, sorted longest first so that each chunk pads little."""
+    `lengths` (the current stage's), sorted longest first so that each chunk pads little."""
     if lengths is not None:
         idx = sorted(idx, key=lambda i: -lengths[i])
     return [idx[i : i + micro] for i in range(0, len(idx), micro)] or [[]]
@@ -114,15 +165,6 @@ def pack_rows(lengths: list[int], budget: int | None) -> list[list[int]]:
             rows.append([i])
             used.append(lengths[i])
     return rows
-
-
-def example_lengths(method, examples: list, stages: list) -> list[int]:
-    """Each example's longest training sequence over `stages` (`Method.train_lengths`): the
-    one length a grouped order keeps for the whole run, so every epoch stays a permutation
-    across stage switches."""
-    if not examples:
-        return []
-    return method.train_lengths(examples, stages).max(axis=0).tolist()
 
 
 def padding_fraction(lengths: list[list[int]]) -> float:

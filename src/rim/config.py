@@ -209,7 +209,7 @@ class TrainConfig:
     mixed_precision: str | bool = "no"  # no | bf16 | fp16 (accelerate autocast, fp32 master
     # weights; fp16 with a grad scaler, GPU only: rim.speed)
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
-    compile: bool = False  # torch.compile the model for training (rim.speed)
+    compile: bool = False  # torch.compile each decoder layer for training (rim.speed)
     threads: int | None = None  # torch CPU threads; None = torch default
     fsdp: bool = False  # shard weights, gradients, AdamW state over processes (rim.fsdp)
     # experiment trackers, through accelerate (rim.tracking): tensorboard | wandb | mlflow |

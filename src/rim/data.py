@@ -375,9 +375,7 @@ def _gen_mult(
             f"generator 'mult': option 'steps' must be 'full' or 'partial', got {steps!r}"
         )
     held = _excluded_questions(exclude)
-    shape = lambda q: [w.split() for w in q.split(" * ")]  # noqa: E731  operands, reversed
-    drawable = [q for q in held if [(len(w), w[-1] > "0") for w in shape(q)] == [(da, 1), (db, 1)]]
-    if len(drawable) >= 81 * 10 ** (da + db - 2):  # every a * b with no leading 0
+    if sum(_drawable(q, da, db) for q in held) >= 81 * 10 ** (da + db - 2):  # every a * b
         raise ConfigError("generator 'mult': option 'exclude' leaves no product to draw")
     out = []
     while len(out) < n:
@@ -387,6 +385,12 @@ def _gen_mult(
         if ex.question not in held:
             out.append(ex)
     return out
+
+
+def _drawable(question: str, da: int, db: int) -> bool:
+    """A question `_gen_mult` may draw: da- and db-digit operands without a leading 0."""
+    operands = [w.split() for w in question.split(" * ")]  # digits least-significant first
+    return [(len(w), bool(w) and w[-1] != "0") for w in operands] == [(da, True), (db, True)]
 
 
 def _excluded_questions(exclude: list | None) -> set[str]:

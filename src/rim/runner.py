@@ -2,9 +2,10 @@
 
 One job = one recipe (a method's file plus `--set` overrides) and one seed: `python -m rim
 train` (checkpoint `best/` chosen on the valid split), then `python -m rim eval` of `best/`
-on the test split (and on each file of the recipe's `data.extra_tests`) in the same slot. `run_jobs` runs `workers` jobs at a time, one
-thread each driving its own subprocesses (one core per process on a CPU; on a GPU they run
-one after another on it, `pick_device`). Ctrl-C stops every running job and starts no other.
+on the test split (and on each file of the recipe's `data.extra_tests`) in the same worker
+slot. `run_jobs` runs `workers` jobs at a time, one thread each driving its own
+subprocesses (one core per process on a CPU; on a GPU they run one after another on it,
+`pick_device`). Ctrl-C stops every running job and starts no other.
 
 Resumable (`Runner(resume=True)`): a job whose folder holds a finished training of the same
 resolved recipe and its test evaluation is kept as it is; any other job goes through `rim

@@ -32,7 +32,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from rim import fsdp, progress, runs, speed, tracking
 from rim.assembly import Setup, assemble, t_max
-from rim.batching import example_lengths, make_stream, micro_batches
+from rim.batching import StageLengths, make_stream, micro_batches
 from rim.checkpoint import (
     Parts,
     TrainState,
@@ -76,9 +76,10 @@ class Trainer:
         self.plan = setup.method.plan(len(setup.train), t_max(setup.train))
         speed.check(self.cfg, setup.method, self.plan, self.acc.device)  # fp16, flex, compile
         self.model = speed.prepare(self.model, self.cfg, self.acc)
-        # group_by_length: each example's longest sequence over the plan (rim.batching)
-        grouped = self.cfg.train.group_by_length
-        self.lengths = example_lengths(setup.method, setup.train, self.plan) if grouped else None
+        # group_by_length: batches of similar lengths at each stage (rim.batching)
+        t = self.cfg.train
+        grouped = StageLengths(setup.method, setup.train, self.plan, t.batch_size)
+        self.lengths = grouped if t.group_by_length else None
         self.stream = make_stream(len(setup.train), self.cfg.train, self.lengths)
         self.state = TrainState()
         self._clock = (time.perf_counter(), 0.0)  # (start, seconds before it): _train_s
@@ -143,7 +144,7 @@ class Trainer:
         idx = self.stream.take(t.batch_size)
         mine = idx[self.acc.process_index :: self.acc.num_processes]
         micro = t.micro_batch_size or t.batch_size
-        chunks = micro_batches(mine, micro, self.lengths)
+        chunks = micro_batches(mine, micro, self.lengths and self.lengths.at(stage))
         progress = stage_progress(self.state.step_in_stage, stage.steps)
         self.model.train()
         total = torch.zeros((), device=self.acc.device)  # summed where the loss is: no sync
