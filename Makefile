@@ -7,11 +7,11 @@ STAMP := $(VENV)/.installed
 .PHONY: setup demo test lint clean
 
 # A usable venv has a pip that runs; a dangling link or a half-made folder is made anew.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints-cpu.txt
 	@if ! $(BIN)/python -m pip --version >/dev/null 2>&1; then \
 		echo "setting up $(VENV)"; rm -rf $(VENV) && $(PY) -m venv $(VENV); fi
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,track,data,eval,onnx]"
+	$(BIN)/python -m pip install -q -c constraints-cpu.txt -e ".[dev,track,data,eval,onnx]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -192,3 +192,106 @@ def test_bench_cli_errors_name_the_flag():
         bench.load_bench_model("no-such-size")
     with pytest.raises(RimError, match="--dtype"):
         bench.parse_dtype("float8")
+
+
+# --------------------------------------------------------------------- rim bench train --data
+
+LINES = [  # GSM8K-Aug lines of different lengths: random order pads, grouping pads less
+    "Tom has 3 apples and buys 4 more. How many apples?||<<3+4=7>> #### 7",
+    "A box holds 12 eggs. How many eggs are in 5 boxes?||<<12*5=60>> #### 60",
+    "Sam reads 10 pages a day for 3 days, then 7 more pages. How many pages did Sam read in "
+    "all, counting every day of the week he spent reading the long book?||<<10*3=30>> "
+    "<<30+7=37>> #### 37",
+    "Ann had 9 coins and lost 2.||<<9-2=7>> #### 7",
+    "A farmer has 4 fields of 25 cows and sells 30 cows, then buys 12. How many cows now?"
+    "||<<4*25=100>> <<100-30=70>> <<70+12=82>> #### 82",
+    "Pens cost 2 dollars. How much are 6 pens?||<<2*6=12>> #### 12",
+    "Lia walks 3 miles a day. How far in 7 days?||<<3*7=21>> #### 21",
+    "Max has 50 cards, gives away 15 and splits the rest between 5 friends. How many does "
+    "each friend get?||<<50-15=35>> <<35/5=7>> #### 7",
+]
+
+
+@pytest.fixture
+def aug_file(tmp_path):
+    path = tmp_path / "aug.txt"
+    path.write_text("\n".join(LINES) + "\n")
+    return str(path)
+
+
+def test_train_data_json_has_the_five_variants(aug_file, capsys, monkeypatch):
+    """`rim bench train --data FILE --json`: a `rows` list, one entry per variant."""
+    from rim.bench import run
+    from rim.cli import main
+
+    quick = run.data_train_bench  # peak memory (a fresh process each): test_peak_memory_*
+    monkeypatch.setattr(run, "data_train_bench", lambda **kw: quick(memory=False, **kw))
+    main(["bench", "train", "--data", aug_file, "--model", "tiny", "--batch", "4",
+          "--micro-batch", "2", "--runs", "2", "--warmup", "1", "--threads", "1", "--json"])  # fmt: skip
+    res = json.loads(capsys.readouterr().out)
+    assert [r["variant"] for r in res["rows"]] == list(bench.DATA_VARIANTS)
+    assert bench.DATA_VARIANTS == (
+        "causal-packed", "rim-stage1", "rim-stage2", "rim-stage1-today", "naive"
+    )  # fmt: skip
+    for r in res["rows"]:
+        assert {"variant", "real_tokens_per_s", "step_ms", "peak_mb"} <= set(r)
+        assert r["real_tokens_per_s"] > 0 and r["step_ms"] > 0 and r["peak_mb"] is None
+    assert set(res["ratios"]) >= set(bench.train_data.TARGETS)
+    by = {r["variant"]: r for r in res["rows"]}
+    ratio = res["ratios"]["rim-stage1/causal-packed tokens/s >= 0.85"]["ratio"]
+    want = by["rim-stage1"]["real_tokens_per_s"] / by["causal-packed"]["real_tokens_per_s"]
+    assert ratio == pytest.approx(want)
+    assert res["config"]["micro_batch"] == 2 and res["config"]["pool_examples"] == 8
+    assert res["machine"]["torch_threads"] == 1
+    assert by["causal-packed"]["padding"] == 0.0  # padding-free by construction
+
+
+def test_train_data_real_tokens_exclude_padding(aug_file):
+    """Real tokens are the examples' own: padding in the tensors never counts."""
+    from rim.layout import pack
+
+    spec = dict(data=aug_file, batch=8, micro_batch=4, runs=1, warmup=0, memory=False)
+    variants = ("causal-packed", "rim-stage1-today")
+    w = bench.Workload("tiny", bench.DataSpec(**spec))
+    s1 = w.stages["rim-stage1"]
+    layout = sum(len(pack(w.today.segments(ex, s1, 0.0), w.today.eos_id)) for ex in w.pool)
+    cot = sum(len(w.cot_ids[i]) for i in range(len(w.pool)))
+    res = bench.data_train_bench("tiny", variants=variants, **spec)
+    by = {r["variant"]: r for r in res["rows"]}
+    today = by["rim-stage1-today"]
+    assert today["real_tokens"] == layout < today["padded_tokens"]  # one epoch of the pool
+    # one timed step: the rate is real tokens (not padded ones) over the step's time
+    assert today["real_tokens_per_s"] * today["step_ms"] / 1e3 == pytest.approx(layout)
+    assert by["causal-packed"]["real_tokens"] == cot == by["causal-packed"]["padded_tokens"]
+
+
+def test_train_data_today_path_and_new_path_train_the_same_loss(aug_file):
+    """rim-stage1-today and rim-stage1 differ in cost only: the same loss (and the causal
+    anchor's flattened rows give each example's own loss: attention stays inside it)."""
+    from rim.bench.train_data import flat_loss, today_loss
+
+    w = bench.Workload("tiny", bench.DataSpec(aug_file, batch=8, runs=1, memory=False))
+    model, exs, s1 = w.bm.model.eval(), w.pool[:5], w.stages["rim-stage1"]
+    old, _ = today_loss(w.today, model, exs, s1, 0.0, 8, w.bm.device)
+    new, _ = w._new("rim-stage1", exs)
+    assert new.item() == pytest.approx(old.item(), rel=1e-5)
+    seqs = w.cot_ids[:3]
+    flat = flat_loss(model, w.flatten([{"input_ids": s} for s in seqs]), w.bm.device)
+    import torch
+
+    each = [model(input_ids=torch.tensor([s]), labels=torch.tensor([s])).loss for s in seqs]
+    want = sum(e * (len(s) - 1) for e, s in zip(each, seqs)) / sum(len(s) - 1 for s in seqs)
+    assert flat.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_peak_memory_in_a_fresh_process(aug_file):
+    spec = bench.DataSpec(aug_file, batch=4, micro_batch=4, runs=2, warmup=0)
+    mb, how = bench.train_data.measure_peak("tiny", spec, "cpu", "float32", "rim-stage1", 1)
+    assert how.startswith("cpu VmHWM") and mb > 0
+
+
+def test_train_data_too_few_examples(aug_file):
+    from rim.errors import RimError
+
+    with pytest.raises(RimError, match="--data .*8 examples.*= 12"):
+        bench.Workload("tiny", bench.DataSpec(aug_file, batch=4, runs=3))

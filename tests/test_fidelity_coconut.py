@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from rim.compat import cache_of, with_cache
 from rim.curriculum import Stage
 from rim.data import Example
 from rim.layout import IGNORE
@@ -195,13 +196,13 @@ def original_forward(model, ids: list[int], labels: list[int], latent_id: int):
             inputs_embeds=embeds[:, lo:hi],
             attention_mask=torch.ones(1, hi, dtype=torch.long),
             position_ids=torch.arange(lo, hi)[None],
-            cache=cache,
+            **with_cache(cache),
             use_cache=True,
             output_hidden_states=True,
         )
         passes += 1
         logits.append(out.logits)
-        cache, h = out.cache, out.hidden_states[-1]  # h: (1, hi - lo, D)
+        cache, h = cache_of(out), out.hidden_states[-1]  # h: (1, hi - lo, D)
         embeds = embeds.clone()
         embeds[0, latents[p]] = h[0, latents[p] - 1 - lo]
         lo, hi = hi, (L if p + 1 >= len(latents) else hi + 1)
@@ -209,7 +210,7 @@ def original_forward(model, ids: list[int], labels: list[int], latent_id: int):
         inputs_embeds=embeds[:, lo:hi],
         attention_mask=torch.ones(1, hi, dtype=torch.long),
         position_ids=torch.arange(lo, hi)[None],
-        cache=cache,
+        **with_cache(cache),
         use_cache=True,
     )
     passes += 1

@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch import nn
 
+from rim.compat import cache_of, with_cache
 from rim.curriculum import Stage
 from rim.data import Example
 from rim.methods import build
@@ -116,7 +117,7 @@ def original_forward(model, prj, b: dict, num_latent: int, distill_factor: float
     """`CODI.forward` of the original (fix_attn_mask false, smooth_l1, div_std, no llama +1)."""
     ce_fct, kd_fct = nn.CrossEntropyLoss(ignore_index=-100), nn.SmoothL1Loss()
     outputs = model(input_ids=b["encoder_input_ids"], use_cache=True, output_hidden_states=True)
-    past = outputs.cache
+    past = cache_of(outputs)
     latent_embd = prj(outputs.hidden_states[-1][:, -1, :].unsqueeze(1))
     with torch.no_grad():
         ref_outputs = model(input_ids=b["ref_input_ids"], output_hidden_states=True)
@@ -124,14 +125,14 @@ def original_forward(model, prj, b: dict, num_latent: int, distill_factor: float
     model_pos, ref_pos = b["model_answer_position"] - 1, b["ref_answer_position"] - 1
     for i in range(num_latent):
         outputs = model(
-            inputs_embeds=latent_embd, use_cache=True, output_hidden_states=True, cache=past
+            inputs_embeds=latent_embd, use_cache=True, output_hidden_states=True, **with_cache(past)
         )
-        past = outputs.cache
+        past = cache_of(outputs)
         latent_embd = prj(outputs.hidden_states[-1][:, -1, :].unsqueeze(1))
         if i == num_latent - 1:
             embds = model.get_input_embeddings()(b["decoder_input_ids"])
             outputs = model(
-                inputs_embeds=embds, use_cache=True, output_hidden_states=True, cache=past
+                inputs_embeds=embds, use_cache=True, output_hidden_states=True, **with_cache(past)
             )
             distill_loss = 0
             for out, ref_out in zip(outputs.hidden_states, ref_outputs.hidden_states):

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rim.compat import onnx_exporter_saves
+
 from .conftest import TINY_RECIPE, rim_main
 
 QUESTIONS = ["3 + 4 - 2", "9 - 1 + 5", "0 + 0 + 7", "8 - 8 + 1", "5 + 5 - 3", "2 + 9 + 9"]
@@ -152,6 +154,8 @@ def test_lm_eval_exact_match_equals_rim_eval(runs, hf_export, tmp_path, capsys) 
 def onnx_exports(runs, tmp_path_factory) -> dict[str, Path]:
     for module in ("onnxruntime", "onnx", "onnxscript"):  # the extra rim[onnx]
         pytest.importorskip(module)
+    if not onnx_exporter_saves():
+        pytest.skip("transformers < 5.23: its exporter cannot write rim's ONNX folder")
     root = tmp_path_factory.mktemp("onnx")
     for name, ckpt in runs.items():
         rim_main("export", "--checkpoint", str(ckpt), "--out", str(root / name), "--format", "onnx")

@@ -511,15 +511,15 @@ def _sweep_parser(sub) -> None:
 
 def _bench_parser(sub) -> None:
     """One sub-parser per kind: its --help says what it measures, lists its own options only."""
-    from rim.bench.run import DEFAULTS, MODES, OPTION_HELP
+    from rim.bench.run import DEFAULTS, MODES, option_help
 
     b = sub.add_parser("bench", help="latency, training-throughput and any-block benchmarks")
     kinds = b.add_subparsers(dest="kind", required=True, metavar="KIND", help="what to measure")
     for kind, defaults in DEFAULTS.items():
         k = kinds.add_parser(kind, help=MODES[kind][0], description=MODES[kind][1])
-        for name, value in defaults.items():
-            flag, text = "--" + name.replace("_", "-"), f"{OPTION_HELP[name]} (default {value})"
-            k.add_argument(flag, type=type(value), default=value, help=text)
+        for name, value in defaults.items():  # None: the kind's default (`run_bench`)
+            flag, text = "--" + name.replace("_", "-"), option_help(kind, name)
+            k.add_argument(flag, type=type(value), default=None, help=text)
         k.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
         k.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
         k.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")

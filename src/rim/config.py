@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from rim.config_depth import DepthConfig
 from rim.errors import ConfigError
 
 
@@ -40,9 +41,7 @@ def _at_least(low: int, section: str, obj: Any, *names: str) -> None:
 
 @dataclass
 class ModelConfig:
-    path: str | None = (
-        None  # local HF model folder (pretrained weights); None = build from arch/size
-    )
+    path: str | None = None  # local HF model folder (pretrained weights); None = arch/size
     arch: str = "llama"  # gpt2 | llama | qwen2, for models built from a config
     size: str = "tiny"  # a name in rim.model.SIZES
     overrides: dict = field(default_factory=dict)  # extra HF config fields for built models
@@ -124,7 +123,7 @@ class DataConfig:
 
 
 @dataclass
-class MemoryConfig:
+class MemoryConfig(DepthConfig):  # + loops, loop_input, state_loss (ours)
     blocks: int = 8  # K, blocks at inference and in stage 2
     mem_tokens: int = 2  # M, <m> tokens per block (block length M + 2)
     start_token: str = "<|mem_start|>"
@@ -137,6 +136,7 @@ class MemoryConfig:
             raise ConfigError("memory.blocks: K must be >= 1")
         if self.mem_tokens < 1:
             raise ConfigError("memory.mem_tokens: M must be >= 1")
+        super().__post_init__()
 
 
 @dataclass

@@ -62,12 +62,26 @@ def get(name: str, method=None, key: str = "--decoder") -> Decoder:
     dec = DECODERS[name]
     if method is not None and dec.needs_blocks and not method.uses_blocks:
         raise RimError(f"{key} {name}: method {method.name} has no memory blocks")
+    if method is not None and name != "final":
+        refuse_looped(method, f"{key} {name}")
     return dec
 
 
+def refuse_looped(method, what: str) -> None:
+    """One line for what reads the blocks one prefill at a time: a looped model's blocks are
+    only what the last of its 1 + R passes left (the final decoder)."""
+    loops = getattr(method, "loops", 0)
+    if loops:
+        raise RimError(
+            f"{what}: memory.loops is {loops}: a looped model answers after its last pass "
+            "over all K blocks only (use the final decoder)"
+        )
+
+
 def default_for(method) -> str:
-    """Evaluation's default: every block's answer for block methods, else the final one."""
-    return "all-blocks" if method.uses_blocks else "final"
+    """Evaluation's default: every block's answer for block methods (not looped ones), else
+    the final one."""
+    return "all-blocks" if method.uses_blocks and not getattr(method, "loops", 0) else "final"
 
 
 def _final(req: Request) -> Decoded:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from rim.compat import cache_of, with_cache
+
 
 @dataclass
 class Prefill:
@@ -77,13 +79,13 @@ def prefill(model, prompts: list[list[int]], pad_id: int, keep_states: int = 0) 
         input_ids=ids,
         attention_mask=mask,
         position_ids=pos,
-        cache=cache,
+        **with_cache(cache),
         use_cache=True,
         output_hidden_states=bool(keep_states),
         logits_to_keep=1,  # only the last position's logits: the LM head over P tokens is costly
     )
     logits = out.logits[:, -1].float()
-    return Prefill(out.cache, mask, logits, pos[:, -1] + 1, 1, kept_states(out, keep_states))
+    return Prefill(cache_of(out), mask, logits, pos[:, -1] + 1, 1, kept_states(out, keep_states))
 
 
 @torch.no_grad()
@@ -120,7 +122,7 @@ def all_blocks_greedy(
         input_ids=ids,
         attention_mask=mask,
         position_ids=pos,
-        cache=DynamicCache(),
+        **with_cache(DynamicCache()),
         use_cache=True,
         output_hidden_states=keep_states,
         logits_to_keep=keep,
@@ -129,7 +131,7 @@ def all_blocks_greedy(
     states = kept_states(out, len(blocks) if keep_states else 0)  # (B, K * block_len, D) each
     cols = torch.arange(P, device=device)
     seen = mask.bool()[:, None, :] & (cols[None, None, :] <= ends[None, :, None])  # (B, K, P)
-    branches = _Branches(model, out.cache, seen, pos[:, ends] + 1)  # next positions (B, K)
+    branches = _Branches(model, cache_of(out), seen, pos[:, ends] + 1)  # next positions (B, K)
     base = 1
     if cue is not None:
         logits, base = branches.step(torch.full((B, K), cue, device=device)), 2
@@ -161,10 +163,10 @@ class _Branches:
             input_ids=nxt,
             attention_mask=mask4[:, None],  # (B, 1, K, kv)
             position_ids=self.next_pos,
-            cache=self.cache,
+            **with_cache(self.cache),
             use_cache=True,
         )
-        self.cache, self.next_pos = out.cache, self.next_pos + 1
+        self.cache, self.next_pos = cache_of(out), self.next_pos + 1
         return out.logits.float()
 
 
@@ -222,10 +224,10 @@ def greedy(
             input_ids=nxt[:, None],
             attention_mask=mask,
             position_ids=pos[:, None],
-            cache=cache,
+            **with_cache(cache),
             use_cache=True,
         )
-        cache, logits, pos = out.cache, out.logits[:, -1].float(), pos + 1
+        cache, logits, pos = cache_of(out), out.logits[:, -1].float(), pos + 1
     return track.result(start, states=state.states)
 
 

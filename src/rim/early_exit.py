@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from rim.compat import cache_of, with_cache
 from rim.decoders import Decoder, Request, register
 from rim.decoding import Decoded, Prefill, greedy, left_pad, positions
 
@@ -31,8 +32,8 @@ def _block_pass(model, cache, mask, pos, block: torch.Tensor, active: torch.Tens
     mask = torch.cat([mask, active[:, None].to(mask.dtype).expand(B, Lb)], dim=1)
     bpos = pos[:, None] + torch.arange(Lb, device=block.device)  # (B, Lb)
     out = model(
-        input_ids=block, attention_mask=mask, position_ids=bpos, cache=cache, use_cache=True,
-        output_hidden_states=probe is not None, logits_to_keep=1,
+        input_ids=block, attention_mask=mask, position_ids=bpos, **with_cache(cache),
+        use_cache=True, output_hidden_states=probe is not None, logits_to_keep=1,
     )  # fmt: skip
     scores = None
     if probe is not None:
@@ -48,9 +49,9 @@ def early_exit(req: Request, threshold: float = THRESHOLD, probe=None) -> Decode
     K = (req.blocks or m.mem.num_blocks) if m.uses_blocks else 0
     ids, mask = left_pad(req.questions, m.pad_id, next(model.parameters()).device)
     pos = positions(mask)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=DynamicCache(),
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **with_cache(DynamicCache()),
                 use_cache=True, logits_to_keep=1)  # fmt: skip
-    cache, pos = out.cache, pos[:, -1] + 1  # (B,) next position
+    cache, pos = cache_of(out), pos[:, -1] + 1  # (B,) next position
     B = ids.shape[0]
     block = torch.tensor(m.mem.block(), device=ids.device).expand(B, -1)  # (B, Lb)
     active = torch.ones(B, dtype=torch.bool, device=ids.device)

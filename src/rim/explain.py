@@ -13,6 +13,7 @@ more shared prefill (the all-blocks decoder with the cue), for a user who wants 
 from __future__ import annotations
 
 from rim.data import Example
+from rim.decoders import refuse_looped
 from rim.decoding import all_blocks_greedy
 from rim.errors import RimError
 from rim.evaluation import normalize
@@ -20,6 +21,7 @@ from rim.evaluation import normalize
 
 def check_explainable(method) -> int:
     """The explain token's id, or a one-line error for a checkpoint trained without it."""
+    refuse_looped(method, "--explain")
     cue = getattr(method, "explain_id", None)
     if cue is None:
         raise RimError(

@@ -116,8 +116,10 @@ def _load(ckpt: Path, verify: bool | None = None):
 
     model, tok, method, cfg = from_checkpoint(ckpt, verify=verify)
     if not method.plain_prompt:
+        loops = getattr(method, "loops", 0)  # a looped RiM (memory.loops, ours)
+        what = f"method {method.name}" + (f" with memory.loops {loops}" if loops else "")
         raise RimError(
-            f"--checkpoint {ckpt}: method {method.name} needs sequential forward passes at "
+            f"--checkpoint {ckpt}: {what} needs sequential forward passes at "
             "inference; only plain-prompt methods can be exported"
         )
     if load_meta(ckpt).get("adapter"):
@@ -140,6 +142,18 @@ def _lm_eval(out: Path, cfg, data: str | None, fmt: str, limit: int | None):
     return task_name(out), examples, source
 
 
+def _check_format(format: str, lm_eval_data: str | None) -> None:
+    if format not in FORMATS:
+        raise RimError(f"--format {format}: not one of {', '.join(FORMATS)}")
+    if format == "onnx":
+        from rim.onnx_export import require_exporter, require_onnx
+
+        require_onnx()
+        require_exporter()
+        if lm_eval_data:
+            raise RimError("--lm-eval-data: lm-eval runs the hf format (--format hf)")
+
+
 def export(
     checkpoint: str | Path,
     out: str | Path,
@@ -155,14 +169,7 @@ def export(
     `verbose`: the ONNX exporter's messages on the terminal, not in `onnx_export.log`."""
     from rim.io import atomic_dir
 
-    if format not in FORMATS:
-        raise RimError(f"--format {format}: not one of {', '.join(FORMATS)}")
-    if format == "onnx":
-        from rim.onnx_export import require_onnx
-
-        require_onnx()
-        if lm_eval_data:
-            raise RimError("--lm-eval-data: lm-eval runs the hf format (--format hf)")
+    _check_format(format, lm_eval_data)
     ckpt, out = _resolve(Path(checkpoint)), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RimError(f"--out {out}: already exists and is not empty")

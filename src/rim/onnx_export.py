@@ -4,8 +4,10 @@
     rim generate --runtime onnx --checkpoint exported/x-onnx "3 + 4 - 2"
 
 The graph comes from transformers' own exporter (`transformers.exporters.OnnxExporter`:
-torch.export, then torch.onnx with dynamo), which follows the transformers version rim pins;
-optimum-onnx (0.1.0) needs transformers < 4.58 and cannot be installed beside it.
+torch.export, then torch.onnx with dynamo), which follows the installed transformers: 5.23 or
+newer, whose result saves itself as a folder (older ones are refused in one line,
+`require_exporter`); optimum-onnx (0.1.0) needs transformers < 4.58 and cannot be installed
+beside it.
 
 One graph serves the prompt and every greedy step. It is the exporter's multi-token decode
 step (`multi_token_decode=True`): the number of new tokens and the cache length are both
@@ -41,6 +43,19 @@ def require_onnx(flag: str = "--format onnx") -> None:
     missing = [m for m in _NEEDS if importlib.util.find_spec(m) is None]
     if missing:
         raise RimError(f"{flag}: needs {', '.join(missing)} (pip install 'rim[onnx]')")
+
+
+def require_exporter() -> None:
+    """One-line error when transformers' exporter is too old for `--format onnx` (rim.compat)."""
+    import transformers
+
+    from rim.compat import onnx_exporter_saves
+
+    if not onnx_exporter_saves():
+        raise RimError(
+            "--format onnx: needs transformers 5.23 or newer (its exporter's save_pretrained); "
+            f"this is {transformers.__version__}: export where a newer one is installed"
+        )
 
 
 @contextlib.contextmanager
@@ -82,6 +97,8 @@ def export_onnx(model, prompt_ids: list[int], folder: Path, verbose: bool = Fals
     from transformers.exporters import OnnxConfig, OnnxExporter
     from transformers.exporters.utils import decompose_prefill_decode
 
+    from rim.compat import CACHE_KW
+
     model.eval()
     ids = torch.tensor([prompt_ids], dtype=torch.long)
     quiet = contextlib.nullcontext() if verbose else output_to(Path(folder) / LOG_FILE)
@@ -93,11 +110,11 @@ def export_onnx(model, prompt_ids: list[int], folder: Path, verbose: bool = Fals
         exported = OnnxExporter().export(step, inputs, OnnxConfig(dynamic=True))
         exported.save_pretrained(folder)
     graph_inputs = [v.name for v in exported.program.graph.inputs]
-    cache = _cache_inputs(graph_inputs, inputs["cache"])
+    cache = _cache_inputs(graph_inputs, inputs[CACHE_KW])
     return {
         "model": ONNX_FILE,
         "batch": 1,
-        "dtype": str(inputs["cache"].layers[0].keys.dtype).removeprefix("torch."),
+        "dtype": str(inputs[CACHE_KW].layers[0].keys.dtype).removeprefix("torch."),
         "cache_inputs": cache,
     }
 

@@ -26,7 +26,7 @@ import numpy as np
 from safetensors.numpy import load_file, save
 
 from rim.data import Example
-from rim.decoders import decode
+from rim.decoders import decode, refuse_looped
 from rim.errors import RimError
 from rim.evaluation import Record, gold_answers, records_of
 from rim.io import atomic_file
@@ -42,6 +42,7 @@ def block_states(
     the all-blocks decoder's one prefill, and every example's `Record` (answer per block)."""
     if not method.uses_blocks:
         raise RimError(f"probe: method {method.name} has no memory blocks")
+    refuse_looped(method, "probe")
     model.eval()
     golds = gold_answers(method, examples)
     Lb = method.mem.block_len

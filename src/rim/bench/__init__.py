@@ -8,8 +8,10 @@ latency    TTFT and full-answer latency of direct, RiM (K=8, M=2), Coconut and C
            random-init model of a named architecture (with the real vocabulary size of its
            family: the LM head matters) or on local weights, against a plain transformers
            loop on the same inputs (`latency.py`).
-train      Examples/s and peak memory of one stage-1 RiM training step, packed against naive
-           (one pass per readout) and against Coconut's loss (`training.py`).
+train      With `--data FILE`: real tokens/s, step time and peak memory of RiM training on
+           the file's examples against plain causal fine-tuning of their CoT text, RiM as
+           trained before issue 29 and naive (`train_data.py`). Without: examples/s of one
+           stage-1 RiM step on random words, packed against naive and Coconut (`training.py`).
 any-block  `rim.evaluation.evaluate` answering after all K blocks against after the last only
            (`any_block.py`).
 
@@ -45,7 +47,9 @@ from rim.bench.models import (
     run_decode,
 )
 from rim.bench.run import DEFAULTS, MODES, run_bench
-from rim.bench.tables import format_any_block, format_latency, format_train
+from rim.bench.tables import format_any_block, format_latency, format_train, format_train_data
+from rim.bench.train_data import VARIANTS as DATA_VARIANTS
+from rim.bench.train_data import DataSpec, Workload, data_train_bench
 from rim.bench.training import (
     TrainSpec,
     chains,
@@ -58,6 +62,7 @@ from rim.bench.training import (
 )
 
 __all__ = [
+    "DATA_VARIANTS",
     "DEFAULTS",
     "DTYPES",
     "FAMILY",
@@ -65,15 +70,19 @@ __all__ = [
     "MODES",
     "NEVER",
     "BenchModel",
+    "DataSpec",
     "LatencySpec",
     "TrainSpec",
+    "Workload",
     "any_block_bench",
     "chains",
     "coconut_split",
+    "data_train_bench",
     "expected_passes",
     "format_any_block",
     "format_latency",
     "format_train",
+    "format_train_data",
     "gsm8k_like",
     "latency_bench",
     "load_bench_model",

@@ -14,6 +14,7 @@ import torch
 
 from rim.bench import stats
 from rim.bench.models import BenchModel, load_bench_model, make_method, question_text, run_decode
+from rim.compat import cache_of, with_cache
 from rim.decoding import wall_clock
 from rim.errors import RimError
 from rim.machine import describe, load_average
@@ -26,11 +27,14 @@ RATIOS = {
 }
 
 
-def expected_passes(name: str, answer_tokens: int, cot_tokens: int, thoughts: int) -> int:
+def expected_passes(
+    name: str, answer_tokens: int, cot_tokens: int, thoughts: int, loops: int = 0
+) -> int:
     """Sequential forward passes up to the last answer token (batch row 0)."""
     generated = answer_tokens + (cot_tokens if name == "cot" else 0)
     # Coconut: x++<bot>, thoughts 1..n-1, then thought n with <eot> (as the original's forward)
     prefill = thoughts + 1 if name == "coconut" else 1
+    prefill += loops if name == "rim" else 0  # looped RiM: R more passes over the blocks
     return prefill + generated - 1
 
 
@@ -44,12 +48,28 @@ def _plain_thoughts(model, ids, thoughts: int, eot):
         return model(input_ids=torch.cat([ids, eot], dim=1), use_cache=True, logits_to_keep=1)
     kw = dict(use_cache=True, logits_to_keep=1, output_hidden_states=True)
     out = model(input_ids=ids, **kw)
-    cache, h = out.cache, out.hidden_states[-1][:, -1:]  # h (B, 1, D): thought 1
+    cache, h = cache_of(out), out.hidden_states[-1][:, -1:]  # h (B, 1, D): thought 1
     for _ in range(thoughts - 1):
-        out = model(inputs_embeds=h, cache=cache, **kw)
-        cache, h = out.cache, out.hidden_states[-1][:, -1:]
+        out = model(inputs_embeds=h, **with_cache(cache), **kw)
+        cache, h = cache_of(out), out.hidden_states[-1][:, -1:]
     last = torch.cat([h, model.get_input_embeddings()(eot)], dim=1)  # (B, 2, D)
-    return model(inputs_embeds=last, cache=cache, use_cache=True, logits_to_keep=1)
+    return model(inputs_embeds=last, **with_cache(cache), use_cache=True, logits_to_keep=1)
+
+
+def _plain_loops(model, ids, loops: tuple):
+    """Looped RiM's prefill (`rim.methods.looped`) in plain calls: `x ++ blocks`, then R passes
+    over the blocks' n tokens, each fed the projected last-layer states of the pass before."""
+    R, own, proj, n = loops
+    kw = dict(use_cache=True, output_hidden_states=True)
+    out = model(input_ids=ids, **kw)
+    cache, h = cache_of(out), out.hidden_states[-1]
+    before, states = h[:, -n - 1 : -n], h[:, -n:]  # the question's last token, the blocks
+    for _ in range(R):
+        cache.crop(-n)  # back to the question: positions continue after it
+        src = states if own else torch.cat([before, states[:, :-1]], dim=1)
+        out = model(inputs_embeds=proj(src), **with_cache(cache), **kw)
+        cache, states = cache_of(out), out.hidden_states[-1]
+    return out
 
 
 @torch.no_grad()
@@ -61,30 +81,34 @@ def plain_loop(
     clock: Callable[[], float],
     thoughts: int = 0,
     eot_id: int | None = None,
+    loops: tuple | None = None,
 ) -> tuple[list[float], list[int]]:
     """The reference: a plain transformers prefill + greedy loop with the KV cache.
 
     No attention mask or position ids (every row is the same prompt). With `eot_id`, Coconut's
-    continuous thoughts first. Returns the seconds from the start at which each token was
-    known, and row 0's tokens.
+    continuous thoughts first; with `loops` (R, own, projection, block tokens), looped RiM's
+    passes. Returns the seconds from the start at which each token was known, and row 0's
+    tokens.
     """
     start = clock()
     device = next(model.parameters()).device
     ids = torch.tensor([prompt] * batch, dtype=torch.long, device=device)  # (B, P)
-    if eot_id is None:
+    if loops is not None:
+        out = _plain_loops(model, ids, loops)
+    elif eot_id is None:
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     else:
         eot = torch.full((batch, 1), eot_id, dtype=torch.long, device=device)  # (B, 1)
         out = _plain_thoughts(model, ids, thoughts, eot)
-    cache, nxt = out.cache, out.logits[:, -1].argmax(-1)  # nxt (B,)
+    cache, nxt = cache_of(out), out.logits[:, -1].argmax(-1)  # nxt (B,)
     times, tokens = [], []
     for step in range(new_tokens):
         tokens.append(nxt.tolist()[0])  # synchronises, as greedy decoding does to check EOS
         times.append(clock() - start)
         if step == new_tokens - 1:
             break
-        out = model(input_ids=nxt[:, None], cache=cache, use_cache=True)
-        cache, nxt = out.cache, out.logits[:, -1].argmax(-1)
+        out = model(input_ids=nxt[:, None], **with_cache(cache), use_cache=True)
+        cache, nxt = cache_of(out), out.logits[:, -1].argmax(-1)
     return times, tokens
 
 
@@ -104,10 +128,13 @@ class LatencySpec:
     warmup: int = 2
     blocks: int = 8
     mem_tokens: int = 2
+    loops: int = 0  # RiM's memory.loops: 1 + R passes before the first answer token
     methods: tuple[str, ...] = LATENCY_METHODS
     plain: bool = True
 
     def check(self) -> None:
+        if self.loops < 0:
+            raise RimError("bench latency: --loops must be >= 0")
         if self.runs < 1 or self.batch < 1 or self.question_tokens < 2 or self.answer_tokens < 1:
             raise RimError("bench latency: runs, batch, answer tokens >= 1; question tokens >= 2")
 
@@ -119,7 +146,7 @@ class LatencySpec:
 
     def config(self, bm: BenchModel) -> dict:
         keys = ("batch", "question_tokens", "cot_tokens", "answer_tokens", "thoughts")
-        keys += ("blocks", "mem_tokens", "runs", "warmup")
+        keys += ("blocks", "mem_tokens", "loops", "runs", "warmup")
         return (
             bm.config(1)
             | {k: getattr(self, k) for k in keys}
@@ -216,6 +243,7 @@ class _Session:
             self.clock,
             m.thoughts() if coco else 0,
             m.eot_id if coco else None,
+            _loops(m),
         )
         self.plain_tokens[name] = tokens
         if keep:
@@ -238,11 +266,20 @@ class _Session:
         s = self.spec
         for n, c in self.counts.items():
             c.expected_forward_passes = expected_passes(
-                n, s.answer_tokens, s.cot_tokens, s.thoughts
+                n, s.answer_tokens, s.cot_tokens, s.thoughts, s.loops
             )
             if s.plain:  # same greedy tokens: the plain loop did the same work
                 c.same_tokens_as_plain = self.tokens[n] == self.plain_tokens[n]
         return self.counts
+
+
+def _loops(m) -> tuple | None:
+    """`plain_loop`'s `loops` for a looped RiM, else None."""
+    if not getattr(m, "loops", 0):
+        return None
+    mem = m.settings.memory
+    n = len(m.mem.blocks())
+    return mem.loops, mem.loop_input == "own", m.depth["loop_projection"], n
 
 
 def _ratios(ms: dict) -> dict:
@@ -306,10 +343,12 @@ def measure_latency(
             answer_tokens=spec.answer_tokens,
             cot_tokens=spec.cot_tokens,
             thoughts=spec.thoughts,
+            loops=spec.loops,
         )
         if m is None:
             notes.append(f"{name}: method not registered in rim.methods.METHODS; skipped")
         else:
+            m.attach(bm.model)  # looped RiM's projection (random init, identity); else nothing
             meths[name] = m
     session = _Session(bm, spec, meths)
     session.run(log)

@@ -94,18 +94,20 @@ def load_bench_model(
     dtype: str = "float32",
     max_positions: int = 1024,
     seed: int = 0,
+    tokenizer=None,
 ) -> BenchModel:
     """A random-init model of a named size (`rim.model.SIZES`) or local weights (a folder).
 
     Named sizes `gpt2`, `llama-1b`, `llama-3b` get their family's real vocabulary size (the LM
     head matters for latency); the small synthetic sizes (`tiny`, `small`, `base`) are
-    Llama-style with a word-level vocabulary. The tokenizer holds every method's special tokens.
+    Llama-style with a word-level vocabulary: of `WORDS`, or `tokenizer` (one built from a
+    data file: `rim bench train --data`). The tokenizer holds every method's special tokens.
     """
     dev, dt = _device(device), parse_dtype(dtype)
     if Path(name).is_dir():
         model, tok, arch = _load_local(name)
     else:
-        model, tok, arch = _build_named(name, dev, max_positions, seed)
+        model, tok, arch = _build_named(name, dev, max_positions, seed, tokenizer)
     model.to(device=dev, dtype=dt).eval()
     return BenchModel(model, tok, name, arch, dev, dt)
 
@@ -121,14 +123,15 @@ def _load_local(path: str) -> tuple[torch.nn.Module, object, str]:
 
 
 def _build_named(
-    name: str, dev: torch.device, max_positions: int, seed: int
+    name: str, dev: torch.device, max_positions: int, seed: int, tok=None
 ) -> tuple[torch.nn.Module, object, str]:
     from rim.model import SIZES, build_model, build_tokenizer
 
     if name not in SIZES:
         raise RimError(f"--model {name}: not a model folder nor one of {', '.join(SIZES)}")
     arch, vocab = FAMILY.get(name, ("llama", 0))
-    tok = build_tokenizer(WORDS + [Config().eval.answer_marker], _special_strings())
+    if tok is None:
+        tok = build_tokenizer(WORDS + [Config().eval.answer_marker], _special_strings())
     torch.manual_seed(seed)
     with dev:  # initialise on the device: a 3B model initialises in seconds on a GPU
         model = build_model(ModelConfig(arch=arch, size=name), max(vocab, len(tok)), max_positions)
@@ -143,12 +146,14 @@ def coconut_split(thoughts: int) -> tuple[int, int]:
 
 
 def bench_config(
-    name: str, blocks: int, mem_tokens: int, answer_tokens: int, cot_tokens: int, thoughts: int
-) -> Config:
+    name: str, blocks: int, mem_tokens: int, answer_tokens: int, cot_tokens: int, thoughts: int,
+    loops: int = 0,
+) -> Config:  # fmt: skip
     """Method `name`'s Config: answer tokens for every method, plus `cot_tokens` of reasoning
-    for CoT; Coconut thinks `thoughts` continuous thoughts."""
+    for CoT; Coconut thinks `thoughts` continuous thoughts; RiM loops `loops` times."""
     cfg = Config(method=name)
-    cfg.memory = MemoryConfig(blocks=blocks, mem_tokens=mem_tokens)
+    loops = loops if name == "rim" else 0
+    cfg.memory = MemoryConfig(blocks=blocks, mem_tokens=mem_tokens, loops=loops)
     cfg.eval.max_new_tokens = answer_tokens
     cfg.eval.cot_max_new_tokens = answer_tokens + (cot_tokens if name == "cot" else 0)
     cfg.coconut.thoughts_per_step, cfg.coconut.max_stage = coconut_split(thoughts)
@@ -165,17 +170,19 @@ def make_method(
     cot_tokens: int = 0,
     thoughts: int = 6,
     never_stop: bool = True,
+    loops: int = 0,
 ):
     """The registered method `name` configured for a benchmark, or None if it is not registered.
 
     Every benchmark builds its methods here. With `never_stop` the EOS id is one no token can
-    have, so a random model generates exactly the configured number of tokens.
+    have, so a random model generates exactly the configured number of tokens. `loops`: RiM's
+    `memory.loops` (its modules still to be attached: `method.attach(model)`).
     """
     from rim.methods import METHODS, build
 
     if name not in METHODS:
         return None
-    cfg = bench_config(name, blocks, mem_tokens, answer_tokens, cot_tokens, thoughts)
+    cfg = bench_config(name, blocks, mem_tokens, answer_tokens, cot_tokens, thoughts, loops)
     return build(cfg, tokenizer, eos_id=NEVER if never_stop else None)
 
 

@@ -76,3 +76,27 @@ def format_any_block(res: dict) -> str:
         f"{fmt(res['ms']['any'])} ms, any/final {fmt(res['ratios']['any/final'], '.2f')}"
         + "".join(f"\n{n}" for n in _notes(res))
     )
+
+
+def format_train_data(res: dict) -> str:
+    """`rim bench train --data`: one row per variant, then the acceptance ratios."""
+    c, m = res["config"], res["machine"]
+    title = (
+        f"train on {c['data']}: {c['model']} ({c['params_m']}M params, vocab {c['vocab']}), "
+        f"{c['device']} {c['dtype']}, {m.get('torch_threads')} threads, load "
+        f"{m.get('load_avg_1m', '-')}; batch {c['batch']} in micro-batches of "
+        f"{c['micro_batch']}, {c['pool_examples']} examples, median of {c['runs']} steps"
+    )
+    header = ["variant", "real tokens/s", "step ms", "examples/s", "peak MB", "padding"]
+    rows = [
+        [r["variant"], fmt(r["real_tokens_per_s"], ".0f"), fmt(r["step_ms"], ".0f")]
+        + [fmt(r["examples_per_s"]), fmt(r["peak_mb"], ".0f"), fmt(r["padding"], ".1%")]
+        for r in res["rows"]
+    ]
+    lines = [title, "", table(header, rows), ""]
+    for name, r in res["ratios"].items():
+        met = {True: " ok", False: " MISS"}.get(r.get("met"), "")
+        lines.append(f"{name}: {fmt(r['ratio'], '.2f')}{met}")
+    lines += [f"{r['variant']}: {r['setting']}" for r in res["rows"]]
+    lines.append(f"memory: {c['memory']}")
+    return "\n".join(lines + _notes(res))

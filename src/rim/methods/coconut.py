@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from rim.compat import cache_of, with_cache
 from rim.config import CoconutConfig
 from rim.curriculum import Stage, coconut_plan, steps_for
 from rim.data import Example
@@ -97,12 +98,12 @@ def _think(model, ids, mask, pos, n: torch.Tensor, n_max: int):
         input_ids=ids,
         attention_mask=mask,
         position_ids=pos,
-        cache=DynamicCache(),
+        **with_cache(DynamicCache()),
         use_cache=True,
         output_hidden_states=True,
         logits_to_keep=1,
     )
-    cache, h = out.cache, out.hidden_states[-1][:, -1:]  # h: (B, 1, D), thought 1
+    cache, h = cache_of(out), out.hidden_states[-1][:, -1:]  # h: (B, 1, D), thought 1
     next_pos = pos[:, -1] + 1  # (B,)
     last = torch.zeros_like(h)  # (B, 1, D): thought n_b of row b, fed in the last pass
     for i in range(1, n_max):  # pass i feeds thought i; its output is thought i + 1
@@ -114,12 +115,12 @@ def _think(model, ids, mask, pos, n: torch.Tensor, n_max: int):
             inputs_embeds=emb,
             attention_mask=mask,
             position_ids=next_pos[:, None],
-            cache=cache,
+            **with_cache(cache),
             use_cache=True,
             output_hidden_states=True,
             logits_to_keep=1,
         )
-        cache, h = out.cache, out.hidden_states[-1][:, -1:]  # (B, 1, D)
+        cache, h = cache_of(out), out.hidden_states[-1][:, -1:]  # (B, 1, D)
         next_pos = next_pos + active.to(next_pos.dtype)
     last = torch.where((n == n_max)[:, None, None], h, last)
     return cache, mask, next_pos, last
@@ -156,11 +157,11 @@ def run(
                 input_ids=torch.cat([ids, tail], dim=1),
                 attention_mask=mask,
                 position_ids=torch.cat([pos, tpos], dim=1),
-                cache=DynamicCache(),
+                **with_cache(DynamicCache()),
                 use_cache=True,
                 logits_to_keep=keep or Lt,
             )
-        return Passes(out.cache, mask, out.logits, tpos[:, 0] + tmask.sum(1), 1)
+        return Passes(cache_of(out), mask, out.logits, tpos[:, 0] + tmask.sum(1), 1)
     cache, mask, next_pos, last = _think(model, ids, mask, pos, n, n_max)
     has = (n > 0).to(mask.dtype)  # (B,) rows with a last thought
     slot = torch.zeros(len(counts), 1 + Lt, dtype=torch.bool, device=device)
@@ -172,11 +173,11 @@ def run(
             input_ids=torch.cat([tail[:, :1], tail], dim=1),  # slot 0: any id, replaced
             attention_mask=mask,
             position_ids=torch.cat([next_pos[:, None], tpos], dim=1),
-            cache=cache,
+            **with_cache(cache),
             use_cache=True,
             logits_to_keep=keep or Lt,
         )
-    return Passes(out.cache, mask, out.logits, tpos[:, 0] + tmask.sum(1), n_max + 1)
+    return Passes(cache_of(out), mask, out.logits, tpos[:, 0] + tmask.sum(1), n_max + 1)
 
 
 @register

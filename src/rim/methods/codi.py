@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+from rim.compat import cache_of, with_cache
 from rim.config import CODIConfig
 from rim.curriculum import Stage
 from rim.data import Example
@@ -267,12 +268,12 @@ class CODI(Method):
             input_ids=ids,
             attention_mask=mask,
             position_ids=pos,
-            cache=DynamicCache(),
+            **with_cache(DynamicCache()),
             use_cache=True,
             output_hidden_states=True,
             logits_to_keep=1,
         )
-        cache, latent = out.cache, self.project(out.hidden_states[-1][:, -1:])  # (B, 1, D)
+        cache, latent = cache_of(out), self.project(out.hidden_states[-1][:, -1:])  # (B, 1, D)
         next_pos = pos[:, -1] + 1  # (B,)
         for _ in range(self.settings.latents - 1):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -280,12 +281,12 @@ class CODI(Method):
                 inputs_embeds=latent,
                 attention_mask=mask,
                 position_ids=next_pos[:, None],
-                cache=cache,
+                **with_cache(cache),
                 use_cache=True,
                 output_hidden_states=True,
                 logits_to_keep=1,
             )
-            cache, latent = out.cache, self.project(out.hidden_states[-1][:, -1:])
+            cache, latent = cache_of(out), self.project(out.hidden_states[-1][:, -1:])
             next_pos = next_pos + 1
         return cache, mask, latent, next_pos
 
@@ -304,7 +305,7 @@ class CODI(Method):
                 inputs_embeds=torch.cat([latent.to(emb.dtype), emb], dim=1),  # (B, 1 + Ld, D)
                 attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1]), dmask], dim=1),
                 position_ids=next_pos[:, None] + torch.arange(1 + Ld, device=device),
-                cache=cache,
+                **with_cache(cache),
                 use_cache=True,
                 output_hidden_states=True,
             )
@@ -352,12 +353,12 @@ class CODI(Method):
             inputs_embeds=torch.cat([latent.to(emb.dtype), emb], dim=1),  # (N, 2, D)
             attention_mask=mask,
             position_ids=next_pos[:, None] + torch.arange(2, device=device),
-            cache=cache,
+            **with_cache(cache),
             use_cache=True,
             logits_to_keep=1,
         )
         logits = out.logits[:, -1].float()  # (N, V)
-        return Prefill(out.cache, mask, logits, next_pos + 2, self.settings.latents + 1)
+        return Prefill(cache_of(out), mask, logits, next_pos + 2, self.settings.latents + 1)
 
     def latent_positions(self) -> int:
         return self.settings.latents + 1  # + <eot>

@@ -14,14 +14,18 @@ externalise each block on demand while the answer still needs only the one prefi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
 
 from rim.config import Config, CurriculumConfig, MemoryConfig
 from rim.curriculum import Stage, alpha_weights, stage1_weights, steps_for
 from rim.data import Example
+from rim.errors import ConfigError
 from rim.layout import Segment
 from rim.memory import MemoryTokens, token_strings
+from rim.methods import depth, looped
 from rim.methods.base import Common, Method, Tokens, block_chain, readout
 from rim.methods.registry import register
 from rim.tokenized import counts, ragged
@@ -55,10 +59,19 @@ class RiM(Method):
     uses_blocks = True
 
     def __init__(self, common: Common, settings: RiMSettings, tokens: Tokens, tokenizer):
-        super().__init__(common, settings, tokens, tokenizer)
         m = settings.memory
+        self.loops = m.loops  # memory.loops (ours): R passes over the blocks after the prefill
+        if self.loops:
+            if common.pack_tokens is not None:
+                raise ConfigError(
+                    "train.pack_tokens: memory.loops > 0 trains one example per row (its "
+                    "passes run the blocks of each row again); set it null"
+                )
+            self.plain_prompt = self.shares_rows = False  # sequential passes, as Coconut
+        super().__init__(common, settings, tokens, tokenizer)
         self.mem = MemoryTokens(*tokens.new[:3], m.mem_tokens, m.blocks)
         self.explain_id: int | None = tokens.new[3] if len(tokens.new) > 3 else None
+        self.depth: torch.nn.ModuleDict | None = None  # set by `attach` (rim.methods.depth)
 
     @classmethod
     def settings_from(cls, cfg: Config) -> RiMSettings:
@@ -149,10 +162,39 @@ class RiM(Method):
         first_k = np.arange(steps.shape[1])[None, :] < k[:, None]  # (N, width)
         return k + (steps * first_k).sum(1)
 
+    # ---- looped memory and the state loss (ours: rim.methods.depth, rim.methods.looped) ----
+    def loss(self, model, examples, stage, progress, num_examples, device) -> torch.Tensor:
+        """RiM's packed loss; with `memory.loops` the looped passes, with the state loss on
+        in this stage its term too. Both off: `Method.loss`, untouched."""
+        s = self.settings.memory.state_loss
+        state_on = s.weight > 0 and (1 if isinstance(stage.payload, Grounding) else 2) in s.stages
+        args = (self, model, examples, stage, progress, num_examples, device, state_on)
+        if self.loops:
+            return looped.loss(*args)
+        if state_on:
+            depth.refuse_fsdp(model)
+            return depth.packed_loss(*args[:-1])
+        return super().loss(model, examples, stage, progress, num_examples, device)
+
+    def prefill(self, model, prompts: list[list[int]], keep_states: int = 0):
+        if self.loops:
+            return looped.prefill(self, model, prompts, keep_states)
+        return super().prefill(model, prompts, keep_states)
+
+    def attach(self, model, checkpoint: Path | None = None):
+        m = self.settings.memory
+        model, self.depth = depth.attach(model, m.state_loss, m.loops, checkpoint)
+        return model
+
+    def save_modules(self, model, folder: Path, state_dict: dict | None = None) -> None:
+        depth.save(self.depth, folder, state_dict)
+
     def prompt(self, question: str, blocks: int | None = None) -> list[int]:
         return list(self.question_ids(question)) + self.mem.blocks(blocks)
 
     def meta(self, plan: list[Stage] | None = None) -> dict:
         m = self.mem
         out = {"blocks": m.num_blocks, "mem_tokens": m.mem_tokens}
+        if self.loops:
+            out |= {"loops": self.loops, "loop_input": self.settings.memory.loop_input}
         return super().meta(plan) | out | {"explain": self.explain_id is not None}

@@ -1,0 +1,248 @@
+"""RiM's own modules for depth (ours, issue 31): the state loss's head and the loop projection.
+
+State loss (`memory.state_loss`, off at weight 0). Block t's hidden states at one layer,
+pooled (mean over its M + 2 tokens, or its `</b>` token), go through a small head: a
+LayerNorm, then per target slot a Linear(D, D) initialised to identity, then the model's own
+output embedding, so the vocabulary is not multiplied by the slots. Slot j predicts token j of
+step t's first / last n tokens (`target: first | last`), or one slot predicts step t's
+distinct tokens as a bag (`target: bag`: the mean NLL of each). Blocks 1..min(T, K) are
+supervised, step t on block t, whatever the readouts' annealed weights (in stage 1 the
+answer block T + 1 has none: its readout predicts the answer). An example's state loss is
+`weight` times the mean over its supervised blocks of the mean slot NLL; like the readout
+loss it is summed over examples and divided by the global number of examples.
+
+Loop projection (`memory.loops` > 0): a Linear(D, D) initialised to identity maps a block
+token's last-layer state of pass r - 1 to its input embedding in pass r (`rim.methods.looped`).
+
+Both belong to the model (`attach` registers them as one submodule, so the optimizer, DDP,
+resumable checkpoints and `best/` see them) and are saved beside the weights as
+`rim_depth.safetensors`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import extract_model_from_parallel
+from torch import nn
+
+from rim import flex
+from rim.batching import pack_rows
+from rim.config_depth import StateLossConfig
+from rim.data import Example
+from rim.errors import ConfigError, RimError
+from rim.layout import IGNORE, Segment, weighted_nll
+from rim.methods.base import labelled_head
+
+MODULE = "rim_depth"  # the submodule's name on the model
+MODULE_FILE = "rim_depth.safetensors"
+
+
+def identity_linear(dim: int) -> nn.Linear:
+    lin = nn.Linear(dim, dim)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(dim))
+        lin.bias.zero_()
+    return lin
+
+
+class StateHead(nn.Module):
+    """(N, D) pooled block states -> (N, slots, D), read by the model's output embedding."""
+
+    def __init__(self, dim: int, slots: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.slots = nn.ModuleList(identity_linear(dim) for _ in range(slots))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm(h)
+        return torch.stack([s(h) for s in self.slots], dim=1)
+
+
+def state_layer(cfg: StateLossConfig, num_layers: int) -> int:
+    """The hidden_states index the state loss reads (0 = embeddings, L = the last layer)."""
+    layer = num_layers // 2 if cfg.layer is None else cfg.layer
+    if layer > num_layers:
+        raise ConfigError(
+            f"memory.state_loss.layer: {layer} is past the model's {num_layers} layers"
+        )
+    return layer
+
+
+def build(model, state: StateLossConfig, loops: int) -> nn.ModuleDict:
+    dim = model.config.hidden_size
+    mods = nn.ModuleDict()
+    if state.weight > 0:
+        mods["state_head"] = StateHead(dim, 1 if state.target == "bag" else state.tokens)
+    if loops > 0:
+        mods["loop_projection"] = identity_linear(dim)
+    return mods
+
+
+def attach(model, state: StateLossConfig, loops: int, checkpoint: Path | None):
+    """(model, its depth modules or None): registered as `rim_depth`, from `checkpoint`."""
+    mods = build(model, state, loops)
+    if not len(mods):
+        return model, None
+    state_layer(state, model.config.num_hidden_layers)  # a layer past the model: refused now
+    ref = next(model.parameters())
+    mods.to(ref.device, ref.dtype)
+    if checkpoint is not None:
+        file = Path(checkpoint) / MODULE_FILE
+        if not file.is_file():
+            raise RimError(f"{checkpoint}: memory.loops / memory.state_loss without {MODULE_FILE}")
+        from safetensors.torch import load_file
+
+        mods.load_state_dict(load_file(file, device=str(ref.device)))
+    mods.train(model.training)
+    model.add_module(MODULE, mods)
+    if isinstance(getattr(model, "_keys_to_ignore_on_save", None), set):
+        # save_pretrained leaves them out: from_pretrained could not place them anyway
+        model._keys_to_ignore_on_save |= {f"{MODULE}.{k}" for k in mods.state_dict()}
+    return model, mods
+
+
+def save(mods: nn.Module | None, folder: Path, state_dict: dict | None = None) -> None:
+    if mods is None:
+        return
+    from safetensors.torch import save_file
+
+    pre = f"{MODULE}."
+    full = {k[len(pre) :]: v for k, v in (state_dict or {}).items() if k.startswith(pre)}
+    state = full or mods.state_dict()
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / MODULE_FILE)
+
+
+def module(method, name: str) -> nn.Module:
+    """`method`'s module `name` (`state_head`, `loop_projection`), attached to the model."""
+    if method.depth is None or name not in method.depth:
+        raise RimError(f"rim: no {name} on the model; call method.attach(model) first")
+    return method.depth[name]
+
+
+def refuse_fsdp(model) -> None:
+    name = type(model).__name__
+    if "FSDP" in name or "FullyShardedDataParallel" in name:
+        raise RimError("memory.loops / memory.state_loss: FSDP is not supported (their modules "
+                       "run outside the model's forward); use DDP")  # fmt: skip
+
+
+# ---------------------------------------------------------------- the state loss
+
+
+@dataclass
+class StateTargets:
+    """The supervised blocks of a batch: where they are and what they predict."""
+
+    rows: torch.Tensor  # (N,) batch row of each supervised block
+    cols: torch.Tensor  # (N, Lb) its token columns in that row
+    ids: torch.Tensor  # (N, S) target ids, IGNORE where none
+    weights: torch.Tensor  # (N,) weight / (the example's supervised blocks)
+
+
+def step_targets(cfg: StateLossConfig, steps: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Per step, the ids its block predicts: distinct tokens (bag), or the first / last n."""
+    n = cfg.tokens
+    if cfg.target == "bag":
+        return [tuple(dict.fromkeys(s)) for s in steps]
+    return [tuple(s[:n]) if cfg.target == "first" else tuple(s[-n:]) for s in steps]
+
+
+def targets(
+    cfg: StateLossConfig, items: list[tuple[int, int, int, list[tuple[int, ...]]]], Lb: int
+) -> StateTargets:
+    """`items`: per example (row, column of its first block, blocks, its steps' ids).
+
+    Block t (t <= min(T, blocks)) predicts step t; `last` right-aligns a short step (its
+    last token in the last slot), `first` left-aligns it; empty steps are not supervised.
+    """
+    rows, cols, ids, weights = [], [], [], []
+    width = 1 if cfg.target == "bag" else cfg.tokens
+    for row, start, blocks, steps in items:
+        tgt = step_targets(cfg, steps[:blocks])
+        sup = [t for t in range(len(tgt)) if tgt[t]]
+        for t in sup:
+            slot = [IGNORE] * max(width, len(tgt[t]))
+            at = len(slot) - len(tgt[t]) if cfg.target == "last" else 0
+            slot[at : at + len(tgt[t])] = tgt[t]
+            rows.append(row)
+            cols.append(range(start + t * Lb, start + (t + 1) * Lb))
+            ids.append(slot)
+            weights.append(cfg.weight / len(sup))
+    S = max((len(i) for i in ids), default=1)
+    out = np.full((len(ids), S), IGNORE, dtype=np.int64)
+    for i, s in enumerate(ids):
+        out[i, : len(s)] = s
+    return StateTargets(
+        torch.tensor(rows, dtype=torch.long),
+        torch.tensor(np.array([list(c) for c in cols], dtype=np.int64).reshape(-1, Lb)),
+        torch.from_numpy(out),
+        torch.tensor(weights, dtype=torch.float32),
+    )
+
+
+def state_loss(
+    model, head: StateHead, cfg: StateLossConfig, hidden: torch.Tensor, tg: StateTargets,
+    num_examples: int,
+) -> torch.Tensor:  # fmt: skip
+    """Sum of each supervised block's weighted mean slot NLL, / `num_examples`.
+
+    `hidden` (B, L, D): the chosen layer's states; `tg`'s columns index its L axis."""
+    if not len(tg.rows):
+        return hidden.sum() * 0.0
+    dev = hidden.device
+    rows, cols = tg.rows.to(dev), tg.cols.to(dev)
+    block = hidden[rows[:, None], cols]  # (N, Lb, D)
+    pooled = block.mean(1) if cfg.pool == "mean" else block[:, -1]  # (N, D)
+    lm_head = extract_model_from_parallel(model).get_output_embeddings()
+    logp = lm_head(head(pooled)).float().log_softmax(-1)  # (N, slots, V)
+    ids = tg.ids.to(dev)  # (N, S)
+    if cfg.target == "bag":  # every bag token is read from the one slot
+        logp = logp.expand(-1, ids.shape[1], -1)
+    valid = ids != IGNORE
+    nll = -logp.gather(-1, ids.clamp(min=0)[..., None])[..., 0] * valid  # (N, S)
+    per_block = nll.sum(1) / valid.sum(1)  # (N,)
+    return (per_block * tg.weights.to(dev)).sum() / num_examples
+
+
+def packed_loss(
+    method, model, examples: list[Example], stage, progress: float, num_examples: int, device
+) -> torch.Tensor:
+    """The packed RiM loss (`Method.loss`'s batch, one forward pass) plus the state loss on
+    that pass's hidden states; several examples per row as `Method.batch` packs them."""
+    mask = flex.Tables.of if flex.enabled(model) else None
+    dtype = next(model.parameters()).dtype
+    batch = method.batch(examples, stage, progress, dtype, mask).to(device)
+    segs = [method.segments(ex, stage, progress) for ex in examples]
+    rows = pack_rows([sum(len(s.ids) for s in sg) for sg in segs], method.common.pack_tokens)
+    items = []
+    for r, row in enumerate(rows):  # the same rows `Method.batch` laid out
+        offset = 0
+        for i in row:
+            items.append(_item(method, r, offset, segs[i], examples[i]))
+            offset += sum(len(s.ids) for s in segs[i])
+    cfg = method.settings.memory.state_loss
+    tg = targets(cfg, items, method.mem.block_len)
+    where = batch.labels != IGNORE
+    with labelled_head(model, where):
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=flex.attention_mask(batch.attention_mask),
+            position_ids=batch.position_ids,
+            use_cache=False,
+            output_hidden_states=True,
+        )
+    loss = weighted_nll(out.logits, batch.labels[where], batch.weights[where], num_examples)
+    layer = state_layer(cfg, len(out.hidden_states) - 1)
+    head = module(method, "state_head")
+    return loss + state_loss(model, head, cfg, out.hidden_states[layer], tg, num_examples)
+
+
+def _item(method, row: int, offset: int, segs: list[Segment], ex: Example):
+    """(row, first block column, blocks, step ids) of one example laid out from `offset`."""
+    blocks = sum(1 for s in segs if s.kind == "block")
+    steps = [method.text_ids(s) for s in ex.steps]
+    return row, offset + len(segs[0].ids), blocks, steps
