@@ -1,7 +1,7 @@
 """Markdown tables (medians over repeated runs) from `rim bench ... --json` outputs.
 
     for i in 1 2 3; do rim bench latency --model gpt2 --threads 1 --json > lat_$i.json; done
-    python benchmarks/tables.py lat_*.json          # latency, train and any-block files mixed
+    python benchmarks/tables.py lat_*.json          # latency, train (also --data) and any-block
 
 Each figure is the median over the given runs of that run's own median; the per-run ratios
 are listed too, so the spread between runs is visible.
@@ -102,6 +102,35 @@ def train_table(runs: list[dict]) -> str:
     return "\n".join(out)
 
 
+def train_data_table(runs: list[dict]) -> str:
+    """`rim bench train --data`: per variant the median over runs; ratios per run."""
+    c, m = runs[0]["config"], runs[0]["machine"]
+    out = [
+        f"{c['model']} ({c['params_m']}M params, vocab {c['vocab']}), {c['device']} "
+        f"{c['dtype']}, {c['data']}, batch {c['batch']} in micro-batches of {c['micro_batch']}, "
+        f"{len(runs)} runs x {c['runs']} timed steps, torch threads {m['torch_threads']}, "
+        f"load {', '.join(_f(r['machine'].get('load_avg_1m'), '.2f') for r in runs)}",
+        "",
+        "| variant | real tokens/s | step ms | examples/s | peak MB | padding |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, row in enumerate(runs[0]["rows"]):
+
+        def col(key: str, i: int = i) -> float | None:
+            return _med([r["rows"][i][key] for r in runs])
+
+        out.append(
+            f"| {row['variant']} | {_f(col('real_tokens_per_s'), '.0f')} | "
+            f"{_f(col('step_ms'), '.0f')} | {_f(col('examples_per_s'), '.2f')} | "
+            f"{_f(col('peak_mb'), '.0f')} | {_f(100 * col('padding'), '.1f')}% |"
+        )
+    out.append("")
+    for key in runs[0]["ratios"]:
+        vals = [r["ratios"][key]["ratio"] for r in runs]
+        out.append(f"- {key}: {', '.join(_f(v, '.2f') for v in vals)}")
+    return "\n".join(out)
+
+
 def any_block_table(runs: list[dict]) -> str:
     c = runs[0]["config"]
     vals = [r["ratios"]["any/final"] for r in runs]
@@ -120,9 +149,11 @@ def main(paths: list[str]) -> None:
     for p in paths:
         r = json.loads(Path(p).read_text())
         kind = "latency" if "latency_ms" in r else "train" if "examples_per_s" in r else "any-block"
+        kind = "train-data" if "rows" in r else kind
         key = f"{kind} {r['config']['model']} threads={r['machine']['torch_threads']}"
         groups.setdefault(key, []).append(r)
     table = {"latency": latency_table, "train": train_table, "any-block": any_block_table}
+    table["train-data"] = train_data_table
     for key, runs in groups.items():
         print(f"### {key}\n\n{table[key.split()[0]](runs)}\n")
 

@@ -227,7 +227,7 @@ def test_train_data_json_has_the_five_variants(aug_file, capsys, monkeypatch):
     quick = run.data_train_bench  # peak memory (a fresh process each): test_peak_memory_*
     monkeypatch.setattr(run, "data_train_bench", lambda **kw: quick(memory=False, **kw))
     main(["bench", "train", "--data", aug_file, "--model", "tiny", "--batch", "4",
-          "--micro-batch", "2", "--runs", "2", "--warmup", "1", "--threads", "1", "--json"])  # fmt: skip
+          "--micro-batch", "2", "--runs", "1", "--warmup", "1", "--threads", "1", "--json"])  # fmt: skip
     res = json.loads(capsys.readouterr().out)
     assert [r["variant"] for r in res["rows"]] == list(bench.DATA_VARIANTS)
     assert bench.DATA_VARIANTS == (
@@ -270,7 +270,7 @@ def test_train_data_today_path_and_new_path_train_the_same_loss(aug_file):
     anchor's flattened rows give each example's own loss: attention stays inside it)."""
     from rim.bench.train_data import flat_loss, today_loss
 
-    w = bench.Workload("tiny", bench.DataSpec(aug_file, batch=8, runs=1, memory=False))
+    w = bench.Workload("tiny", bench.DataSpec(aug_file, batch=8, runs=1, warmup=0))
     model, exs, s1 = w.bm.model.eval(), w.pool[:5], w.stages["rim-stage1"]
     old, _ = today_loss(w.today, model, exs, s1, 0.0, 8, w.bm.device)
     new, _ = w._new("rim-stage1", exs)
@@ -293,5 +293,5 @@ def test_peak_memory_in_a_fresh_process(aug_file):
 def test_train_data_too_few_examples(aug_file):
     from rim.errors import RimError
 
-    with pytest.raises(RimError, match="--data .*8 examples.*= 12"):
+    with pytest.raises(RimError, match="--data .*8 examples.*= 16"):
         bench.Workload("tiny", bench.DataSpec(aug_file, batch=4, runs=3))

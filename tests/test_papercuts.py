@@ -98,6 +98,7 @@ def _help(capsys, *argv: str) -> str:
 
 def test_bench_help_is_per_kind(capsys):
     """Each kind's --help says what it measures and lists its own options and defaults."""
+    from rim.bench.run import DEFAULTS
     from rim.cli import parser
 
     texts = {k: _help(capsys, "bench", k) for k in ("latency", "train", "any-block")}
@@ -109,13 +110,14 @@ def test_bench_help_is_per_kind(capsys):
     assert "--cot-tokens" not in texts["any-block"] and "--thoughts" not in texts["any-block"]
     assert "--answer-tokens" not in texts["train"]
     for kind, batch, runs in (("latency", 1, 20), ("train", 16, 10), ("any-block", 64, 7)):
-        assert f"batch size (default {batch})" in texts[kind]
-        assert f"timed runs (default {runs})" in texts[kind]
-        args = parser().parse_args(["bench", kind])
-        assert (args.kind, args.batch, args.runs) == (kind, batch, runs)
+        assert f"batch size (default {batch}" in texts[kind]
+        assert f"timed runs (default {runs}" in texts[kind]
+        args = parser().parse_args(["bench", kind])  # unset: the kind's default at run time
+        assert (args.kind, args.batch, args.runs) == (kind, None, None)
+        assert (DEFAULTS[kind]["batch"], DEFAULTS[kind]["runs"]) == (batch, runs)
     # an old command line still parses
     args = parser().parse_args(["bench", "latency", "--model", "tiny", "--runs", "2", "--json"])
-    assert (args.model, args.runs, args.json, args.cot_tokens) == ("tiny", 2, True, 26)
+    assert (args.model, args.runs, args.json, args.cot_tokens) == ("tiny", 2, True, None)
 
 
 def test_readme_cli_table_names_every_bench_kind():

@@ -3,7 +3,7 @@
 rim runs on transformers 5.17 (the GPU image users are likely to have: torch 2.11,
 transformers 5.17) up to the pinned release. Between them transformers renamed the KV cache
 argument of every model's `forward`, and the field of its output, from `past_key_values` to
-`cache`. An older model takes an unknown `cache=` silently through its `**kwargs` and runs
+`cache` (5.24). An older model takes an unknown `cache=` silently through its `**kwargs` and runs
 without the cache, so the name must be chosen, not tried. It is read off transformers' own
 output class (a feature check, not a version string compare).
 
@@ -30,7 +30,7 @@ def with_cache(cache: Any) -> dict[str, Any]:
 
 
 def cache_of(out: Any) -> Any:
-    """The KV cache a model call returned (`out.cache`; `out.past_key_values` before 5.2x)."""
+    """The KV cache a model call returned (`out.cache`; `out.past_key_values` before 5.24)."""
     return getattr(out, CACHE_KW)
 
 

@@ -23,14 +23,14 @@ rim-stage1-today  RiM stage 1 as the trainer ran it before issue 29 (`today_loss
                   dense mask, full-vocabulary logits (upcast to fp32), `.item()` per micro-batch.
 naive             one plain causal forward + backward per readout (`training.naive_batches`).
 
-Each variant's timed steps are exactly one epoch over the pool (`batch x runs` examples drawn,
-seeded, from FILE; warm-up steps take the end of the epoch before), so every variant trains
-on the same examples. Tokenisation is done before timing (`Method.pretokenize`); building
-rows and masks is timed, as the trainer does it. Real tokens are the examples' own tokens
-(never padding): the layout's length per example, the CoT text plus EOS for causal-packed,
-each pass's unpadded sequences for naive (which recomputes the question and blocks per
-readout, so its tokens/s flatters it: compare it by examples/s). Peak memory: see
-`measure_peak`.
+Every variant's timed steps take the same `batch x runs` examples: the first global batches
+of the trainer's length-grouped order over the whole FILE (seeded), each variant in its own
+order (`Workload._plan`); warm-up steps take the next ones. Tokenisation is done before
+timing (`Method.pretokenize`); building rows and masks is timed, as the trainer does it. Real
+tokens are the examples' own, never padding: the layout's length per example, the CoT text
+plus EOS for causal-packed, each pass's unpadded sequences for naive (which recomputes the
+question and blocks per readout, so its tokens/s flatters it: compare it by examples/s).
+Peak memory: see `measure_peak`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rim.batching import ExampleStream, GroupedStream, micro_batches
+from rim.batching import ExampleStream, GroupedStream, micro_batches, padding_fraction
 from rim.bench import stats
 from rim.bench.models import BenchModel, _special_strings, bench_config, load_bench_model
 from rim.bench.training import _optimizer_step, _time_steps, chains, naive_batches, peak_memory_mb
@@ -73,9 +73,9 @@ class DataSpec:
     """What `data_train_bench` is asked for (besides model, device and dtype)."""
 
     data: str
-    batch: int = 16  # global batch: examples per optimizer step
-    micro_batch: int = 4  # examples per forward pass
-    runs: int = 4  # timed steps per variant: the pool is batch x runs examples
+    batch: int = 8  # global batch: examples per optimizer step
+    micro_batch: int = 8  # examples per forward pass
+    runs: int = 4  # timed steps per variant
     warmup: int = 1
     memory: bool = True  # peak memory, one fresh process per variant
     seed: int = 0
@@ -131,23 +131,23 @@ class Workload:
         spec.check()
         self.spec = s = spec
         every = read_examples(s.data)
-        n = s.batch * s.runs
-        if len(every) < n:
+        need = (s.runs + s.warmup) * s.batch
+        if len(every) < need:
             raise RimError(
-                f"--data {s.data}: {len(every)} examples; the bench needs --batch x --runs = {n}"
+                f"--data {s.data}: {len(every)} examples; the bench needs "
+                f"--batch x (--runs + --warmup) = {need}"
             )
-        g = torch.Generator().manual_seed(s.seed)
-        self.pool: list[Example] = [every[i] for i in torch.randperm(len(every), generator=g)[:n]]
         self.bm = _load_model(model, every, device, dtype)
         tok = self.bm.tokenizer
         self.cot = _method("cot", tok, s)
         self.today = _method("rim", tok, s)
-        t_max = max(len(ex.steps) for ex in self.pool)
+        t_max = max(len(ex.steps) for ex in every)  # as the trainer: over the training set
         self.stages = {
             "rim-stage1": Stage("stage1", 0, 1, 1e-5, None, Grounding(t_max)),
             "rim-stage2": Stage("stage2", 1, 1, 1e-5, None, Refinement()),
         }
         self.new = {v: _method("rim", tok, s, s.new_path.get(v)) for v in self.stages}
+        self.pool, self._first = self._draw(every)
         for m in (self.cot, self.today, *self.new.values()):
             m.pretokenize(self.pool)
         self.cot_ids = [self._cot_sequence(ex) for ex in self.pool]
@@ -157,6 +157,19 @@ class Workload:
         from transformers import DataCollatorWithFlattening
 
         self.flatten = DataCollatorWithFlattening(return_tensors="pt")
+
+    def _draw(self, every: list[Example]) -> tuple[list[Example], list[list[int]]]:
+        """The pool: the first `runs` + `warmup` global batches the trainer's grouped order
+        (`GroupedStream`, stage-1 lengths) takes from the whole file, so those batches are
+        grouped as in a real run; the timed ones first. Returns (pool, those batches)."""
+        s, m = self.spec, self.new["rim-stage1"]
+        m.pretokenize(every)
+        lengths = m.train_lengths(every, [self.stages["rim-stage1"]])[0].tolist()
+        stream = GroupedStream(lengths, len(every), s.seed, s.batch)
+        picked = [stream.take(s.batch) for _ in range(s.runs + s.warmup)]
+        pool = [every[i] for b in picked for i in b]
+        self.file_padding = _epoch_padding(lengths, s)
+        return pool, [list(range(k * s.batch, (k + 1) * s.batch)) for k in range(len(picked))]
 
     # ---- what each variant trains on ----
     def _cot_sequence(self, ex: Example) -> list[int]:
@@ -178,22 +191,27 @@ class Workload:
     def _plan(self, variant: str) -> list[list[list[int]]]:
         """The variant's warm-up then timed global batches, as micro-batches of pool indices.
 
-        Random order (the trainer's `ExampleStream`) in chunks for every variant but the new
-        path's, which groups by length; the timed steps are exactly one epoch of the pool."""
-        s, n = self.spec, len(self.pool)
-        epochs = -(-s.warmup * s.batch // n)  # the timed epoch: warm-up ends where it starts
-        cursor = epochs * n - s.warmup * s.batch
-        if variant in self.stages:
-            lengths = self.lengths[variant]
-            stream = GroupedStream(lengths, n, s.seed, s.batch, cursor)
-            return [
-                micro_batches(stream.take(s.batch), s.micro_batch, lengths)
-                for _ in range(s.warmup + s.runs)
-            ]
-        stream = ExampleStream(n, s.seed, cursor)
-        return [
-            micro_batches(stream.take(s.batch), s.micro_batch) for _ in range(s.warmup + s.runs)
-        ]
+        The timed steps take exactly the pool's first `runs` x `batch` examples (the
+        warm-up steps the rest), in each variant's order: rim-stage1 the grouped batches
+        they were drawn as; rim-stage2 grouped anew by its own lengths (`GroupedStream`);
+        the others random (`ExampleStream`), in chunks, as the trainer took them before."""
+        s = self.spec
+        timed, warm = self._first[: s.runs], self._first[s.runs :]
+        lengths = self.lengths[variant] if variant in self.stages else None
+        out = []
+        for part in (warm, timed):
+            idx = [i for b in part for i in b]
+            if variant == "rim-stage1":
+                order = idx
+            elif variant == "rim-stage2":
+                sub = [lengths[i] for i in idx]
+                stream = GroupedStream(sub, len(idx), s.seed, s.batch)
+                order = [idx[j] for j in stream.take(len(idx))]
+            else:
+                order = [idx[j] for j in ExampleStream(len(idx), s.seed).take(len(idx))]
+            for k in range(0, len(order), s.batch):
+                out.append(micro_batches(order[k : k + s.batch], s.micro_batch, lengths))
+        return out
 
     # ---- one training step ----
     def step_fn(self, variant: str, batch: list[list[int]], count: Count) -> Callable[[], None]:
@@ -257,6 +275,26 @@ def flat_loss(model, rows: dict, device) -> torch.Tensor:
     `DataCollatorWithFlattening`. `use_cache=False`: with a cache, transformers does not
     detect the packed sequences from the position ids, and attention crosses examples."""
     return model(**{k: v.to(device) for k, v in rows.items()}, use_cache=False).loss
+
+
+def _epoch_padding(lengths: list[int], s: DataSpec) -> dict[str, float]:
+    """Padding share of stage-1 micro-batches over one whole epoch of the file, random order
+    against grouped: what a run would waste (the few timed batches hold fewer lengths)."""
+    n, out = len(lengths), {}
+    for name, stream in (
+        ("random", ExampleStream(n, s.seed)),
+        ("grouped", GroupedStream(lengths, n, s.seed, s.batch)),
+    ):
+        idx = stream.take(n - n % s.batch)
+        sizes = [
+            [lengths[i] for i in chunk]
+            for k in range(0, len(idx), s.batch)
+            for chunk in micro_batches(
+                idx[k : k + s.batch], s.micro_batch, None if name == "random" else lengths
+            )
+        ]
+        out[name] = round(padding_fraction(sizes), 4)
+    return out
 
 
 def _method(name: str, tok, spec: DataSpec, pack_tokens: int | None = None):
@@ -410,6 +448,7 @@ def _config(w: Workload, s: DataSpec, how: str) -> dict:
             "blocks": s.blocks,
             "mem_tokens": s.mem_tokens,
             "stage1_progress": 0.0,
+            "stage1_padding_over_file": w.file_padding,
             "step": "zero_grad + forward + backward per micro-batch + AdamW (full fine-tune)",
             "memory": how + " (a fresh process per variant, at its step with the largest pass)",
         }
