@@ -28,7 +28,7 @@ DEFAULTS = {
 # `rim bench train --data FILE`: its own defaults where they differ (a GPT-2 step on real text
 # takes seconds on a CPU); `--runs` timed steps per variant, one epoch of a pool of
 # batch x runs examples
-DATA_DEFAULTS = {"train": dict(batch=8, runs=4, warmup=1)}
+DATA_DEFAULTS = {"train": dict(batch=8, runs=8, warmup=1)}
 OPTION_HELP = {  # `rim bench KIND --help`, with the kind's default
     "model": "gpt2 | llama-1b | llama-3b | tiny | small | base | a model folder",
     "batch": "batch size",

@@ -75,7 +75,7 @@ class DataSpec:
     data: str
     batch: int = 8  # global batch: examples per optimizer step
     micro_batch: int = 8  # examples per forward pass
-    runs: int = 4  # timed steps per variant
+    runs: int = 8  # timed steps per variant (more: a pool of more lengths)
     warmup: int = 1
     memory: bool = True  # peak memory, one fresh process per variant
     seed: int = 0
@@ -397,7 +397,7 @@ def _row(v: str, secs: list[float], timed: list[Count], s: DataSpec, peak, w) ->
         "step_ms": stats.median(secs) * 1e3,
         "peak_mb": peak,
         "examples_per_s": stats.median([s.batch / t for t in secs]),
-        "real_tokens": real,  # over the timed steps (one epoch of the pool)
+        "real_tokens": real,  # over the timed steps: the same examples for every variant
         "padded_tokens": padded,  # what the tensors held, padding included
         "padding": 1 - real / padded if padded else 0.0,
         "setting": _setting(v, s),
