@@ -19,7 +19,8 @@ import pytest
 import torch
 import yaml
 
-from .conftest import TINY_RECIPE, recipe_file
+from .conftest import TINY_RECIPE, recipe_file, rim_main
+from .test_faults import fails
 
 RECIPE = copy.deepcopy(TINY_RECIPE)
 RECIPE["data"]["train"]["size"], RECIPE["data"]["valid"]["size"] = 16, 4
@@ -36,22 +37,11 @@ def _quiet(monkeypatch):
     monkeypatch.setattr(rim.config, "_warned", set(), raising=False)  # each test: its own
 
 
-def rim_main(*args: str) -> None:
-    from rim.cli import main
-
-    main(list(args))
-
-
 def exits(capsys, code: int, *args: str) -> str:
-    """Run `rim *args`; it must exit `code` with exactly one stderr line; return that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        rim_main(*args)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code == code, err
-    assert len(err) == 1, err
-    assert err[0].startswith("rim: error: ")
-    return err[0]
+    """Run `rim *args`; it must exit `code` with exactly one error line; return that line."""
+    line = fails(capsys, *args, code=code)
+    assert line.startswith("rim: error: ")
+    return line
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from rim.config import Config
 from rim.curriculum import TRAIN_KEYS, Stage, steps_for
 from rim.data import Example
 from rim.decoding import Prefill, prefill
-from rim.errors import ConfigError
+from rim.errors import ConfigError, RimError
 from rim.layout import IGNORE, Batch, Segment, collate, concat, pack, weighted_nll
 from rim.memory import MemoryTokens
 from rim.tokenized import TokenTable
@@ -284,17 +284,47 @@ def _mask_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def batch_loss(model, batch: Batch, num_examples: int) -> torch.Tensor:
-    """`weighted_nll` of one forward pass over `batch`, the LM head only where labels are."""
+def labelled_forward(model, batch: Batch, num_examples: int, **extra):
+    """(model output, `weighted_nll` of its labels): one forward pass over `batch`, the LM
+    head only where labels are (`out.logits` is (N, V) for the N labelled positions)."""
     where = batch.labels != IGNORE  # (B, L)
     with labelled_head(model, where):
-        logits = model(
+        out = model(
             input_ids=batch.input_ids,
             attention_mask=flex.attention_mask(batch.attention_mask),
             position_ids=batch.position_ids,
             use_cache=False,
-        ).logits  # (N, V): N labelled positions
-    return weighted_nll(logits, batch.labels[where], batch.weights[where], num_examples)
+            **extra,
+        )
+    return out, weighted_nll(out.logits, batch.labels[where], batch.weights[where], num_examples)
+
+
+def batch_loss(model, batch: Batch, num_examples: int) -> torch.Tensor:
+    """`weighted_nll` of one forward pass over `batch`, the LM head only where labels are."""
+    return labelled_forward(model, batch, num_examples)[1]
+
+
+def attach_module(
+    model, name: str, module: torch.nn.Module, checkpoint: Path | None, file: str, missing: str
+) -> torch.nn.Module:
+    """Register a method's own `module` on `model` as `name` (so the optimizer, DDP and
+    resumable checkpoints see it), on the model's device and dtype; from `checkpoint/file`
+    when given (`missing`: the one-line error without it)."""
+    ref = next(model.parameters())
+    module.to(ref.device, ref.dtype)
+    if checkpoint is not None:
+        path = Path(checkpoint) / file
+        if not path.is_file():
+            raise RimError(f"{checkpoint}: {missing} without {file}")
+        from safetensors.torch import load_file
+
+        module.load_state_dict(load_file(path, device=str(ref.device)))
+    module.train(model.training)
+    model.add_module(name, module)
+    if isinstance(getattr(model, "_keys_to_ignore_on_save", None), set):
+        # save_pretrained leaves it out: from_pretrained could not place it anyway
+        model._keys_to_ignore_on_save |= {f"{name}.{k}" for k in module.state_dict()}
+    return module
 
 
 @contextmanager

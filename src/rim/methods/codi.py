@@ -39,7 +39,7 @@ from rim.data import Example
 from rim.decoding import Prefill, left_pad, positions
 from rim.errors import RimError
 from rim.layout import IGNORE, Segment, token_nll
-from rim.methods.base import Common, Method, Tokens, labelled_head, readout
+from rim.methods.base import Common, Method, Tokens, attach_module, labelled_head, readout
 from rim.methods.registry import register
 from rim.tokenized import counts
 
@@ -111,21 +111,10 @@ class CODI(Method):
             return model
         dim = model.config.hidden_size
         prj = projection(dim, c.projection_dim or dim, c.projection_dropout, c.projection_norm)
-        ref = next(model.parameters())
-        prj.to(ref.device, ref.dtype)
-        if checkpoint is not None:
-            file = Path(checkpoint) / PROJECTION_FILE
-            if not file.is_file():
-                raise RimError(f"{checkpoint}: a codi checkpoint without {PROJECTION_FILE}")
-            from safetensors.torch import load_file
-
-            prj.load_state_dict(load_file(file, device=str(ref.device)))
-        prj.train(model.training)
-        model.add_module(PROJECTION, prj)
-        if isinstance(getattr(model, "_keys_to_ignore_on_save", None), set):
-            # save_pretrained leaves it out: from_pretrained could not place it anyway
-            model._keys_to_ignore_on_save |= {f"{PROJECTION}.{k}" for k in prj.state_dict()}
-        self.projection = prj
+        missing = "a codi checkpoint"
+        self.projection = attach_module(
+            model, PROJECTION, prj, checkpoint, PROJECTION_FILE, missing
+        )
         return model
 
     def save_modules(self, model, folder: Path, state_dict: dict | None = None) -> None:

@@ -34,8 +34,8 @@ from rim.batching import pack_rows
 from rim.config_depth import StateLossConfig
 from rim.data import Example
 from rim.errors import ConfigError, RimError
-from rim.layout import IGNORE, Segment, weighted_nll
-from rim.methods.base import labelled_head
+from rim.layout import IGNORE, Segment
+from rim.methods.base import attach_module, labelled_forward
 
 MODULE = "rim_depth"  # the submodule's name on the model
 MODULE_FILE = "rim_depth.safetensors"
@@ -88,21 +88,8 @@ def attach(model, state: StateLossConfig, loops: int, checkpoint: Path | None):
     if not len(mods):
         return model, None
     state_layer(state, model.config.num_hidden_layers)  # a layer past the model: refused now
-    ref = next(model.parameters())
-    mods.to(ref.device, ref.dtype)
-    if checkpoint is not None:
-        file = Path(checkpoint) / MODULE_FILE
-        if not file.is_file():
-            raise RimError(f"{checkpoint}: memory.loops / memory.state_loss without {MODULE_FILE}")
-        from safetensors.torch import load_file
-
-        mods.load_state_dict(load_file(file, device=str(ref.device)))
-    mods.train(model.training)
-    model.add_module(MODULE, mods)
-    if isinstance(getattr(model, "_keys_to_ignore_on_save", None), set):
-        # save_pretrained leaves them out: from_pretrained could not place them anyway
-        model._keys_to_ignore_on_save |= {f"{MODULE}.{k}" for k in mods.state_dict()}
-    return model, mods
+    missing = "memory.loops / memory.state_loss"
+    return model, attach_module(model, MODULE, mods, checkpoint, MODULE_FILE, missing)
 
 
 def save(mods: nn.Module | None, folder: Path, state_dict: dict | None = None) -> None:
@@ -226,16 +213,7 @@ def packed_loss(
             offset += sum(len(s.ids) for s in segs[i])
     cfg = method.settings.memory.state_loss
     tg = targets(cfg, items, method.mem.block_len)
-    where = batch.labels != IGNORE
-    with labelled_head(model, where):
-        out = model(
-            input_ids=batch.input_ids,
-            attention_mask=flex.attention_mask(batch.attention_mask),
-            position_ids=batch.position_ids,
-            use_cache=False,
-            output_hidden_states=True,
-        )
-    loss = weighted_nll(out.logits, batch.labels[where], batch.weights[where], num_examples)
+    out, loss = labelled_forward(model, batch, num_examples, output_hidden_states=True)
     layer = state_layer(cfg, len(out.hidden_states) - 1)
     head = module(method, "state_head")
     return loss + state_loss(model, head, cfg, out.hidden_states[layer], tg, num_examples)
