@@ -168,8 +168,11 @@ def test_resumed_branch_supersedes_the_abandoned_one(tmp_path, capsys, monkeypat
     assert sorted(p.name for p in aside.iterdir()) == [
         "best", "final", "metrics.jsonl", "step-00000006", "step-00000008",
     ]  # fmt: skip
-    assert {json.loads(x)["step"] for x in (aside / "metrics.jsonl").read_text().splitlines()
-            if "step" in json.loads(x)} == {5, 6, 7, 8}  # the old lineage's, kept aside
+    assert {
+        json.loads(x)["step"]
+        for x in (aside / "metrics.jsonl").read_text().splitlines()
+        if "step" in json.loads(x)
+    } == {5, 6, 7, 8}  # the old lineage's, kept aside
     assert not (run / "final").exists()
     rim_main("train", "--resume", str(run))  # the branch's own recipe: no --allow-change
     final_cfg = yaml.safe_load((run / "final" / "config.yaml").read_text())

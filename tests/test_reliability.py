@@ -236,8 +236,8 @@ def _first_gradients(tmp_path: Path, per_micro_batch: bool = False, **sections):
     cfg = load_config(recipe(tmp_path, f"r{len(list(tmp_path.iterdir()))}.yaml", **sections))
     setup = assemble(cfg, log=lambda *a: None)
     if per_micro_batch:
-        loss = setup.method.loss
-        setup.method.loss = lambda m, exs, st, p, n, d: loss(m, exs, st, p, len(exs), d)
+        loss = setup.method.rows_loss  # a micro-batch's rows: one example per row here
+        setup.method.rows_loss = lambda m, b, st, p, n, d: loss(m, b, st, p, len(b.input_ids), d)
     tr = Trainer(setup, tmp_path / "run", None)
     stage = tr.plan[0]
     tr.new_optimizer(stage)

@@ -196,6 +196,8 @@ class TrainConfig:
     micro_batch_size: int | None = None  # per forward pass and process; None = batch_size
     group_by_length: bool = False  # batches of similar-length examples (rim.batching)
     pack_tokens: int | None = None  # several examples per row up to N tokens; None = one
+    loader_workers: int | None = None  # DataLoader workers building rows (rim.pipeline);
+    # None = 2 on an accelerator, 0 on a CPU (a worker would take a training core)
     grad_clip: float = 1.0  # max gradient norm; 0 = off; >= 0, a warning outside [0.01, 100]
     dropout: float | None = None  # None = keep the model's own; [0, 1), a warning above 0.5
     stage2_dropout: float | None = None  # RiM stage 2 (paper: higher); as dropout
@@ -237,7 +239,8 @@ class TrainConfig:
             raise ConfigError("train.lr: must be > 0")
         _positive("train", self, "stage2_lr", "epochs")
         _at_least(1, "train", self, "steps", "log_every", "keep_last", "threads")
-        _at_least(0, "train", self, "eval_every", "save_every", "weight_decay", "grad_clip")
+        _at_least(0, "train", self, "eval_every", "save_every", "weight_decay", "grad_clip",
+                  "loader_workers")  # fmt: skip
         for key in ("dropout", "stage2_dropout"):
             p = getattr(self, key)
             if p is not None and not 0.0 <= p < 1.0:

@@ -103,8 +103,12 @@ class Tables:
                 anc[b, i, list(a)] = True
         return cls(seg, anc, L)
 
-    def to(self, device) -> Tables:
-        return Tables(self.seg.to(device), self.anc.to(device), self.length)
+    def to(self, device, non_blocking: bool = False) -> Tables:
+        seg, anc = (t.to(device, non_blocking=non_blocking) for t in (self.seg, self.anc))
+        return Tables(seg, anc, self.length)
+
+    def pin_memory(self) -> Tables:
+        return Tables(self.seg.pin_memory(), self.anc.pin_memory(), self.length)
 
     def mask_mod(self) -> Callable:
         """`mask_mod(b, h, q_idx, kv_idx)`: may query q_idx of row b attend key kv_idx."""

@@ -160,8 +160,12 @@ class Batch:
     attention_mask: torch.Tensor  # (B, 1, L, L) additive float: 0 allowed, dtype-min blocked
     # (or, from `collate(..., mask=rim.flex.Tables.of)`, the tree as FlexAttention tables)
 
-    def to(self, device) -> Batch:
-        return Batch(*(t.to(device) for t in vars(self).values()))
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        return Batch(*(t.to(device, non_blocking=non_blocking) for t in vars(self).values()))
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (the DataLoader's pin thread calls this: `rim.pipeline`)."""
+        return Batch(*(t.pin_memory() for t in vars(self).values()))
 
 
 def collate(

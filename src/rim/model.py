@@ -172,7 +172,9 @@ def load_pretrained(cfg: ModelConfig):
         if attn == flex.HF_NAME:
             flex.check_class(AutoConfig.from_pretrained(cfg.path, local_files_only=True))
         return AutoModelForCausalLM.from_pretrained(
-            cfg.path, local_files_only=True, attn_implementation=attn,
+            cfg.path,
+            local_files_only=True,
+            attn_implementation=attn,
             use_safetensors=True,  # never a pickled pytorch_model.bin
         )
     except (OSError, ValueError) as err:

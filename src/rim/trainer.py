@@ -22,6 +22,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,11 +46,13 @@ from rim.checkpoint import (
     supersede,
 )
 from rim.config import Config
-from rim.curriculum import Stage, stage_progress, warmup_constant
+from rim.curriculum import Stage, warmup_constant
 from rim.errors import Preempted, RimError
 from rim.evaluation import evaluate
 from rim.io import os_error, storage_error
 from rim.machine import cpu_model
+from rim.methods.base import row_options
+from rim.pipeline import Jobs, Rows, idle, make_loader, workers_for
 
 
 def set_dropout(model: torch.nn.Module, p: float | None) -> None:
@@ -82,6 +85,7 @@ class Trainer:
         self.lengths = grouped if t.group_by_length else None
         self.stream = make_stream(len(setup.train), self.cfg.train, self.lengths)
         self.state = TrainState()
+        self._jobs: Iterator | None = None  # the loader's steps (rim.pipeline), made at the first
         self._clock = (time.perf_counter(), 0.0)  # (start, seconds before it): _train_s
         self.optimizer = self.scheduler = None
         self.main = self.acc.is_main_process
@@ -139,23 +143,43 @@ class Trainer:
             save_model(self.out / name, model, self.s.tokenizer, cfg, meta, method, full)
 
     # ---- one optimizer step ----
-    def step(self, stage: Stage) -> float:
+    def _split(self, idx: list[int], stage: Stage) -> list[list[int]]:
+        """This process's share of a global batch, in micro-batches (longest first when
+        grouped): decided in the main process, so the order is the cursor's function."""
         t = self.cfg.train
-        idx = self.stream.take(t.batch_size)
         mine = idx[self.acc.process_index :: self.acc.num_processes]
         micro = t.micro_batch_size or t.batch_size
-        chunks = micro_batches(mine, micro, self.lengths and self.lengths.at(stage))
-        progress = stage_progress(self.state.step_in_stage, stage.steps)
+        return micro_batches(mine, micro, self.lengths and self.lengths.at(stage))
+
+    def _loader(self) -> Iterator:
+        """The steps left, their rows built ahead by `rim.pipeline` (workers or inline)."""
+        st, t = self.state, self.cfg.train
+        stream = make_stream(len(self.s.train), t, self.lengths)
+        stream.cursor = self.stream.cursor
+        jobs = Jobs(stream, self.plan, (st.stage_index, st.step_in_stage), t.batch_size,
+                    self._split)  # fmt: skip
+        model = self.acc.unwrap_model(self.model)
+        rows = Rows(self.s.method, self.s.train, self.plan, *row_options(model))
+        workers = workers_for(t.loader_workers, self.acc.device)
+        return iter(make_loader(rows, jobs, workers, self.acc.device))
+
+    def step(self, stage: Stage) -> float:
+        t = self.cfg.train
+        if self._jobs is None:
+            self._jobs = self._loader()
+        job, rows = next(self._jobs)
+        st = self.state
+        assert (job.stage_index, job.step_in_stage) == (st.stage_index, st.step_in_stage), job
+        self.stream.cursor = job.cursor  # what a checkpoint records: the steps trained
         self.model.train()
         total = torch.zeros((), device=self.acc.device)  # summed where the loss is: no sync
-        for j, chunk in enumerate(chunks):
-            examples = [self.s.train[i] for i in chunk]
-            sync = j == len(chunks) - 1
+        for j, chunk in enumerate(rows):
+            sync = j == len(rows) - 1
             ctx = self.acc.no_sync(self.model) if not sync else _null()
             with ctx, self.acc.autocast():
-                if examples:
-                    loss = self.s.method.loss(
-                        self.model, examples, stage, progress, t.batch_size, self.acc.device
+                if not idle(chunk):
+                    loss = self.s.method.rows_loss(
+                        self.model, chunk, stage, job.progress, t.batch_size, self.acc.device
                     )
                 else:  # an idle process still joins the gradient all-reduce
                     loss = sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
@@ -203,6 +227,7 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            self._jobs = None  # its workers stop now (they share the run folder's lock)
             if self.acc.log_with:  # every process: it also ends the process group, and
                 self.acc.end_training()  # nothing collective follows a fit
 

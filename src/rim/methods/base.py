@@ -191,9 +191,32 @@ class Method:
         device: torch.device,
     ) -> torch.Tensor:
         """Weighted readout NLL of `examples`, normalised by the global `num_examples`."""
-        mask = flex.Tables.of if flex.enabled(model) else None  # FlexAttention: no dense mask
-        batch = self.batch(examples, stage, progress, _mask_dtype(model), mask)
+        batch = self.batch(examples, stage, progress, *row_options(model))
         return batch_loss(model, batch.to(device), num_examples)
+
+    # ---- the training pipeline's two halves (rim.pipeline) ----
+    def builds_rows(self, stage: Stage) -> bool:
+        """Whether `loss` is `batch_loss` over `batch` at `stage`, so that a DataLoader
+        worker can build the rows; a method whose `loss` builds its own says False."""
+        return getattr(self.loss, "__func__", None) is Method.loss  # not overridden
+
+    def rows(
+        self, examples: list[Example], stage: Stage, progress: float, dtype, mask
+    ) -> Batch | list[Example]:
+        """The CPU half of `loss` (run in a DataLoader worker): the micro-batch's `Batch`,
+        or its examples back when `loss` builds its own rows (`builds_rows`)."""
+        if not examples or not self.builds_rows(stage):
+            return examples
+        return self.batch(examples, stage, progress, dtype, mask)
+
+    def rows_loss(
+        self, model, rows: Batch | list[Example], stage: Stage, progress: float,
+        num_examples: int, device: torch.device,
+    ) -> torch.Tensor:  # fmt: skip
+        """`loss` of a micro-batch whose rows `rows` built: equal to `loss` of its examples."""
+        if isinstance(rows, Batch):
+            return batch_loss(model, rows.to(device, non_blocking=True), num_examples)
+        return self.loss(model, rows, stage, progress, num_examples, device)
 
     def batch(
         self, examples: list[Example], stage: Stage, progress: float, dtype=torch.float32,
@@ -280,8 +303,10 @@ class Method:
         return {"method": self.name, "answer_marker": self.marker}
 
 
-def _mask_dtype(model) -> torch.dtype:
-    return next(model.parameters()).dtype
+def row_options(model) -> tuple[torch.dtype, Any]:
+    """(mask dtype, mask builder) of `model`'s rows: its weights' dtype; `rim.flex.Tables.of`
+    under FlexAttention (no dense mask), else None (the 4-D additive mask)."""
+    return next(model.parameters()).dtype, flex.Tables.of if flex.enabled(model) else None
 
 
 def labelled_forward(model, batch: Batch, num_examples: int, **extra):

@@ -166,8 +166,7 @@ class RiM(Method):
     def loss(self, model, examples, stage, progress, num_examples, device) -> torch.Tensor:
         """RiM's packed loss; with `memory.loops` the looped passes, with the state loss on
         in this stage its term too. Both off: `Method.loss`, untouched."""
-        s = self.settings.memory.state_loss
-        state_on = s.weight > 0 and (1 if isinstance(stage.payload, Grounding) else 2) in s.stages
+        state_on = self._state_on(stage)
         args = (self, model, examples, stage, progress, num_examples, device, state_on)
         if self.loops:
             return looped.loss(*args)
@@ -175,6 +174,14 @@ class RiM(Method):
             depth.refuse_fsdp(model)
             return depth.packed_loss(*args[:-1])
         return super().loss(model, examples, stage, progress, num_examples, device)
+
+    def _state_on(self, stage: Stage) -> bool:
+        s = self.settings.memory.state_loss
+        return s.weight > 0 and (1 if isinstance(stage.payload, Grounding) else 2) in s.stages
+
+    def builds_rows(self, stage: Stage) -> bool:
+        """Plain RiM's loss is `Method.loss`: its rows can be built ahead (rim.pipeline)."""
+        return not self.loops and not self._state_on(stage)
 
     def prefill(self, model, prompts: list[list[int]], keep_states: int = 0):
         if self.loops:
