@@ -165,10 +165,7 @@ def _steps(path: str, sets: list[str], out: Path) -> list[float]:
     trainer = Trainer(setup, out)
     stage = trainer.plan[0]
     trainer.new_optimizer(stage)
-    losses = []
-    for _ in range(stage.steps):
-        losses.append(trainer.step(stage))
-        trainer.state.step_in_stage += 1
+    losses = [trainer.step(stage) for _ in range(stage.steps)]
     del trainer, setup
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return losses

@@ -219,7 +219,6 @@ def _steps(tmp_path: Path, n: int, accelerator=None, **sections):
     losses = []
     for _ in range(n):
         losses.append(tr.step(stage))
-        tr.state.step_in_stage += 1
     return losses, tr.acc.unwrap_model(tr.model)
 
 
@@ -308,7 +307,6 @@ def test_bf16_is_autocast_with_fp32_master_weights(tmp_path: Path, fresh_acceler
     bf16 = []
     for _ in range(2):
         bf16.append(tr.step(stage))
-        tr.state.step_in_stage += 1
     assert seen and set(seen) == {torch.bfloat16}  # matmuls ran in bf16 ...
     assert {p.dtype for p in tr.model.parameters()} == {torch.float32}  # ... weights stay fp32
     for a, b in zip(fp32, bf16):

@@ -291,6 +291,9 @@ def test_sweep_results_hold_every_run_and_each_cells_aggregate(swept):
         assert c["train_examples"] == 8 * 32 and c["n"] == c["runs"] == 1
     assert len(cells["rim/pairs=4"]["per_block_accuracy"]["mean"]) == 5  # K = N + 1
     assert "per_block_accuracy" not in cells["direct/pairs=4"]
+    pos = cells["rim/pairs=4"]["per_position_accuracy"]["mean"]  # fixed-width answers
+    assert len(pos) == 5 and all(0 <= a <= 1 for row in pos for a in row)  # a row per block
+    assert len(cells["direct/pairs=4"]["per_position_accuracy"]["mean"]) == 1
     assert res["grid"]["axes"] == {"pairs": "data.train.options.pairs"}
     assert {r["cpu"] for r in runs.values()} == {cpu_model()}  # results name their CPU
 
@@ -300,7 +303,7 @@ def test_sweep_writes_one_table_and_the_plots(swept):
     md = (out / "results.md").read_text()
     assert "| method | pairs | test acc (mean ± s.d.) | any-block acc |" in md
     assert md.count("\n| rim | 4 |") == 1 and md.count("\n| direct | 4 |") == 1
-    for name in ("accuracy_vs_pairs.png", "per_block.png"):
+    for name in ("accuracy_vs_pairs.png", "per_block.png", "per_position.png"):
         assert _is_png(out / name) and f"]({name})" in md
     assert f"Trained on: {cpu_model()} (3 runs)" in md
 

@@ -188,16 +188,14 @@ class TrainConfig:
     lr: float = 1e-4  # paper: searched in [1e-5, 1e-3]; tiny models from scratch like ~1e-3
     # usual range [1e-6, 0.1] (AdamW); outside it `load_config` warns (USUAL_RANGES)
     stage2_lr: float | None = None  # RiM stage 2 (paper: lower); None = lr
-    warmup: float = 0.04  # fraction of each stage's steps spent in linear warm-up; [0, 1),
-    # a warning above 0.5
+    warmup: float = 0.04  # share of each stage's steps in linear warm-up; [0, 1), warns > 0.5
     lr_schedule: str = "constant"  # after warm-up, per stage: constant (paper) | cosine (to 0)
     weight_decay: float = 0.0  # AdamW's decoupled decay; >= 0, a warning above 1
     batch_size: int = 128  # global batch (examples per optimizer step)
     micro_batch_size: int | None = None  # per forward pass and process; None = batch_size
     group_by_length: bool = False  # batches of similar-length examples (rim.batching)
     pack_tokens: int | None = None  # several examples per row up to N tokens; None = one
-    loader_workers: int | None = None  # DataLoader workers building rows (rim.pipeline);
-    # None = 2 on an accelerator, 0 on a CPU (a worker would take a training core)
+    loader_workers: int | None = None  # row-building workers (rim.pipeline); None: GPU 2, CPU 0
     grad_clip: float = 1.0  # max gradient norm; 0 = off; >= 0, a warning outside [0.01, 100]
     dropout: float | None = None  # None = keep the model's own; [0, 1), a warning above 0.5
     stage2_dropout: float | None = None  # RiM stage 2 (paper: higher); as dropout
@@ -239,8 +237,8 @@ class TrainConfig:
             raise ConfigError("train.lr: must be > 0")
         _positive("train", self, "stage2_lr", "epochs")
         _at_least(1, "train", self, "steps", "log_every", "keep_last", "threads")
-        _at_least(0, "train", self, "eval_every", "save_every", "weight_decay", "grad_clip",
-                  "loader_workers")  # fmt: skip
+        zero_ok = ("eval_every", "save_every", "weight_decay", "grad_clip", "loader_workers")
+        _at_least(0, "train", self, *zero_ok)
         for key in ("dropout", "stage2_dropout"):
             p = getattr(self, key)
             if p is not None and not 0.0 <= p < 1.0:

@@ -86,7 +86,34 @@ def summarize(records: list[Record]) -> dict:
     if K > 1:
         result["per_block_accuracy"] = [sum(r.correct[k] for r in records) / n for k in range(K)]
         result["any_block_accuracy"] = sum(any(r.correct) for r in records) / n
+    positions = position_accuracy(records)
+    if positions is not None:
+        result["per_position_accuracy"] = positions
     return result
+
+
+def position_accuracy(records: list[Record]) -> list[list[float]] | None:
+    """(answers per record, positions): how often character i of the answer (block k's
+    answer in row k) equals the gold's, when every gold has the same length; else None.
+
+    Where depth runs out on a carry chain: a k-by-k product in iCoT's format is written least
+    significant digit first, so position i is digit i of the product.
+
+    >>> r = [Record(0, "12", ("13", "12"), (False, True), 2, 3),
+    ...      Record(1, "34", ("34", "44"), (True, False), 2, 3)]
+    >>> position_accuracy(r)
+    [[1.0, 0.5], [0.5, 1.0]]
+    """
+    width, answers = {len(r.gold) for r in records}, {len(r.answers) for r in records}
+    if len(width) != 1 or not width.pop() or len(answers) != 1:
+        return None
+    L, K, n = len(records[0].gold), len(records[0].answers), len(records)
+    hit = [[0] * L for _ in range(K)]
+    for r in records:
+        for k, answer in enumerate(r.answers):
+            for i in range(min(L, len(answer))):
+                hit[k][i] += answer[i] == r.gold[i]
+    return [[h / n for h in row] for row in hit]
 
 
 def gold_answers(method, examples: list[Example]) -> list[str]:

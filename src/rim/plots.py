@@ -320,3 +320,46 @@ def plot_sweep_per_block(res: dict, out: Path) -> Path | None:
     ax.legend(loc="best", fontsize=9, framealpha=0.8)
     fig.tight_layout()
     return _save(fig, out / "per_block.png")
+
+
+def plot_sweep_per_position(res: dict, out: Path) -> Path | None:
+    """Accuracy of each answer position (mean over seeds), one panel per value of the x axis:
+    where depth runs out on a carry chain (iCoT writes a product least significant digit
+    first, so position i is digit i). Per method the cell of the best validation accuracy
+    (never test); a block method's answers after earlier blocks as faint lines."""
+    cells = [c for c in res["cells"] if c.get("per_position_accuracy")]
+    if not cells:
+        return None
+    axis = numeric_axis(res)
+    panels = sorted({c["values"][axis] for c in cells}) if axis else [None]
+    methods = list(dict.fromkeys(c["method"] for c in cells))
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, v in zip(axes[0], panels):
+        for i, m in enumerate(methods):
+            group = [
+                c for c in cells if c["method"] == m and (axis is None or c["values"][axis] == v)
+            ]
+            if not group:
+                continue
+            c = max(group, key=lambda c: _mean_or(c, "best_valid_accuracy"))
+            rows = c["per_position_accuracy"]["mean"]
+            x = list(range(len(rows[-1])))
+            for k, row in enumerate(rows[:-1]):  # after block k + 1 (block methods)
+                ax.plot(x, row, "-", lw=1, color=f"C{i}", alpha=0.15 + 0.45 * k / len(rows))
+            extra = f", after each of {len(rows)} blocks (faint)" if len(rows) > 1 else ""
+            ax.plot(x, rows[-1], "o-", ms=4, color=f"C{i}", label=f"{m}{extra}")
+        ax.set_ylim(-0.03, 1.05)
+        ax.set_xlabel("answer position (digit i of the product, least significant first)")
+        ax.set_title(f"{axis} = {format_value(v)}" if axis else "", fontsize=10)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("accuracy of the position on the test split")
+    axes[0][-1].legend(loc="best", fontsize=8, framealpha=0.8)
+    fig.suptitle("Per-position accuracy (mean over seeds)\n" + _sweep_subtitle(res), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out / "per_position.png")
+
+
+def _mean_or(cell: dict, metric: str, default: float = -1.0) -> float:
+    got = cell["metrics"].get(metric, {}).get("mean")
+    return default if got is None else got

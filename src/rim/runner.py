@@ -189,7 +189,12 @@ class Runner:
 def collect(job: Job) -> Job:
     """A finished job's result from its folder: its test evaluation and the `done` record."""
     res = json.loads((job.out / "test_eval.json").read_text())
-    res.pop("records", None)  # per-example records stay in test_eval.json
+    records = res.pop("records", None)  # per-example records stay in test_eval.json
+    if records and "per_position_accuracy" not in res:  # an evaluation from before it
+        from rim.evaluation import Record, position_accuracy  # torch: only when needed
+
+        positions = position_accuracy([Record(**r) for r in records])
+        res |= {"per_position_accuracy": positions} if positions is not None else {}
     done = [json.loads(x) for x in (job.out / "metrics.jsonl").read_text().splitlines()]
     done = [r for r in done if r.get("event") == "done"][-1]
     extra = {k: json.loads((job.out / f"test_eval.{k}.json").read_text()) for k in extra_tests(job)}

@@ -33,7 +33,7 @@ from rim.errors import ConfigError, RimError
 from rim.grid import Grid, load_grid
 from rim.io import atomic_file
 from rim.machine import describe
-from rim.plots import plot_sweep_accuracy, plot_sweep_per_block
+from rim.plots import plot_sweep_accuracy, plot_sweep_per_block, plot_sweep_per_position
 from rim.report import fmt, table
 from rim.runner import (
     Job,
@@ -218,7 +218,16 @@ def _cell_record(c: Planned) -> dict:
             "sd": [a["sd"] for a in aggs],
             "n": len(done),
         }
+    shapes = {repr(_shape(r.get("per_position_accuracy"))) for r in done}
+    if done and len(shapes) == 1 and "None" not in shapes:  # fixed-width answers (products)
+        rows = [r["per_position_accuracy"] for r in done]
+        mean = [[statistics.fmean(v) for v in zip(*cols)] for cols in zip(*rows)]
+        rec["per_position_accuracy"] = {"mean": mean, "n": len(done)}
     return rec
+
+
+def _shape(rows: list[list[float]] | None) -> tuple | None:
+    return None if rows is None else (len(rows), len(rows[0]) if rows else 0)
 
 
 def _mean(cell: dict, metric: str):
@@ -450,9 +459,11 @@ def print_plan(cells: list[Planned], grid: Grid) -> None:
 
 def _write(out: Path, res: dict) -> list[Path]:
     atomic_file(out / "results.json", json.dumps(res, indent=2))
-    for old in [*out.glob("accuracy_vs_*.png"), out / "per_block.png"]:  # never a stale plot
-        old.unlink(missing_ok=True)
-    plots = [p for p in (plot_sweep_accuracy(res, out), plot_sweep_per_block(res, out)) if p]
+    for old in [*out.glob("accuracy_vs_*.png"), out / "per_block.png", out / "per_position.png"]:
+        old.unlink(missing_ok=True)  # never a stale plot
+    made = (plot_sweep_accuracy(res, out), plot_sweep_per_block(res, out),
+            plot_sweep_per_position(res, out))  # fmt: skip
+    plots = [p for p in made if p]
     write_markdown(out / "results.md", res, [p.name for p in plots])
     return [out / "results.json", out / "results.md", *plots]
 

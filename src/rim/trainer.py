@@ -206,6 +206,8 @@ class Trainer:
         speed.optimizer_step(self.acc, self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        st.step_in_stage += 1
+        st.global_step += 1
         return total
 
     # ---- the loop ----
@@ -304,9 +306,7 @@ class Trainer:
         status = progress.Status()
         tick, seen = time.perf_counter(), 0
         while st.step_in_stage < stage.steps:
-            loss = self.step(stage)
-            st.step_in_stage += 1
-            st.global_step += 1
+            loss = self.step(stage)  # one step on: st.step_in_stage, st.global_step
             seen += t.batch_size
             rate = seen / max(time.perf_counter() - tick, 1e-9)
             bar.update(1)
