@@ -99,3 +99,51 @@ def test_example_stream_is_seeded_and_resumable():
     assert sorted(first[:10]) == list(range(10))  # each epoch is a permutation
     b = ExampleStream(10, seed=3, cursor=7)
     assert b.take(18) == first[7:]
+
+
+def test_grounding_end_logs_how_well_each_block_spells_its_step(tmp_path, monkeypatch):
+    """At the end of stage 1 (only there) the step readout after each block is decoded on the
+    validation examples and scored against step k: the diagnostic "is step t in block t?"."""
+    import rim.trainer as trainer_module
+
+    seen = []
+    real = trainer_module.step_accuracy
+
+    def spy(method, model, valid, batch_size, cue="explain"):
+        seen.append((len(valid), cue))
+        return real(method, model, valid, batch_size, cue=cue)
+
+    monkeypatch.setattr(trainer_module, "step_accuracy", spy)
+    setup = assemble(_cfg(eval_every=1), log=lambda *_: None)
+    Trainer(setup, tmp_path / "run").fit()
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    report = [r for r in records if "valid_step_accuracy_per_block" in r]
+    assert seen == [(8, None)] and len(report) == 1  # once, without the explain cue
+    (r,) = report
+    assert r["stage"] == "stage1" and r["step"] == 3  # the last step of stage 1
+    most = max(len(e.steps) for e in setup.valid)
+    assert len(r["valid_step_accuracy_per_block"]) == min(most, setup.method.mem.num_blocks)
+    assert all(0.0 <= a <= 1.0 for a in r["valid_step_accuracy_per_block"])
+    assert 0.0 <= r["valid_step_accuracy"] <= 1.0
+
+
+def test_a_signal_while_the_run_is_built_stops_before_training(tmp_path, monkeypatch):
+    """SIGTERM during the (slow) build is caught, not fatal: one line, nothing trained or saved."""
+    import os
+    import signal
+
+    import rim.trainer as trainer_module
+    from rim.errors import Preempted
+
+    real = trainer_module.assemble
+
+    def preempted_while_loading(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets the flag
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "assemble", preempted_while_loading)
+    with pytest.raises(Preempted, match="stopped by SIGTERM before training began"):
+        trainer_module.train(_cfg(), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back

@@ -31,9 +31,15 @@ def check_explainable(method) -> int:
     return cue
 
 
-def explain(method, model, questions: list[str], blocks: int | None = None) -> list[list[str]]:
-    """The step decoded after each of the K blocks, per question ('' = the block is quiet)."""
-    cue = check_explainable(method)
+EXPLAIN = "explain"  # `cue`: the explain token of a model trained with explain mode
+
+
+def explain(
+    method, model, questions: list[str], blocks: int | None = None, cue: int | str | None = EXPLAIN
+) -> list[list[str]]:
+    """The step decoded after each of the K blocks, per question ('' = the block is quiet).
+    `cue=None`: the readout straight after each block, as stage 1 (grounding) trains it."""
+    cue = check_explainable(method) if cue == EXPLAIN else cue
     model.eval()
     ids = [list(method.question_ids(q)) for q in questions]
     out = all_blocks_greedy(
@@ -46,16 +52,18 @@ def explain(method, model, questions: list[str], blocks: int | None = None) -> l
 
 
 def step_accuracy(
-    method, model, examples: list[Example], batch_size: int = 64, blocks: int | None = None
-) -> dict:
+    method, model, examples: list[Example], batch_size: int = 64, blocks: int | None = None,
+    cue: int | str | None = EXPLAIN,
+) -> dict:  # fmt: skip
     """How well each block spells its step: accuracy of block k on examples with >= k steps
     (normalised text equal to gold step k), the mean over all steps, and the share of blocks
-    after an example's last step that stay quiet (decode nothing)."""
+    after an example's last step that stay quiet (decode nothing). `cue=None`: stage 1's
+    grounding readouts (is step t in block t?), no explain token."""
     per_block: dict[int, list[bool]] = {}
     quiet: list[bool] = []
     for lo in range(0, len(examples), batch_size):
         chunk = examples[lo : lo + batch_size]
-        steps = explain(method, model, [e.question for e in chunk], blocks)
+        steps = explain(method, model, [e.question for e in chunk], blocks, cue)
         for ex, said in zip(chunk, steps):
             for k, text in enumerate(said, start=1):
                 if k <= len(ex.steps):

@@ -49,6 +49,7 @@ from rim.config import Config
 from rim.curriculum import Stage, warmup_constant
 from rim.errors import Preempted, RimError
 from rim.evaluation import evaluate
+from rim.explain import step_accuracy
 from rim.io import os_error, storage_error
 from rim.machine import cpu_model
 from rim.methods.base import row_options
@@ -65,8 +66,37 @@ def set_dropout(model: torch.nn.Module, p: float | None) -> None:
             m.attention_dropout = p
 
 
+class Stop:
+    """SIGTERM/SIGINT as a flag: the loop saves and stops after the current step; a second
+    signal stops at once. `train()` installs it before the (slow) build, so a job preempted
+    while it loads stops cleanly (`Preempted`) once the build is done, before training."""
+
+    def __init__(self):
+        self.signal: str | None = None
+
+    def __call__(self, signum, frame) -> None:
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def installed(self):
+        old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old[sig] = signal.signal(sig, self)
+        try:
+            yield self
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+
 class Trainer:
-    def __init__(self, setup: Setup, out: str | Path, accelerator: Accelerator | None = None):
+    def __init__(
+        self, setup: Setup, out: str | Path, accelerator: Accelerator | None = None,
+        stop: Stop | None = None,
+    ):  # fmt: skip
         self.s = setup
         self.cfg = setup.cfg
         self.out = Path(out)
@@ -89,7 +119,7 @@ class Trainer:
         self._clock = (time.perf_counter(), 0.0)  # (start, seconds before it): _train_s
         self.optimizer = self.scheduler = None
         self.main = self.acc.is_main_process
-        self.stop_signal: str | None = None
+        self.stop = stop or Stop()  # SIGTERM / SIGINT, from `train()`'s start when it made us
         # FSDP shards the weights: forward passes and weight gathering need every process
         self.sharded = fsdp.is_sharded(self.model)
         n = self.acc.num_processes
@@ -236,7 +266,7 @@ class Trainer:
     def _fit(self) -> dict:
         st = self.state
         self._clock = (time.perf_counter(), st.train_s)  # a resumed run adds to its seconds
-        with self._signals():
+        with self.stop.installed():
             while st.stage_index < len(self.plan):
                 stage = self.plan[st.stage_index]
                 if self.optimizer is None:
@@ -261,27 +291,9 @@ class Trainer:
         return done
 
     # ---- preemption ----
-    @contextlib.contextmanager
-    def _signals(self):
-        """SIGTERM/SIGINT set `stop_signal`; the loop saves and stops after the current step."""
-        old = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                old[sig] = signal.signal(sig, self._on_signal)
-        try:
-            yield
-        finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-
-    def _on_signal(self, signum, frame) -> None:
-        if self.stop_signal is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.stop_signal = signal.Signals(signum).name
-
     def _stop_if_asked(self, saved: bool) -> None:
         """Stop (all processes at the same step) once a signal came: checkpoint, then raise."""
-        flag = float(self.stop_signal is not None)
+        flag = float(self.stop.signal is not None)
         if self.acc.num_processes > 1:
             flag = self.acc.reduce(torch.tensor(flag, device=self.acc.device), "sum").item()
         if not flag:
@@ -289,7 +301,7 @@ class Trainer:
         if not saved:
             self.save_resumable()
         raise Preempted(
-            f"stopped by {self.stop_signal or 'a signal'} at step {self.state.global_step}; "
+            f"stopped by {self.stop.signal or 'a signal'} at step {self.state.global_step}; "
             f"resume with: rim train --resume {self.out}"
         )
 
@@ -321,7 +333,7 @@ class Trainer:
             if st.global_step % t.log_every == 0 or last:
                 self._log_step(stage, loss, rate)
             if (t.eval_every and st.global_step % t.eval_every == 0) or last:
-                self.validate(stage)
+                self.validate(stage, end=last)
             saved = bool(t.save_every and st.global_step % t.save_every == 0 and not last)
             if saved:
                 self.save_resumable()
@@ -335,7 +347,9 @@ class Trainer:
         record = {"stage": stage.name, "step": st.global_step, "stage_step": st.step_in_stage}
         self.log(record | {"loss": loss, "lr": lr, "examples_per_s": rate})
 
-    def validate(self, stage: Stage) -> float:
+    def validate(self, stage: Stage, end: bool = False) -> float:
+        """Greedy accuracy on the valid split (at most `eval.val_limit`), logged; in the last
+        stage it may write `best/`. At a stage's `end`, the method's own report too."""
         st = self.state
         if not self.main and not self.sharded:
             self.acc.wait_for_everyone()
@@ -349,17 +363,15 @@ class Trainer:
                 self.s.method, model, valid, e.batch_size, decoder="final", timing_examples=0,
                 progress=False,
             )  # fmt: skip
+            extra = {}
+            if end and self.s.method.grounds_steps(stage):  # is step t in block t? (grounding)
+                rep = step_accuracy(self.s.method, model, valid, e.batch_size, cue=None)
+                extra = {f"valid_{k}": v for k, v in rep.items()}
         if self.sharded:
             fsdp.reshard(self.model)
         acc = res["accuracy"]
-        self.log(
-            {
-                "stage": stage.name,
-                "step": st.global_step,
-                "valid_accuracy": acc,
-                "valid_token_accuracy": res["token_accuracy"],
-            }
-        )
+        record = {"stage": stage.name, "step": st.global_step, "valid_accuracy": acc}
+        self.log(record | {"valid_token_accuracy": res["token_accuracy"]} | extra)
         # only the last stage trains what inference runs (RiM stage 2, Coconut's final number of
         # thoughts, iCoT's full removal), so only it may provide best/; ties go to the later one.
         # A stage split in several (one optimizer each) marks its parts with `selects_best`.
@@ -507,6 +519,12 @@ def train(
     if resume is None and not overwrite:
         runs.refuse_existing(out)
     tracking.check_installed(cfg.train.report_to)  # before the (slow) build
+    with Stop().installed() as stop:
+        return _build_and_fit(cfg, out, resume, overwrite, changes, stop)
+
+
+def _build_and_fit(cfg: Config, out: Path, resume, overwrite: bool, changes, stop: Stop) -> dict:
+    rank0 = runs.is_main_rank()
     setup = assemble(cfg, log=print if rank0 else lambda *a: None)
     if rank0:
         try:
@@ -520,7 +538,7 @@ def train(
             runs.refuse_existing(out)
         if rank0:
             _clean(out, fresh=resume is None)
-        trainer = Trainer(setup, out)
+        trainer = Trainer(setup, out, stop=stop)
         if resume is not None:
             ckpt = trainer.resume(Path(resume), changes)
             if changes:
@@ -528,6 +546,11 @@ def train(
                 trainer.log(
                     {"event": "resume", "step": step, "from": str(ckpt), "changed": changes}
                 )
+        if stop.signal:  # came while the run was being built: nothing to save yet
+            raise Preempted(
+                f"stopped by {stop.signal} before training began (nothing to save); "
+                "run the same command again"
+            )
         return trainer.fit()
     except OSError as err:  # a write outside the atomic helpers (metrics, run folder)
         raise storage_error(Path(err.filename or out), err) from None

@@ -245,6 +245,11 @@ class Method:
         out = [[self.train_length(ex, s) for ex in examples] for s in stages]
         return np.array(out, dtype=np.int64).reshape(len(stages), len(examples))
 
+    def grounds_steps(self, stage: Stage) -> bool:
+        """Whether `stage` trains a step readout straight after each block (RiM's grounding):
+        the trainer then logs how well each block spells its step at the stage's end."""
+        return False
+
     # ---- inference ----
     def prompt(self, question: str, blocks: int | None = None) -> list[int]:
         return list(self.question_ids(question))

@@ -183,6 +183,10 @@ class RiM(Method):
         """Plain RiM's loss is `Method.loss`: its rows can be built ahead (rim.pipeline)."""
         return not self.loops and not self._state_on(stage)
 
+    def grounds_steps(self, stage: Stage) -> bool:
+        """Stage 1 does; looped memory reads its last pass's blocks (no all-blocks decode)."""
+        return isinstance(stage.payload, Grounding) and not self.loops
+
     def prefill(self, model, prompts: list[list[int]], keep_states: int = 0):
         if self.loops:
             return looped.prefill(self, model, prompts, keep_states)
