@@ -69,6 +69,8 @@ def test_icot_plan_one_stage_per_removed_token():
     assert [s.index for s in plan] == [0, 1, 2, 3, 4]
     assert {s.warmup for s in plan} == {0.0}  # the original resets without warm-up
     assert m.meta(plan)["removed_tokens"] == 4 and m.meta(plan)["removed_all"]
+    # a removal stage's end only restarts the optimizer: validated at eval_every, not there
+    assert [s.validate_at_end for s in plan] == [False] * 4 + [True]
     cfg.icot.max_remove = 2  # ours: the count freezes, the steps after it are one stage
     assert [(s.steps, s.payload.removed) for s in m.plan(16, 3)] == [(2, 0), (2, 1), (8, 2)]
 
@@ -81,6 +83,7 @@ def test_icot_epoch_schedule_is_the_old_one():
     assert [s.steps for s in plan] == [2, 2, 1]
     assert [s.payload.removed for s in plan] == [0, 3, 6]
     assert {s.warmup for s in plan} == {None}
+    assert all(s.validate_at_end for s in plan)  # epoch ends: validated, as before
     assert m.meta(plan)["removed_tokens"] == 6
     cfg.icot.max_remove = 4
     cfg.train.steps, cfg.train.epochs = None, 3.0

@@ -147,3 +147,25 @@ def test_a_signal_while_the_run_is_built_stops_before_training(tmp_path, monkeyp
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+
+
+def test_stages_that_only_restart_the_optimizer_are_not_validated_at_their_end(
+    tmp_path, monkeypatch
+):
+    """iCoT-SI's stage per removed token: validations at train.eval_every and the end only
+    (a CoT decode of the valid split every few steps made its runs ~4x slower)."""
+    cfg = _cfg(steps=12, eval_every=5)
+    cfg.method = "icot"
+    cfg.icot.remove_per_epoch = 8  # 64 examples / 8 = 8 steps an epoch: a token a step
+    steps = []
+    real = Trainer.validate
+
+    def counted(self, stage, end=False):
+        steps.append(self.state.global_step)
+        return real(self, stage, end)
+
+    monkeypatch.setattr(Trainer, "validate", counted)
+    setup = assemble(cfg, log=lambda *_: None)
+    assert len(setup.method.plan(64, 3)) > 3
+    Trainer(setup, tmp_path / "run").fit()
+    assert steps == [5, 10, 12]

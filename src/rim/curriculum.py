@@ -167,7 +167,8 @@ class Stage:
     baseline whose original resets the optimizer without warm-up sets 0.0); `payload` is the
     method's own frozen dataclass for the stage (e.g. RiM's `Grounding(t_max)`, Coconut's
     `Latent(k)`); `selects_best`: whether validation in this stage may write `best/` (None:
-    only in the plan's last stage).
+    only in the plan's last stage); `validate_at_end=False`: a stage that only restarts the
+    optimizer (iCoT-SI's one more removed token) is validated at `train.eval_every` only.
     """
 
     name: str
@@ -178,6 +179,7 @@ class Stage:
     payload: Any = None
     warmup: float | None = None  # fraction of steps in LR warm-up; None = train.warmup
     selects_best: bool | None = None
+    validate_at_end: bool = True
 
     def __post_init__(self) -> None:
         where = f"stage {self.name!r}"

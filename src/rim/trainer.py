@@ -332,7 +332,8 @@ class Trainer:
             last = st.step_in_stage == stage.steps
             if st.global_step % t.log_every == 0 or last:
                 self._log_step(stage, loss, rate)
-            if (t.eval_every and st.global_step % t.eval_every == 0) or last:
+            ends = last and (stage.validate_at_end or stage.index == len(self.plan) - 1)
+            if (t.eval_every and st.global_step % t.eval_every == 0) or ends:
                 self.validate(stage, end=last)
             saved = bool(t.save_every and st.global_step % t.save_every == 0 and not last)
             if saved:

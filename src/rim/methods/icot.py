@@ -16,7 +16,7 @@ docs/baselines.md.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -70,10 +70,14 @@ class ICoT(Method):
             runs = self._epoch_runs(total, per_epoch)
         stages: list[Stage] = []
         start = 0
-        for steps, removed, every in runs:
+        for n, (steps, removed, every) in enumerate(runs):
             name = "remove_all" if every else f"remove{removed}"
             payload = Removal(removed, every, start)
-            stages.append(Stage(name, len(stages), steps, t.lr, t.dropout, payload, i.warmup))
+            # `step`: a stage per removed token (dozens, a few steps each): their ends only
+            # restart the optimizer, so validation follows train.eval_every (and the end)
+            ends = i.schedule != "step" or n == len(runs) - 1
+            stage = Stage(name, len(stages), steps, t.lr, t.dropout, payload, i.warmup)
+            stages.append(replace(stage, validate_at_end=ends))
             start += steps
         return stages
 
