@@ -26,6 +26,12 @@ def normalize(text: str, marker: str = "####") -> str:
     ('1000', '4', 'the answer is 7')
     >>> normalize("1 2") == normalize("12")  # digit-split tokenisers decode with spaces
     True
+    >>> normalize("#### 0 3 5 9 0 6 5 0"), normalize("3 5 9 0 6 5 0")  # iCoT: reversed digits
+    ('03590650', '3590650')
+
+    A digit string with a leading zero is kept as written, not read as a number: iCoT's
+    products are written least significant digit first, padded with zeros, so a dropped
+    zero is a wrong product (and position i stays digit i: `rim.evaluation`).
     """
     if marker and marker in text:
         text = text.rsplit(marker, 1)[1]
@@ -34,7 +40,7 @@ def normalize(text: str, marker: str = "####") -> str:
     text = re.sub(r"(?<=\d) (?=\d)", "", text)  # "1 2" -> "12"
     text = re.sub(r"\s+([.,!?;:])", r"\1", text)  # "rempus ." -> "rempus."
     text = text.rstrip(".").strip()
-    if _NUM.match(text):
+    if _NUM.match(text) and not re.match(r"^0\d", text):
         value = float(text)
         text = str(int(value)) if value == int(value) else repr(value)
     return text
