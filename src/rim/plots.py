@@ -348,7 +348,9 @@ def plot_sweep_per_position(res: dict, out: Path) -> Path | None:
             for k, row in enumerate(rows[:-1]):  # after block k + 1 (block methods)
                 ax.plot(x, row, "-", lw=1, color=f"C{i}", alpha=0.15 + 0.45 * k / len(rows))
             extra = f", after each of {len(rows)} blocks (faint)" if len(rows) > 1 else ""
-            ax.plot(x, rows[-1], "o-", ms=4, color=f"C{i}", label=f"{m}{extra}")
+            n = c["per_position_accuracy"]["n"]
+            seeds = f"{n} seed" + ("s" if n > 1 else "")
+            ax.plot(x, rows[-1], "o-", ms=4, color=f"C{i}", label=f"{m} ({seeds}){extra}")
         ax.set_ylim(-0.03, 1.05)
         ax.set_xlabel("answer position (digit i of the product, least significant first)")
         ax.set_title(f"{axis} = {format_value(v)}" if axis else "", fontsize=10)
