@@ -390,6 +390,34 @@ def test_report_only_summarises_the_finished_runs_and_runs_nothing(swept, tmp_pa
     assert "1 run(s) not finished, not run" in capsys.readouterr().out
 
 
+def test_timing_measures_every_finished_cell_together(swept, tmp_path, monkeypatch):
+    """`--timing N`: each cell's best/ answers N test questions in rotating rounds, in one
+    process; TTFT over direct's at the same grid point; a table and the pareto plot."""
+    import rim.timing as timing
+    from rim.cli import parser
+    from rim.sweep import run_sweep
+
+    out, args, _ = swept
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    order = []
+    real = timing._one
+    monkeypatch.setattr(timing, "_one", lambda r, q, clock: order.append(q) or real(r, q, clock))
+    argv = ["sweep", "--config", args.config, "--out", str(copy), "--report-only", "--timing", "3"]
+    res = run_sweep(parser().parse_args(argv))
+    t = res["timing"]["cells"]
+    assert set(t) == {"rim/pairs=2", "rim/pairs=4", "direct/pairs=4"}
+    assert all(c["questions"] == 3 and c["ttft_ms"] > 0 for c in t.values())
+    assert len(order) == 3 + 3 * 3  # a warm-up each, then 3 rounds of 3
+    ratio = t["rim/pairs=4"]["ttft_ms"] / t["direct/pairs=4"]["ttft_ms"]
+    assert t["rim/pairs=4"]["ttft_vs_direct"] == pytest.approx(ratio)
+    assert "ttft_vs_direct" not in t["rim/pairs=2"]  # no direct cell at N = 2
+    assert t["direct/pairs=4"]["accuracy"] == res["cells"][2]["metrics"]["accuracy"]["mean"]
+    md = (copy / "results.md").read_text()
+    assert "## Latency, measured together" in md and "| direct/pairs=4 |" in md
+    assert _is_png(copy / "accuracy_vs_ttft.png") and "](accuracy_vs_ttft.png)" in md
+
+
 def test_sigterm_stops_the_sweep_and_its_training_processes_save(tmp_path):
     """`kill SWEEP` (a background sweep ignores SIGINT): every running `rim train` gets
     SIGTERM, saves a checkpoint and exits with the sweep; none is left running alone."""

@@ -6,6 +6,7 @@ Every figure is written whole or not at all (`_save`: rendered in memory, one at
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 from rim.io import atomic_file
@@ -365,3 +366,58 @@ def plot_sweep_per_position(res: dict, out: Path) -> Path | None:
 def _mean_or(cell: dict, metric: str, default: float = -1.0) -> float:
     got = cell["metrics"].get(metric, {}).get("mean")
     return default if got is None else got
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both (lower x, higher y), by x.
+
+    >>> pareto([(1.0, 0.2), (2.0, 0.1), (3.0, 0.9), (4.0, 0.9)])
+    [0, 2]
+    """
+    best, front = -math.inf, []
+    for i in sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1])):
+        if points[i][1] > best:
+            best = points[i][1]
+            front.append(i)
+    return front
+
+
+def plot_sweep_pareto(res: dict, out: Path) -> Path | None:
+    """Test accuracy against TTFT (measured together: `rim sweep --timing`), one panel per
+    value of the x axis, the pareto front (no cell both faster and more accurate) marked."""
+    timed = (res.get("timing") or {}).get("cells", {})
+    cells = [
+        c for c in res["cells"] if c["cell"] in timed and timed[c["cell"]]["accuracy"] is not None
+    ]
+    if not cells:
+        return None
+    axis = numeric_axis(res)
+    panels = sorted({c["values"][axis] for c in cells}) if axis else [None]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8), squeeze=False)
+    for ax, v in zip(axes[0], panels):
+        group = [c for c in cells if axis is None or c["values"][axis] == v]
+        pts = [(timed[c["cell"]]["ttft_ms"], timed[c["cell"]]["accuracy"]) for c in group]
+        front = pareto(pts)
+        for i, (c, (x, y)) in enumerate(zip(group, pts)):
+            ax.plot(x, y, "o", ms=7, color="C0" if i in front else "C7")
+            ax.annotate(c["cell"].split("/", 1)[0] + _variant(c, axis), (x, y), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))  # fmt: skip
+        fx, fy = zip(*(pts[i] for i in front))
+        ax.step(fx, fy, where="post", color="C0", alpha=0.6, label="pareto front")
+        ax.set_xscale("log")
+        ax.set_ylim(-0.03, 1.05)
+        ax.set_xlabel("time to first answer token, ms (batch 1, measured together)")
+        ax.set_title(f"{axis} = {format_value(v)}" if axis else "", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    axes[0][0].set_ylabel("test accuracy (mean over seeds)")
+    fig.suptitle("Accuracy against TTFT\n" + _sweep_subtitle(res), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out / "accuracy_vs_ttft.png")
+
+
+def _variant(cell: dict, axis: str | None) -> str:
+    """A cell's axis values other than the x axis's (`loops=2`), for a point's label."""
+    vals = [f"{a}={format_value(v)}" for a, v in cell["values"].items() if a != axis]
+    return f" ({', '.join(vals)})" if vals else ""

@@ -33,7 +33,12 @@ from rim.errors import ConfigError, RimError
 from rim.grid import Grid, load_grid
 from rim.io import atomic_file
 from rim.machine import describe
-from rim.plots import plot_sweep_accuracy, plot_sweep_per_block, plot_sweep_per_position
+from rim.plots import (
+    plot_sweep_accuracy,
+    plot_sweep_pareto,
+    plot_sweep_per_block,
+    plot_sweep_per_position,
+)
 from rim.report import fmt, table
 from rim.runner import (
     Job,
@@ -47,6 +52,7 @@ from rim.runner import (
     run_jobs,
     total_steps,
 )
+from rim.timing import add_timing, timing_table
 
 METRICS = (
     "accuracy",
@@ -395,6 +401,7 @@ def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
     else:
         wall = f"Wall time of this invocation: {res['wall_s'] / 60:.1f} min (finished runs it "
         wall += "kept cost none)"
+    lines += timing_table(res)
     lines += ["", f"Machine: {m['summary']}. {wall}."]
     cpus = Counter(r.get("cpu") or "not recorded" for r in res["runs"] if r["state"] == "done")
     if cpus:  # kept runs may come from other machines (float sums differ between CPUs)
@@ -462,7 +469,7 @@ def _write(out: Path, res: dict) -> list[Path]:
     for old in [*out.glob("accuracy_vs_*.png"), out / "per_block.png", out / "per_position.png"]:
         old.unlink(missing_ok=True)  # never a stale plot
     made = (plot_sweep_accuracy(res, out), plot_sweep_per_block(res, out),
-            plot_sweep_per_position(res, out))  # fmt: skip
+            plot_sweep_per_position(res, out), plot_sweep_pareto(res, out))  # fmt: skip
     plots = [p for p in made if p]
     write_markdown(out / "results.md", res, [p.name for p in plots])
     return [out / "results.json", out / "results.md", *plots]
@@ -508,6 +515,8 @@ def run_sweep(args) -> dict:
         _execute(more, args, workers, runner)
         jobs += more
         res = results(grid, cells, out, machine, _command(args))
+    if args.timing:  # the finished runs' TTFT, measured together (rim.timing)
+        add_timing(res, out, args.timing, device)
     res["wall_s"] = time.perf_counter() - t0
     res["report_only"] = bool(args.report_only)
     written = _write(out, res)

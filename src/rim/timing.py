@@ -1,0 +1,119 @@
+"""Time to first answer token of several checkpoints, measured together in one process.
+
+    rim sweep --config configs/sweeps/mult.yaml --out results/mult --report-only --timing 32
+
+A sweep's training runs are timed beside other work (`--timing-examples 0` in their
+evaluations), so their latencies cannot be compared. Here every checkpoint answers the same
+number of its test questions, batch 1, greedy, each with its own decoder (`final`), in
+rounds: question i of every checkpoint, then question i + 1, the order rotated each round,
+so that a load change on the machine hits all of them alike. Medians; the ratio to direct
+at the same grid point is the number to quote ("measured in one run").
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+
+def time_together(checkpoints: dict[str, Path], questions: int, device: str = "cpu") -> dict:
+    """{name: {"ttft_ms", "latency_ms", "questions"}} for each checkpoint, on the
+    first `questions` questions of its recipe's test split, interleaved (module docstring)."""
+    import torch  # here: `rim sweep` imports this module for its tables
+
+    from rim.decoding import wall_clock
+    from rim.reasoner import Reasoner
+    from rim.sources import load_split
+
+    runs = {}
+    for name, path in checkpoints.items():
+        r = Reasoner.load(str(path), device)
+        test = load_split(r.config.data.test, "data.test")[:questions]
+        runs[name] = (r, [e.question for e in test])
+    clock = wall_clock(torch.device(device))
+    for r, qs in runs.values():  # warm-up: one untimed answer each
+        _one(r, qs[0], clock)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    names = list(runs)
+    for i in range(max(len(qs) for _, qs in runs.values())):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            r, qs = runs[name]
+            if i < len(qs):
+                times[name].append(_one(r, qs[i], clock))
+    return {name: _summary(t) for name, t in times.items()}
+
+
+def _one(r, question: str, clock) -> tuple[float, float]:
+    """(TTFT ms, full-answer ms) of one batch-1 answer (as `rim.evaluation.latency`)."""
+    from rim.decoders import decode
+
+    out = decode(r.method, r.model, [question], "final", None, clock)
+    first = r.method.first_answer_index(out.tokens[0])
+    t = out.token_times
+    return t[min(first, len(t) - 1)] * 1e3, t[-1] * 1e3
+
+
+def _summary(times: list[tuple[float, float]]) -> dict:
+    ttft, full = zip(*times)
+    return {
+        "ttft_ms": statistics.median(ttft),
+        "latency_ms": statistics.median(full),
+        "questions": len(times),
+    }
+
+
+def add_timing(res: dict, out: Path, questions: int, device: str = "cpu") -> None:
+    """`rim sweep --timing N`: each cell's lowest finished seed's `best/`, timed together;
+    `res["timing"]` gets each cell's medians and its TTFT over direct's at the same grid
+    point (the same values of the axes direct takes part in)."""
+    done = sorted((r for r in res["runs"] if r["state"] == "done"), key=lambda r: r["seed"])
+    picks: dict[str, Path] = {}
+    for r in done:
+        picks.setdefault(r["cell"], out / r["run"] / "best")
+    if not picks:
+        return
+    print(f"[sweep] timing {len(picks)} checkpoints together, {questions} questions each")
+    timed = time_together(picks, questions, device)
+    cells = {c["cell"]: c for c in res["cells"]}
+    for name, t in timed.items():
+        base = _direct_at(cells[name], res["cells"])
+        if base is not None and base["cell"] in timed:
+            t["ttft_vs_direct"] = t["ttft_ms"] / timed[base["cell"]]["ttft_ms"]
+        t["accuracy"] = cells[name]["metrics"].get("accuracy", {}).get("mean")
+    import torch
+
+    res["timing"] = {"questions": questions, "threads": torch.get_num_threads(), "cells": timed}
+
+
+def _direct_at(cell: dict, cells: list[dict]) -> dict | None:
+    """The direct cell whose axis values agree with `cell`'s on every axis direct has."""
+    for c in cells:
+        if c["method"] == "direct" and all(
+            cell["values"].get(a) == v for a, v in c["values"].items()
+        ):
+            return c
+    return None
+
+
+def timing_table(res: dict) -> list[str]:
+    """The markdown section of `res["timing"]`, cells by TTFT ([] without timing)."""
+    t = res.get("timing")
+    if not t:
+        return []
+    rows = sorted(t["cells"].items(), key=lambda kv: kv[1]["ttft_ms"])
+    lines = [
+        "| cell | test acc | TTFT ms | TTFT / direct | full answer ms |",
+        "|---|---|---|---|---|",
+    ]
+    for name, c in rows:
+        acc = "-" if c["accuracy"] is None else f"{c['accuracy']:.3f}"
+        ratio = f"{c['ttft_vs_direct']:.2f}x" if "ttft_vs_direct" in c else "-"
+        lines.append(f"| {name} | {acc} | {c['ttft_ms']:.1f} | {ratio} | {c['latency_ms']:.1f} |")
+    return [
+        "", "## Latency, measured together", "",
+        f"Batch 1, greedy, the first {t['questions']} test questions of each cell's lowest "
+        f"finished seed, all checkpoints in one process ({t['threads']} threads), in rotating "
+        "rounds (`rim.timing`): medians. Ratios to direct hold; absolute times depend on "
+        "the machine's load.", "", *lines,
+    ]  # fmt: skip
