@@ -406,11 +406,14 @@ def plot_sweep_pareto(res: dict, out: Path) -> Path | None:
         fx, fy = zip(*(pts[i] for i in front))
         ax.step(fx, fy, where="post", color="C0", alpha=0.6, label="pareto front")
         ax.set_xscale("log")
+        ax.minorticks_off()  # their labels overlap on a short log range
+        ticks = sorted({round(x, 1) for x, _ in pts})  # each cell's own TTFT
+        ax.set_xticks(ticks, [f"{x:.0f}" for x in ticks])
         ax.set_ylim(-0.03, 1.05)
         ax.set_xlabel("time to first answer token, ms (batch 1, measured together)")
         ax.set_title(f"{axis} = {format_value(v)}" if axis else "", fontsize=10)
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper left", fontsize=8)
     axes[0][0].set_ylabel("test accuracy (mean over seeds)")
     fig.suptitle("Accuracy against TTFT\n" + _sweep_subtitle(res), fontsize=10)
     fig.tight_layout()
