@@ -187,6 +187,25 @@ def test_warmup_constant():
         warmup_constant(-1)
 
 
+@settings(max_examples=60, deadline=None)
+@given(warm=st.integers(0, 50), total=st.integers(1, 400))
+def test_warmup_cosine_is_transformers_schedule_exactly(warm, total):
+    """The same multipliers, bit for bit, as transformers' `get_cosine_schedule_with_warmup`
+    (runs and resumes from before it stay exact), and its state survives a LambdaLR reload."""
+    import torch
+    from transformers.optimization import get_cosine_schedule_with_warmup
+
+    from rim.curriculum import WarmupCosine
+
+    ours = WarmupCosine(warm, total)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = get_cosine_schedule_with_warmup(opt, warm, total).lr_lambdas[0]
+    assert [ours(s) for s in range(total + 3)] == [theirs(s) for s in range(total + 3)]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(0, 1))
+    sched.load_state_dict(torch.optim.lr_scheduler.LambdaLR(opt, ours).state_dict())
+    assert sched.lr_lambdas[0] == ours
+
+
 # ---------------------------------------------------------------- stage plan
 
 

@@ -308,6 +308,53 @@ def test_sweep_writes_one_table_and_the_plots(swept):
     assert f"Trained on: {cpu_model()} (3 runs)" in md
 
 
+def test_timing_measures_every_finished_cell_together(swept, tmp_path, monkeypatch):
+    """`--timing N`: each cell's best/ answers N test questions in rotating rounds, in one
+    process; TTFT over direct's at the same grid point; a table and the pareto plot."""
+    import rim.timing as timing
+    from rim.cli import parser
+    from rim.sweep import run_sweep
+
+    out, args, _ = swept
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    order = []
+    real = timing._one
+    monkeypatch.setattr(timing, "_one", lambda r, q, clock: order.append(q) or real(r, q, clock))
+    argv = ["sweep", "--config", args.config, "--out", str(copy), "--report-only", "--timing", "3"]
+    res = run_sweep(parser().parse_args(argv))
+    t = res["timing"]["cells"]
+    assert set(t) == {"rim/pairs=2", "rim/pairs=4", "direct/pairs=4"}
+    assert all(c["questions"] == 3 and c["ttft_ms"] > 0 for c in t.values())
+    assert len(order) == 3 + 3 * 3  # a warm-up each, then 3 rounds of 3
+    ratio = t["rim/pairs=4"]["ttft_ms"] / t["direct/pairs=4"]["ttft_ms"]
+    assert t["rim/pairs=4"]["ttft_vs_direct"] == pytest.approx(ratio)
+    assert "ttft_vs_direct" not in t["rim/pairs=2"]  # no direct cell at N = 2
+    assert t["direct/pairs=4"]["accuracy"] == res["cells"][2]["metrics"]["accuracy"]["mean"]
+    md = (copy / "results.md").read_text()
+    assert "## Latency, measured together" in md and "| direct/pairs=4 |" in md
+    assert _is_png(copy / "accuracy_vs_ttft.png") and "](accuracy_vs_ttft.png)" in md
+
+
+def test_timing_skips_runs_without_weights(tmp_path, capsys, monkeypatch):
+    """A committed run folder has no best/ (results/.gitignore): that cell is not timed."""
+    import rim.timing as timing
+
+    (tmp_path / "runs" / "a" / "seed0" / "best").mkdir(parents=True)
+    (tmp_path / "runs" / "b" / "seed0").mkdir(parents=True)
+    runs = [{"cell": c, "seed": 0, "state": "done", "run": f"runs/{c}/seed0"} for c in "ab"]
+    cells = [{"cell": c, "method": "rim", "values": {}, "metrics": {}} for c in "ab"]
+    asked = {}
+    fake = {"ttft_ms": 1.0, "latency_ms": 2.0, "questions": 1}
+    monkeypatch.setattr(
+        timing, "time_together", lambda picks, n, device: asked.update(picks) or {"a": fake}
+    )
+    res = {"runs": runs, "cells": cells}
+    timing.add_timing(res, tmp_path, 1)
+    assert list(asked) == ["a"] and list(res["timing"]["cells"]) == ["a"]
+    assert "no best/ weights here for b: not timed" in capsys.readouterr().out
+
+
 def test_a_second_sweep_reruns_nothing(swept, capsys):
     from rim.sweep import run_sweep
 
@@ -388,34 +435,6 @@ def test_report_only_summarises_the_finished_runs_and_runs_nothing(swept, tmp_pa
     command = md.split("Command: `")[1].split("\n")[0]  # the training one, then this rewrite's
     assert "--report-only" not in command.split("`")[0] and "(these tables: the same" in command
     assert "1 run(s) not finished, not run" in capsys.readouterr().out
-
-
-def test_timing_measures_every_finished_cell_together(swept, tmp_path, monkeypatch):
-    """`--timing N`: each cell's best/ answers N test questions in rotating rounds, in one
-    process; TTFT over direct's at the same grid point; a table and the pareto plot."""
-    import rim.timing as timing
-    from rim.cli import parser
-    from rim.sweep import run_sweep
-
-    out, args, _ = swept
-    copy = tmp_path / "out"
-    shutil.copytree(out, copy)
-    order = []
-    real = timing._one
-    monkeypatch.setattr(timing, "_one", lambda r, q, clock: order.append(q) or real(r, q, clock))
-    argv = ["sweep", "--config", args.config, "--out", str(copy), "--report-only", "--timing", "3"]
-    res = run_sweep(parser().parse_args(argv))
-    t = res["timing"]["cells"]
-    assert set(t) == {"rim/pairs=2", "rim/pairs=4", "direct/pairs=4"}
-    assert all(c["questions"] == 3 and c["ttft_ms"] > 0 for c in t.values())
-    assert len(order) == 3 + 3 * 3  # a warm-up each, then 3 rounds of 3
-    ratio = t["rim/pairs=4"]["ttft_ms"] / t["direct/pairs=4"]["ttft_ms"]
-    assert t["rim/pairs=4"]["ttft_vs_direct"] == pytest.approx(ratio)
-    assert "ttft_vs_direct" not in t["rim/pairs=2"]  # no direct cell at N = 2
-    assert t["direct/pairs=4"]["accuracy"] == res["cells"][2]["metrics"]["accuracy"]["mean"]
-    md = (copy / "results.md").read_text()
-    assert "## Latency, measured together" in md and "| direct/pairs=4 |" in md
-    assert _is_png(copy / "accuracy_vs_ttft.png") and "](accuracy_vs_ttft.png)" in md
 
 
 def test_sigterm_stops_the_sweep_and_its_training_processes_save(tmp_path):

@@ -40,6 +40,7 @@ __all__ = [
     "step_weight",
     "steps_for",
     "warmup_constant",
+    "WarmupCosine",
 ]
 
 SCHEDULES = ("relative", "absolute", "uniform", "none")
@@ -152,6 +153,27 @@ class WarmupConstant:
         if self.warmup_steps == 0:
             return 1.0
         return min(1.0, (max(step, 0) + 1) / self.warmup_steps)
+
+
+@dataclass(frozen=True)
+class WarmupCosine:
+    """LR multiplier: linear warm-up from 0, then half a cosine to 0 at `total_steps`.
+
+    transformers' `get_cosine_schedule_with_warmup` multiplier, written out with the same
+    float operations (tests/test_curriculum.py checks equality): importing
+    `transformers.optimization` loads its Trainer utilities and, through them, peft, about
+    3 s at every `rim train` start. A class, as `WarmupConstant`, for exact resume.
+    """
+
+    warmup_steps: int
+    total_steps: int
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return float(step) / float(max(1, self.warmup_steps))
+        span = float(max(1, self.total_steps - self.warmup_steps))
+        progress = float(step - self.warmup_steps) / span
+        return max(0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
 
 
 def warmup_constant(warmup_steps: int) -> Callable[[int], float]:

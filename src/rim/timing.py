@@ -69,8 +69,12 @@ def add_timing(res: dict, out: Path, questions: int, device: str = "cpu") -> Non
     point (the same values of the axes direct takes part in)."""
     done = sorted((r for r in res["runs"] if r["state"] == "done"), key=lambda r: r["seed"])
     picks: dict[str, Path] = {}
-    for r in done:
-        picks.setdefault(r["cell"], out / r["run"] / "best")
+    for r in done:  # a committed run folder keeps no weights (results/.gitignore)
+        if (out / r["run"] / "best").is_dir():
+            picks.setdefault(r["cell"], out / r["run"] / "best")
+    missing = {r["cell"] for r in done} - set(picks)
+    if missing:
+        print(f"[sweep] timing: no best/ weights here for {', '.join(sorted(missing))}: not timed")
     if not picks:
         return
     print(f"[sweep] timing {len(picks)} checkpoints together, {questions} questions each")

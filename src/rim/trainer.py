@@ -29,7 +29,6 @@ import torch
 import yaml
 from accelerate import Accelerator
 from tqdm import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from rim import fsdp, progress, runs, speed, tracking
 from rim.assembly import Setup, assemble, t_max
@@ -46,7 +45,7 @@ from rim.checkpoint import (
     supersede,
 )
 from rim.config import Config
-from rim.curriculum import Stage, warmup_constant
+from rim.curriculum import Stage, WarmupCosine, warmup_constant
 from rim.errors import Preempted, RimError
 from rim.evaluation import evaluate
 from rim.explain import step_accuracy
@@ -134,7 +133,7 @@ class Trainer:
         frac = self.cfg.train.warmup if stage.warmup is None else stage.warmup
         warm = int(frac * stage.steps)
         if self.cfg.train.lr_schedule == "cosine":
-            sched = get_cosine_schedule_with_warmup(opt, warm, stage.steps)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warm, stage.steps))
         else:
             sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(warm))
         # plain optimizer: gradient sync is DDP's, accumulation is ours (see `step`)
