@@ -466,3 +466,15 @@ def _reads(cmdline: Path, text: str) -> bool:
         return text in cmdline.read_bytes().decode(errors="replace")
     except OSError:
         return False
+
+
+def test_seed_in_a_set_value_is_each_runs_own(tmp_path):
+    """`{seed}` in a grid's value names the same seed's file (mult_from_cot.yaml: the CoT run
+    of the same seed), in the command and in the recipe a finished run is compared with."""
+    from rim.runner import Job
+
+    sets = ["model.path=results/cot/seed{seed}/best", "train.lr=0.001"]
+    job = Job("coconut", 2, tmp_path / "r.yaml", tmp_path / "out", sets, 10)
+    assert job.train_sets == [
+        "model.path=results/cot/seed2/best", "train.lr=0.001", "train.seed=2", "train.threads=1"
+    ]  # fmt: skip

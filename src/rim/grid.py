@@ -4,8 +4,8 @@
                                   # path with {method}: ../mult/small_4x4_{method}.yaml
     methods: [direct, pause, rim, cot]
     seeds: 3                      # train.seed = 0 .. seeds - 1
-    set:                          # overrides of every run
-      train.eval_every: 100
+    set:                          # overrides of every run; `{seed}` in a value is the run's
+      train.eval_every: 100       # seed (model.path: .../seed{seed}/best: the same seed's run)
     grid:                         # axes; the runs are their cartesian product
       pairs:                      # an axis: its name, then recipe keys that move together
         data.train.options.pairs: [4, 8, 12, 16]   # the first key's values label the axis

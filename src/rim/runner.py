@@ -88,8 +88,10 @@ class Job:
 
     @property
     def train_sets(self) -> list[str]:
-        """The overrides of its `rim train`: the job's own, then its seed and one thread."""
-        return [*self.sets, f"train.seed={self.seed}", "train.threads=1"]
+        """The overrides of its `rim train`: the job's own (`{seed}` in a value: this job's
+        seed, e.g. the path of the same seed's run), then its seed and one thread."""
+        own = [s.replace("{seed}", str(self.seed)) for s in self.sets]
+        return [*own, f"train.seed={self.seed}", "train.threads=1"]
 
 
 def total_steps(cfg) -> int:
