@@ -182,12 +182,18 @@ def latency(
     if not examples:
         return {"ttft_ms": None, "latency_ms": None}
     clock = wall_clock(device)
-    decode(method, model, [examples[0].question], decoder, blocks, clock, truncate, options=options)
-    ttft, full = [], []
-    for e in examples:
-        out = decode(method, model, [e.question], decoder, blocks, clock, truncate, options=options)
-        times = out.token_times
-        first = method.first_answer_index(out.tokens[0])
-        ttft.append(times[min(first, len(times) - 1)] * 1e3)
-        full.append(times[-1] * 1e3)
+    kw = dict(decoder=decoder, blocks=blocks, truncate=truncate, options=options)
+    answer_times(method, model, examples[0].question, clock, **kw)  # warm-up
+    ttft, full = zip(*(answer_times(method, model, e.question, clock, **kw) for e in examples))
     return {"ttft_ms": statistics.median(ttft), "latency_ms": statistics.median(full)}
+
+
+def answer_times(
+    method, model, question: str, clock, decoder: str = "final", blocks: int | None = None,
+    truncate: bool = False, options: dict | None = None,
+) -> tuple[float, float]:  # fmt: skip
+    """(time to the first answer token, to the whole answer), ms, of one batch-1 answer."""
+    out = decode(method, model, [question], decoder, blocks, clock, truncate, options=options)
+    times = out.token_times
+    first = method.first_answer_index(out.tokens[0])
+    return times[min(first, len(times) - 1)] * 1e3, times[-1] * 1e3

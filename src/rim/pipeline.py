@@ -90,9 +90,6 @@ class Rows(Dataset):
         ]  # fmt: skip
         return job, rows
 
-    def __len__(self) -> int:  # keyed by jobs, not by position
-        raise TypeError("Rows is indexed by StepJob")
-
 
 def idle(rows) -> bool:
     """A micro-batch without examples (a DDP process with no share of a small batch)."""

@@ -45,13 +45,10 @@ def time_together(checkpoints: dict[str, Path], questions: int, device: str = "c
 
 
 def _one(r, question: str, clock) -> tuple[float, float]:
-    """(TTFT ms, full-answer ms) of one batch-1 answer (as `rim.evaluation.latency`)."""
-    from rim.decoders import decode
+    """(TTFT ms, full-answer ms) of one batch-1 answer with the `final` decoder."""
+    from rim.evaluation import answer_times
 
-    out = decode(r.method, r.model, [question], "final", None, clock)
-    first = r.method.first_answer_index(out.tokens[0])
-    t = out.token_times
-    return t[min(first, len(t) - 1)] * 1e3, t[-1] * 1e3
+    return answer_times(r.method, r.model, question, clock)
 
 
 def _summary(times: list[tuple[float, float]]) -> dict:

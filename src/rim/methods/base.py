@@ -192,7 +192,7 @@ class Method:
     ) -> torch.Tensor:
         """Weighted readout NLL of `examples`, normalised by the global `num_examples`."""
         batch = self.batch(examples, stage, progress, *row_options(model))
-        return batch_loss(model, batch.to(device), num_examples)
+        return self.rows_loss(model, batch, stage, progress, num_examples, device)
 
     # ---- the training pipeline's two halves (rim.pipeline) ----
     def builds_rows(self, stage: Stage) -> bool:

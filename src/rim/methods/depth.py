@@ -29,13 +29,12 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
-from rim import flex
 from rim.batching import pack_rows
 from rim.config_depth import StateLossConfig
 from rim.data import Example
 from rim.errors import ConfigError, RimError
 from rim.layout import IGNORE, Segment
-from rim.methods.base import attach_module, labelled_forward
+from rim.methods.base import attach_module, labelled_forward, row_options
 
 MODULE = "rim_depth"  # the submodule's name on the model
 MODULE_FILE = "rim_depth.safetensors"
@@ -200,9 +199,7 @@ def packed_loss(
 ) -> torch.Tensor:
     """The packed RiM loss (`Method.loss`'s batch, one forward pass) plus the state loss on
     that pass's hidden states; several examples per row as `Method.batch` packs them."""
-    mask = flex.Tables.of if flex.enabled(model) else None
-    dtype = next(model.parameters()).dtype
-    batch = method.batch(examples, stage, progress, dtype, mask).to(device)
+    batch = method.batch(examples, stage, progress, *row_options(model)).to(device)
     segs = [method.segments(ex, stage, progress) for ex in examples]
     rows = pack_rows([sum(len(s.ids) for s in sg) for sg in segs], method.common.pack_tokens)
     items = []
