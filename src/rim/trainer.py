@@ -333,7 +333,7 @@ class Trainer:
                 self._log_step(stage, loss, rate)
             ends = last and (stage.validate_at_end or stage.index == len(self.plan) - 1)
             if (t.eval_every and st.global_step % t.eval_every == 0) or ends:
-                self.validate(stage, end=last)
+                self.validate(stage)
             saved = bool(t.save_every and st.global_step % t.save_every == 0 and not last)
             if saved:
                 self.save_resumable()
@@ -347,9 +347,10 @@ class Trainer:
         record = {"stage": stage.name, "step": st.global_step, "stage_step": st.step_in_stage}
         self.log(record | {"loss": loss, "lr": lr, "examples_per_s": rate})
 
-    def validate(self, stage: Stage, end: bool = False) -> float:
+    def validate(self, stage: Stage) -> float:
         """Greedy accuracy on the valid split (at most `eval.val_limit`), logged; in the last
-        stage it may write `best/`. At a stage's `end`, the method's own report too."""
+        stage it may write `best/`. In a grounding stage, how well each block spells its step
+        too: its curve over the stage shows whether step t was held before its weight faded."""
         st = self.state
         if not self.main and not self.sharded:
             self.acc.wait_for_everyone()
@@ -364,7 +365,7 @@ class Trainer:
                 progress=False,
             )  # fmt: skip
             extra = {}
-            if end and self.s.method.grounds_steps(stage):  # is step t in block t? (grounding)
+            if self.s.method.grounds_steps(stage):  # is step t in block t? (grounding, over time)
                 rep = step_accuracy(self.s.method, model, valid, e.batch_size, cue=None)
                 extra = {f"valid_{k}": v for k, v in rep.items()}
         if self.sharded:

@@ -247,7 +247,7 @@ class Method:
 
     def grounds_steps(self, stage: Stage) -> bool:
         """Whether `stage` trains a step readout straight after each block (RiM's grounding):
-        the trainer then logs how well each block spells its step at the stage's end."""
+        the trainer then logs how well each block spells its step at each validation."""
         return False
 
     # ---- inference ----
