@@ -161,9 +161,9 @@ def test_stages_that_only_restart_the_optimizer_are_not_validated_at_their_end(
     steps = []
     real = Trainer.validate
 
-    def counted(self, stage, end=False):
+    def counted(self, stage):
         steps.append(self.state.global_step)
-        return real(self, stage, end)
+        return real(self, stage)
 
     monkeypatch.setattr(Trainer, "validate", counted)
     setup = assemble(cfg, log=lambda *_: None)
