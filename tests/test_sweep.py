@@ -349,7 +349,7 @@ def test_timing_skips_runs_without_weights(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(
         timing, "time_together", lambda picks, n, device: asked.update(picks) or {"a": fake}
     )
-    res = {"runs": runs, "cells": cells}
+    res = {"runs": runs, "cells": cells, "grid": {"axes": {}}}
     timing.add_timing(res, tmp_path, 1)
     assert list(asked) == ["a"] and list(res["timing"]["cells"]) == ["a"]
     assert "no best/ weights here for b: not timed" in capsys.readouterr().out

@@ -78,7 +78,7 @@ def add_timing(res: dict, out: Path, questions: int, device: str = "cpu") -> Non
     timed = time_together(picks, questions, device)
     cells = {c["cell"]: c for c in res["cells"]}
     for name, t in timed.items():
-        base = _direct_at(cells[name], res["cells"])
+        base = direct_at(cells[name], res["cells"], res["grid"]["axes"])
         if base is not None and base["cell"] in timed:
             t["ttft_vs_direct"] = t["ttft_ms"] / timed[base["cell"]]["ttft_ms"]
         t["accuracy"] = cells[name]["metrics"].get("accuracy", {}).get("mean")
@@ -87,12 +87,21 @@ def add_timing(res: dict, out: Path, questions: int, device: str = "cpu") -> Non
     res["timing"] = {"questions": questions, "threads": torch.get_num_threads(), "cells": timed}
 
 
-def _direct_at(cell: dict, cells: list[dict]) -> dict | None:
-    """The direct cell whose axis values agree with `cell`'s on every axis direct has."""
+def direct_at(cell: dict, cells: list[dict], axes: dict[str, str]) -> dict | None:
+    """The direct cell that agrees with `cell` on every axis direct's grid part sets (`axes`:
+    name -> recipe key). An axis only other methods vary (`memory.loops`) is not compared:
+    direct's cell shows that axis's recipe default, which says nothing about direct.
+
+    >>> d = {"method": "direct", "values": {"digits": 4, "loops": 0}, "sets": ["a.digits=4"]}
+    >>> r = {"method": "rim", "values": {"digits": 4, "loops": 2}, "sets": ["a.digits=4"]}
+    >>> direct_at(r, [d], {"digits": "a.digits", "loops": "memory.loops"}) is d
+    True
+    """
     for c in cells:
-        if c["method"] == "direct" and all(
-            cell["values"].get(a) == v for a, v in c["values"].items()
-        ):
+        if c["method"] != "direct":
+            continue
+        own = {s.split("=", 1)[0] for s in c["sets"]}
+        if all(cell["values"].get(a) == c["values"].get(a) for a, k in axes.items() if k in own):
             return c
     return None
 
