@@ -334,6 +334,14 @@ def test_timing_measures_every_finished_cell_together(swept, tmp_path, monkeypat
     md = (copy / "results.md").read_text()
     assert "## Latency, measured together" in md and "| direct/pairs=4 |" in md
     assert _is_png(copy / "accuracy_vs_ttft.png") and "](accuracy_vs_ttft.png)" in md
+    # a later rewrite without --timing keeps the measurement (not timed again) and its plot
+    order.clear()
+    again = run_sweep(parser().parse_args(argv[:-2]))
+    assert order == [] and again["timing"]["cells"] == t
+    assert again["timing"]["measured"] == res["timing"]["measured"]
+    md = (copy / "results.md").read_text()
+    assert "## Latency, measured together" in md and "](accuracy_vs_ttft.png)" in md
+    assert _is_png(copy / "accuracy_vs_ttft.png")
 
 
 def test_timing_skips_runs_without_weights(tmp_path, capsys, monkeypatch):

@@ -391,6 +391,8 @@ def plot_sweep_pareto(res: dict, out: Path) -> Path | None:
     ]
     if not cells:
         return None
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     axis = numeric_axis(res)
     panels = sorted({c["values"][axis] for c in cells}) if axis else [None]
     plt = _pyplot()
@@ -399,17 +401,21 @@ def plot_sweep_pareto(res: dict, out: Path) -> Path | None:
         group = [c for c in cells if axis is None or c["values"][axis] == v]
         pts = [(timed[c["cell"]]["ttft_ms"], timed[c["cell"]]["accuracy"]) for c in group]
         front = pareto(pts)
-        for i, (c, (x, y)) in enumerate(zip(group, pts)):
+        for i, level in _label_levels(pts):
+            (x, y), c = pts[i], group[i]
             ax.plot(x, y, "o", ms=7, color="C0" if i in front else "C7")
-            ax.annotate(c["cell"].split("/", 1)[0] + _variant(c, axis), (x, y), fontsize=7,
-                        textcoords="offset points", xytext=(4, 4))  # fmt: skip
+            label = c["cell"].split("/", 1)[0] + _variant(c, axis, res["grid"].get("axes"))
+            ax.annotate(label, (x, y), fontsize=7, textcoords="offset points",
+                        xytext=(3, 5 + 11 * level), rotation=25)  # fmt: skip
         fx, fy = zip(*(pts[i] for i in front))
         ax.step(fx, fy, where="post", color="C0", alpha=0.6, label="pareto front")
         ax.set_xscale("log")
-        ax.minorticks_off()  # their labels overlap on a short log range
-        ticks = sorted({round(x, 1) for x, _ in pts})  # each cell's own TTFT
-        ax.set_xticks(ticks, [f"{x:.0f}" for x in ticks])
-        ax.set_ylim(-0.03, 1.05)
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        lo, hi = min(x for x, _ in pts), max(x for x, _ in pts)
+        ax.set_xlim(lo / 1.3, hi * 2.5)  # room for the labels right of the slowest points
+        ax.set_ylim(-0.03, 1.12)
         ax.set_xlabel("time to first answer token, ms (batch 1, measured together)")
         ax.set_title(f"{axis} = {format_value(v)}" if axis else "", fontsize=10)
         ax.grid(True, alpha=0.3)
@@ -420,7 +426,30 @@ def plot_sweep_pareto(res: dict, out: Path) -> Path | None:
     return _save(fig, out / "accuracy_vs_ttft.png")
 
 
-def _variant(cell: dict, axis: str | None) -> str:
-    """A cell's axis values other than the x axis's (`loops=2`), for a point's label."""
-    vals = [f"{a}={format_value(v)}" for a, v in cell["values"].items() if a != axis]
+def _variant(cell: dict, axis: str | None, axes: dict[str, str] | None = None) -> str:
+    """The axis values a cell's grid part sets, but the x axis's (`loops=2`), for a label:
+    direct's cell in a grid with a `loops` axis is just `direct`."""
+    own = {s.split("=", 1)[0] for s in cell.get("sets", [])}
+    vals = [
+        f"{a}={format_value(v)}" for a, v in cell["values"].items()
+        if a != axis and (axes is None or axes.get(a) in own)
+    ]  # fmt: skip
     return f" ({', '.join(vals)})" if vals else ""
+
+
+def _label_levels(pts: list[tuple[float, float]]) -> list[tuple[int, int]]:
+    """(index, level) by x: a label one level above its left neighbour's when their points
+    are within 20% in x and 0.08 in y, so the labels of close points do not overlap.
+
+    >>> _label_levels([(10.0, 0.0), (30.0, 0.0), (11.0, 0.0), (12.0, 0.5)])
+    [(0, 0), (2, 1), (3, 0), (1, 0)]
+    """
+    out: list[tuple[int, int]] = []
+    for i in sorted(range(len(pts)), key=lambda i: pts[i]):
+        near = [
+            lv
+            for j, lv in out
+            if pts[i][0] <= pts[j][0] * 1.2 and abs(pts[i][1] - pts[j][1]) < 0.08
+        ]
+        out.append((i, max(near) + 1 if near else 0))
+    return out

@@ -11,7 +11,7 @@ with fewer seeds than the grid, rim.grid) runs first; then the grid's other seed
 `select` value chosen on validation, in the same command. Always resumable: a finished run of the same resolved recipe
 is kept as it is, an unfinished one continues from its last checkpoint; so a stopped sweep is
 restarted by running the same command again, and adding a value to an axis runs only the
-new cells. No latency timing: a grid compares accuracies (the demo times latency).
+new cells. Latency only with `--timing N` (rim.timing), kept by later runs without it.
 
 Writes to --out: results.json (every run; per cell the mean, s.d. and n of each metric;
 `best`, the value of the `select` axis chosen on validation), results.md (one table),
@@ -52,7 +52,7 @@ from rim.runner import (
     run_jobs,
     total_steps,
 )
-from rim.timing import add_timing, timing_table
+from rim.timing import add_timing, keep_timing, timing_table
 
 METRICS = (
     "accuracy",
@@ -464,6 +464,14 @@ def print_plan(cells: list[Planned], grid: Grid) -> None:
         print(f"[sweep] reuse: nothing in {', '.join(map(str, missing))} yet")
 
 
+def _previous(out: Path) -> dict | None:
+    """The results.json an earlier sweep into `out` wrote (None if none or unreadable)."""
+    try:
+        return json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _write(out: Path, res: dict) -> list[Path]:
     atomic_file(out / "results.json", json.dumps(res, indent=2))
     for old in [*out.glob("accuracy_vs_*.png"), out / "per_block.png", out / "per_position.png"]:
@@ -517,6 +525,8 @@ def run_sweep(args) -> dict:
         res = results(grid, cells, out, machine, _command(args))
     if args.timing:  # the finished runs' TTFT, measured together (rim.timing)
         add_timing(res, out, args.timing, device)
+    else:  # an earlier --timing's measurement stays, with today's accuracies
+        keep_timing(res, _previous(out))
     res["wall_s"] = time.perf_counter() - t0
     res["report_only"] = bool(args.report_only)
     written = _write(out, res)

@@ -13,6 +13,7 @@ at the same grid point is the number to quote ("measured in one run").
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 
 
@@ -81,10 +82,35 @@ def add_timing(res: dict, out: Path, questions: int, device: str = "cpu") -> Non
         base = direct_at(cells[name], res["cells"], res["grid"]["axes"])
         if base is not None and base["cell"] in timed:
             t["ttft_vs_direct"] = t["ttft_ms"] / timed[base["cell"]]["ttft_ms"]
-        t["accuracy"] = cells[name]["metrics"].get("accuracy", {}).get("mean")
     import torch
 
-    res["timing"] = {"questions": questions, "threads": torch.get_num_threads(), "cells": timed}
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    res["timing"] = {
+        "questions": questions, "threads": torch.get_num_threads(), "measured": when,
+        "cells": timed,
+    }  # fmt: skip
+    refresh_accuracy(res)
+
+
+def keep_timing(res: dict, before: dict | None) -> None:
+    """A sweep run without `--timing` keeps the last measured timing (results.json's), for
+    the cells still in the grid, with today's accuracies: the times are not measured again
+    (a rewrite of the tables must not lose them), and say when they were."""
+    old = (before or {}).get("timing")
+    if not old:
+        return
+    names = {c["cell"] for c in res["cells"]}
+    kept = {k: v for k, v in old["cells"].items() if k in names}
+    if kept:
+        res["timing"] = old | {"cells": kept}
+        refresh_accuracy(res)
+
+
+def refresh_accuracy(res: dict) -> None:
+    """Each timed cell's test accuracy: its mean over the seeds finished now."""
+    cells = {c["cell"]: c for c in res["cells"]}
+    for name, t in res["timing"]["cells"].items():
+        t["accuracy"] = cells[name]["metrics"].get("accuracy", {}).get("mean")
 
 
 def direct_at(cell: dict, cells: list[dict], axes: dict[str, str]) -> dict | None:
@@ -124,6 +150,7 @@ def timing_table(res: dict) -> list[str]:
         "", "## Latency, measured together", "",
         f"Batch 1, greedy, the first {t['questions']} test questions of each cell's lowest "
         f"finished seed, all checkpoints in one process ({t['threads']} threads), in rotating "
-        "rounds (`rim.timing`): medians. Ratios to direct hold; absolute times depend on "
-        "the machine's load.", "", *lines,
+        f"rounds (`rim.timing`), measured {t.get('measured', 'with the tables')}; test acc: "
+        "today's mean over seeds. TTFT: medians. Ratios to direct hold; absolute times "
+        "depend on the machine's load.", "", *lines,
     ]  # fmt: skip
