@@ -23,7 +23,7 @@ MULT = ROOT / "configs" / "mult"
 SWEEPS = ROOT / "configs" / "sweeps"
 METHODS = ("direct", "cot", "rim", "pause", "coconut", "icot", "codi")
 DEPTH = {2: ("direct", "cot", "rim"), 3: ("direct", "cot", "rim")} | {k: METHODS for k in (4, 5)}
-BUDGET = {2: 400, 3: 600, 4: 800, 5: 1600}  # optimizer steps of every method (rim: 5 : 3)
+BUDGET = {2: 800, 3: 800, 4: 800, 5: 1600}  # optimizer steps of every method (rim: 5 : 3)
 
 
 @pytest.fixture
