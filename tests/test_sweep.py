@@ -225,6 +225,32 @@ def test_selection_uses_the_valid_split_never_the_test_split():
     assert best["candidates"] == {"0.001": pytest.approx(0.55), "0.002": pytest.approx(0.75)}
 
 
+def test_a_tie_on_exact_accuracy_goes_to_valid_token_accuracy():
+    """Three LRs all at 0 exact on valid (4x4 multiplication): the one whose best/ spells
+    more answer digits right on valid is chosen, not the first listed."""
+    from rim.runner import best_tokens
+    from rim.sweep import best_table, select_best
+
+    def cell(lr, tokens):
+        return {"cell": f"rim/{lr}", "method": "rim", "values": {"lr": lr}, "metrics": {},
+                "valid_by_seed": {"0": 0.0}, "valid_tokens_by_seed": {"0": tokens}}  # fmt: skip
+
+    (best,) = select_best([cell(5e-4, 0.24), cell(1e-3, 0.31), cell(2e-3, 0.30)], "lr")
+    assert best["chosen"] == 1e-3 and best["valid_accuracy"] == 0.0
+    shown = best_table({"grid": {"select": "lr", "axes": {"lr": "train.lr"}}, "best": [best]})
+    assert "0.001: 0.000 (tokens 0.310)" in shown  # the table says what broke the tie
+    (best,) = select_best([cell(5e-4, 0.24), {**cell(1e-3, 0.5), "valid_tokens_by_seed": {}}], "lr")
+    assert best["chosen"] == 5e-4  # a run with no token accuracy never wins the tie
+    records = [
+        {"stage": "stage1", "valid_accuracy": 0.0, "valid_token_accuracy": 0.9},
+        {"stage": "stage2", "valid_accuracy": 0.1, "valid_token_accuracy": 0.3},
+        {"stage": "stage2", "valid_accuracy": 0.1, "valid_token_accuracy": 0.4},  # best/ (tie)
+        {"stage": "stage2", "valid_accuracy": 0.0, "valid_token_accuracy": 0.5},
+        {"event": "done", "best_valid_accuracy": 0.1},
+    ]
+    assert best_tokens(records, 0.1) == 0.4 and best_tokens(records, 0.7) is None
+
+
 @given(
     st.lists(st.floats(0, 1), min_size=1, max_size=3),
     st.lists(st.floats(0, 1), min_size=1, max_size=3),

@@ -197,19 +197,28 @@ def collect(job: Job) -> Job:
 
         positions = position_accuracy([Record(**r) for r in records])
         res |= {"per_position_accuracy": positions} if positions is not None else {}
-    done = [json.loads(x) for x in (job.out / "metrics.jsonl").read_text().splitlines()]
-    done = [r for r in done if r.get("event") == "done"][-1]
+    metrics = [json.loads(x) for x in (job.out / "metrics.jsonl").read_text().splitlines()]
+    done = [r for r in metrics if r.get("event") == "done"][-1]
     extra = {k: json.loads((job.out / f"test_eval.{k}.json").read_text()) for k in extra_tests(job)}
     if extra:  # data.extra_tests: accuracy on each
         res["extra_tests"] = {k: r["accuracy"] for k, r in extra.items()}
     job.result = res | {
         "train_s": done["train_s"],
         "best_valid_accuracy": done["best_valid_accuracy"],
+        "best_valid_token_accuracy": best_tokens(metrics, done["best_valid_accuracy"]),
         "cpu": done.get("cpu"),  # absent from runs trained before it was logged
         "job_s": time.perf_counter() - job.started if job.started else None,
     }
     job.state = "done"
     return job
+
+
+def best_tokens(records: list[dict], best: float) -> float | None:
+    """Valid token accuracy of the validation that wrote best/: the last one at the best
+    exact accuracy (the trainer lets a tie replace best/). It breaks ties between candidates
+    that all stay at 0 exact (rim.sweep.select_best), on validation still."""
+    at = [r for r in records if r.get("valid_accuracy") == best and "valid_token_accuracy" in r]
+    return at[-1]["valid_token_accuracy"] if at else None
 
 
 def keep_if_finished(job: Job) -> bool:

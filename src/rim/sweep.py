@@ -205,6 +205,10 @@ def _cell_record(c: Planned) -> dict:
     rec |= {"runs": len(c.jobs), "n": len(done)}
     valid = {j.seed: j.result.get("best_valid_accuracy") for j in c.jobs if j.state == "done"}
     rec["valid_by_seed"] = {str(k): v for k, v in valid.items() if v is not None}
+    tokens = {
+        j.seed: j.result.get("best_valid_token_accuracy") for j in c.jobs if j.state == "done"
+    }
+    rec["valid_tokens_by_seed"] = {str(k): v for k, v in tokens.items() if v is not None}
     rec["metrics"] = {
         k: aggregate([r[k] for r in done if r.get(k) is not None])
         for k in METRICS
@@ -242,7 +246,8 @@ def _mean(cell: dict, metric: str):
 
 def select_best(cells: list[dict], axis: str) -> list[dict]:
     """Per method and values of the other axes: the `axis` value of the best mean
-    validation accuracy (never the test split), and that cell's test accuracy.
+    validation accuracy (never the test split), and that cell's test accuracy. A tie (all at
+    0 exact, say) goes to the best mean valid token accuracy, then to the first value.
 
     Candidates are scored on the seeds all of them have finished, so a value with one more
     lucky seed finished cannot win by it (a sweep stopped part way, or runs reused from
@@ -261,7 +266,8 @@ def select_best(cells: list[dict], axis: str) -> list[dict]:
         if len(scored) < 2 or not seeds:  # nothing to choose between
             continue
         score = {c["cell"]: statistics.fmean(c["valid_by_seed"][s] for s in seeds) for c in scored}
-        top = max(scored, key=lambda c: score[c["cell"]])
+        tokens = {c["cell"]: _mean_tokens(c, seeds) for c in scored}
+        top = max(scored, key=lambda c: (score[c["cell"]], tokens[c["cell"]]))
         best.append(
             {
                 "method": method,
@@ -273,9 +279,18 @@ def select_best(cells: list[dict], axis: str) -> list[dict]:
                 "valid_accuracy": score[top["cell"]],
                 "test_accuracy": top["metrics"].get("accuracy"),
                 "candidates": {format_value(c["values"][axis]): score[c["cell"]] for c in scored},
+                "candidate_tokens": {
+                    format_value(c["values"][axis]): tokens[c["cell"]] for c in scored
+                },
             }
         )
     return best
+
+
+def _mean_tokens(cell: dict, seeds: list[str]) -> float:
+    """Mean valid token accuracy over `seeds` (-1 where a run has none: it never wins a tie)."""
+    got = cell.get("valid_tokens_by_seed", {})
+    return statistics.fmean(got[s] for s in seeds) if all(s in got for s in seeds) else -1.0
 
 
 def results(grid: Grid, cells: list[Planned], out: Path, machine: dict, command: str) -> dict:
@@ -352,7 +367,13 @@ def best_table(res: dict) -> str:
     header += [f"valid acc per {axis}", "scored on seeds"]
     rows = []
     for b in res["best"]:
-        tried = ", ".join(f"{k}: {fmt(v, '.3f')}" for k, v in b["candidates"].items())
+        toks = b.get("candidate_tokens", {})
+        tie = len(set(b["candidates"].values())) < len(b["candidates"])  # then tokens decide
+        tried = ", ".join(
+            f"{k}: {fmt(v, '.3f')}"
+            + (f" (tokens {toks[k]:.3f})" if tie and toks.get(k, -1) >= 0 else "")
+            for k, v in b["candidates"].items()
+        )
         row = [b["method"], *(fmt(b["values"][a], "") for a in others), format_value(b["chosen"])]
         seeds = ", ".join(str(x) for x in b["seeds"])
         rows.append(row + [fmt(b["valid_accuracy"], ".3f"), _pm(b["test_accuracy"]), tried, seeds])
@@ -393,8 +414,9 @@ def write_markdown(path: Path, res: dict, plots: list[str]) -> None:
         lines += ["", f"## {g['select']} chosen on validation", "", best_table(res), ""]
         lines += [
             f"Each {g['select']} value is scored by its mean best validation accuracy over "
-            "the seeds every candidate has finished; the test split never takes part in the "
-            "choice. Test acc: the chosen cell's, over all its finished seeds."
+            "the seeds every candidate has finished; a tie goes to the mean valid token "
+            "accuracy of those best/ checkpoints (tokens); the test split never takes part in "
+            "the choice. Test acc: the chosen cell's, over all its finished seeds."
         ]
     if res.get("report_only"):  # a rewrite of the tables: its wall time says nothing of the runs
         wall = "Tables rewritten with `--report-only`: nothing trained in this invocation"
