@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -309,29 +310,32 @@ def run_jobs(
     SIGTERM (`kill`, a scheduler's preemption) stops the jobs as Ctrl-C does: each training
     process gets SIGTERM too and saves a checkpoint, none is left running on its own.
     """
-    with _sigterm_interrupts():
-        _run_jobs(jobs, workers, runner, status or Status(), tag)
+    with _stop_requests() as asked:
+        _run_jobs(jobs, workers, runner, status or Status(), tag, asked)
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts():
-    """SIGTERM raises KeyboardInterrupt in the main thread while jobs run (a background job's
-    SIGINT is ignored by its shell, so `kill` is how one is stopped)."""
+def _stop_requests() -> Iterator[threading.Event]:
+    """SIGTERM and Ctrl-C (SIGINT) set the yielded event while jobs run; the polling loop
+    then stops the jobs. Not an exception raised from the handler: one that lands inside
+    `concurrent.futures.wait`'s lock handling became "RuntimeError: release unlocked lock"
+    and a traceback. (A background job's SIGINT is ignored by its shell: `kill` stops it.)"""
+    asked = threading.Event()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield asked
         return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    before = signal.signal(signal.SIGTERM, interrupt)
+    before = {s: signal.signal(s, lambda *_: asked.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield asked
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
-def _run_jobs(jobs: list[Job], workers: int, runner: Runner, status: Status, tag: str) -> None:
+def _run_jobs(
+    jobs: list[Job], workers: int, runner: Runner, status: Status, tag: str,
+    asked: threading.Event,
+) -> None:  # fmt: skip
     bar_on, log_on = progress.live(), progress.enabled() and not progress.live()
     bar = tqdm(total=len(jobs), desc=tag, unit="job", disable=not bar_on, dynamic_ncols=True)
     seen: dict[str, str] = {}
@@ -340,6 +344,8 @@ def _run_jobs(jobs: list[Job], workers: int, runner: Runner, status: Status, tag
         pending = {pool.submit(runner.run, j) for j in jobs}
         while pending:
             finished_, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            if asked.is_set():  # SIGTERM or Ctrl-C (_stop_requests)
+                raise KeyboardInterrupt
             for j in jobs:  # state changes seen since the last poll
                 if log_on and j.state in _EVENTS and seen.get(j.name) != j.state:
                     print(f"[{tag}] {j.name}: {_EVENTS[j.state]}", flush=True)
