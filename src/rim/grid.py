@@ -271,3 +271,15 @@ def load_grid(path: str | Path, need_reuse: bool = True) -> Grid:
         return _grid(path, raw, need_reuse)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def set_axes(cell: dict, axes: dict[str, str]) -> set[str]:
+    """The axes (`axes`: name -> recipe key) a results cell's own grid part sets, per its
+    `sets`: in a grid where only rim varies `memory.loops`, direct's cell shows that axis's
+    recipe default, which says nothing about direct.
+
+    >>> set_axes({"sets": ["a.digits=4"]}, {"digits": "a.digits", "loops": "memory.loops"})
+    {'digits'}
+    """
+    own = {s.split("=", 1)[0] for s in cell.get("sets", [])}
+    return {a for a, key in axes.items() if key in own}

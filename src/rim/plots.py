@@ -9,6 +9,7 @@ import io
 import math
 from pathlib import Path
 
+from rim.grid import set_axes
 from rim.io import atomic_file
 from rim.runner import format_value
 
@@ -429,11 +430,8 @@ def plot_sweep_pareto(res: dict, out: Path) -> Path | None:
 def _variant(cell: dict, axis: str | None, axes: dict[str, str] | None = None) -> str:
     """The axis values a cell's grid part sets, but the x axis's (`loops=2`), for a label:
     direct's cell in a grid with a `loops` axis is just `direct`."""
-    own = {s.split("=", 1)[0] for s in cell.get("sets", [])}
-    vals = [
-        f"{a}={format_value(v)}" for a, v in cell["values"].items()
-        if a != axis and (axes is None or axes.get(a) in own)
-    ]  # fmt: skip
+    own = set(cell["values"]) if axes is None else set_axes(cell, axes)
+    vals = [f"{a}={format_value(v)}" for a, v in cell["values"].items() if a != axis and a in own]
     return f" ({', '.join(vals)})" if vals else ""
 
 

@@ -203,12 +203,10 @@ def _cell_record(c: Planned) -> dict:
     rec = {"cell": c.name, "method": c.method, "values": c.values, "sets": c.sets}
     rec |= {"steps": steps, "batch_size": batch, "train_examples": steps * batch}
     rec |= {"runs": len(c.jobs), "n": len(done)}
-    valid = {j.seed: j.result.get("best_valid_accuracy") for j in c.jobs if j.state == "done"}
-    rec["valid_by_seed"] = {str(k): v for k, v in valid.items() if v is not None}
-    tokens = {
-        j.seed: j.result.get("best_valid_token_accuracy") for j in c.jobs if j.state == "done"
-    }
-    rec["valid_tokens_by_seed"] = {str(k): v for k, v in tokens.items() if v is not None}
+    for name, key in (("valid_by_seed", "best_valid_accuracy"),
+                      ("valid_tokens_by_seed", "best_valid_token_accuracy")):  # fmt: skip
+        got = {str(j.seed): j.result.get(key) for j in c.jobs if j.state == "done"}
+        rec[name] = {k: v for k, v in got.items() if v is not None}
     rec["metrics"] = {
         k: aggregate([r[k] for r in done if r.get(k) is not None])
         for k in METRICS

@@ -123,11 +123,12 @@ def direct_at(cell: dict, cells: list[dict], axes: dict[str, str]) -> dict | Non
     >>> direct_at(r, [d], {"digits": "a.digits", "loops": "memory.loops"}) is d
     True
     """
+    from rim.grid import set_axes
+
     for c in cells:
-        if c["method"] != "direct":
-            continue
-        own = {s.split("=", 1)[0] for s in c["sets"]}
-        if all(cell["values"].get(a) == c["values"].get(a) for a, k in axes.items() if k in own):
+        if c["method"] == "direct" and all(
+            cell["values"].get(a) == c["values"].get(a) for a in set_axes(c, axes)
+        ):
             return c
     return None
 
