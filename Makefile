@@ -19,9 +19,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/rim demo --out runs/demo
 
+# One pytest worker per core (pytest-xdist), a test file per worker so that a module's
+# trained fixture is built once; most of the suite's time is process start-up and tiny
+# training runs, which one core each does as fast as two.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(int(os.environ.get("RIM_TEST_THREADS", "2")))
+# Two threads when alone; one per `pytest -n` worker (`make test`), the cores are shared.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(int(os.environ.get("RIM_TEST_THREADS", "2" if _WORKERS == 1 else "1")))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
