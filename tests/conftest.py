@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,20 @@ def rim_main(*args: str) -> None:
     from rim.cli import main
 
     main(list(args))
+
+
+def rim_run(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`rim ARGS` in this process, read back as a subprocess would be: exit code, stdout,
+    stderr (`capsys`, or `capfd` where C++ code prints too). An interpreter start costs ~6 s of CPU (torch, transformers); tests that do not
+    need a process of their own (signals, launchers, a fresh allocator) use this."""
+    capsys.readouterr()
+    code = 0
+    try:
+        rim_main(*args)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["rim", *args], code, out.out, out.err)
 
 
 class Crash(Exception):

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from rim.errors import RimError
 from rim.explain import explain, step_accuracy
 from rim.layout import IGNORE, pack
 
-from .conftest import TINY_RECIPE, make_setup, recipe_file
+from .conftest import TINY_RECIPE, make_setup, recipe_file, rim_run
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = Example("3 + 4 - 2", ("7", "5"), "5")
@@ -90,27 +87,22 @@ def test_explain_refuses_a_checkpoint_trained_without_it():
         explain(method, model, ["1 + 1"])
 
 
-def _rim(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"RIM_NO_PROGRESS": "1"}
-    cmd = [sys.executable, "-m", "rim", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def test_generate_and_eval_explain_from_the_cli(tmp_path):
+def test_generate_and_eval_explain_from_the_cli(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RIM_NO_PROGRESS", "1")
     cur = TINY_RECIPE["curriculum"] | {"explain_weight": 0.5}
     recipe = recipe_file(TINY_RECIPE, tmp_path, curriculum=cur)
     run = tmp_path / "run"
-    r = _rim("train", "--config", str(recipe), "--out", str(run), cwd=ROOT)
+    r = rim_run(capsys, "train", "--config", str(recipe), "--out", str(run))
     assert r.returncode == 0, r.stderr[-2000:]
     best = str(run / "best")
-    r = _rim("generate", "--checkpoint", best, "--explain", "3 + 4 - 2", cwd=ROOT)
+    r = rim_run(capsys, "generate", "--checkpoint", best, "--explain", "3 + 4 - 2")
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
     assert lines[0] == "3 + 4 - 2" and lines[1].startswith("  answer: ")
     assert [line.split(":")[0].strip() for line in lines[2:]] == ["block 1", "block 2", "block 3"]
     out = tmp_path / "e.json"
-    r = _rim("eval", "--checkpoint", best, "--explain", "--timing-examples", "0",
-             "--out", str(out), cwd=ROOT)  # fmt: skip
+    r = rim_run(capsys, "eval", "--checkpoint", best, "--explain", "--timing-examples", "0",
+             "--out", str(out))  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert len(res["step_accuracy_per_block"]) == 2 and "step accuracy" in r.stdout

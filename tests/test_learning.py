@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import rim_run
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "toy" / "pick_llama_rim.yaml"
 
@@ -43,13 +45,19 @@ def trained(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _no_progress(monkeypatch):
+    monkeypatch.setenv("RIM_NO_PROGRESS", "1")
+
+
 @pytest.mark.slow
-def test_rim_reaches_90_percent_on_held_out_examples(trained):
+def test_rim_reaches_90_percent_on_held_out_examples(trained, capsys):
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     stages = [r["stage"] for r in records if "loss" in r]
     assert stages[0] == "stage1" and stages[-1] == "stage2"  # both stages ran, in order
     out = trained / "test_eval.json"
-    r = _rim(
+    r = rim_run(
+        capsys,
         "eval",
         "--checkpoint",
         str(trained / "best"),
@@ -59,7 +67,6 @@ def test_rim_reaches_90_percent_on_held_out_examples(trained):
         "4",
         "--out",
         str(out),
-        cwd=ROOT,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -73,7 +80,7 @@ def test_rim_reaches_90_percent_on_held_out_examples(trained):
 
 
 @pytest.mark.slow
-def test_generate_all_blocks_from_the_cli(trained):
+def test_generate_all_blocks_from_the_cli(trained, capsys):
     """`rim generate` prints what `Reasoner.generate` answers, in its documented layout.
 
     Which digits a barely trained model gets right depends on the machine (float sums in
@@ -86,36 +93,36 @@ def test_generate_all_blocks_from_the_cli(trained):
     reasoner = Reasoner.load(str(trained / "best"))
     per_block = reasoner.generate(questions[:1], decoder="all-blocks")[0]
     finals = reasoner.generate(questions[1:])
-    r = _rim(
+    r = rim_run(
+        capsys,
         "generate",
         "--checkpoint",
         str(trained / "best"),
         "--decoder",
         "all-blocks",
         questions[0],
-        cwd=ROOT,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
     assert lines[0] == questions[0]
     assert [line.split(":")[0].strip() for line in lines[1:]] == ["block 1", "block 2"]
     assert [line.split(":", 1)[1].strip() for line in lines[1:]] == per_block
-    r = _rim("generate", "--checkpoint", str(trained / "best"), *questions[1:], cwd=ROOT)
+    r = rim_run(capsys, "generate", "--checkpoint", str(trained / "best"), *questions[1:])
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines() == finals
 
 
-def test_unknown_config_key_is_one_line_exit_2(tmp_path):
+def test_unknown_config_key_is_one_line_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: rim\ntrain:\n  learning_rate: 1\n")
-    r = _rim("train", "--config", str(bad), "--out", str(tmp_path / "x"), cwd=ROOT)
+    r = rim_run(capsys, "train", "--config", str(bad), "--out", str(tmp_path / "x"))
     assert r.returncode == 2
     assert r.stderr.strip() == f"rim: error: {bad}: train.learning_rate: unknown config key"
     assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow
-def test_probe_and_selection_from_the_cli(trained, tmp_path):
+def test_probe_and_selection_from_the_cli(trained, tmp_path, capsys):
     """`rim probe`, then `rim eval --select` on test: every selection is at most the oracle,
     the probe's AUROC is reported, and the probe stays in the checkpoint.
 
@@ -124,15 +131,15 @@ def test_probe_and_selection_from_the_cli(trained, tmp_path):
     too few to choose a layer on), the 2,000 of train hold about a dozen.
     """
     best = trained / "best"
-    r = _rim("probe", "--checkpoint", str(best), "--split", "train", cwd=ROOT)
+    r = rim_run(capsys, "probe", "--checkpoint", str(best), "--split", "train")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "probe: layer" in r.stdout and (best / "probe.json").is_file()
-    refused = _rim("probe", "--checkpoint", str(best), "--split", "test", cwd=ROOT)
+    refused = rim_run(capsys, "probe", "--checkpoint", str(best), "--split", "test")
     assert refused.returncode == 2 and "--split test" in refused.stderr
     out = tmp_path / "sel.json"
     args = ["--split", "test", "--timing-examples", "0", "--out", str(out)]
-    r = _rim(
-        "eval", "--checkpoint", str(best), *args, "--select", "final,probe,vote,oracle", cwd=ROOT
+    r = rim_run(
+        capsys, "eval", "--checkpoint", str(best), *args, "--select", "final,probe,vote,oracle"
     )
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -143,7 +150,7 @@ def test_probe_and_selection_from_the_cli(trained, tmp_path):
     assert 0.0 <= res["probe_auroc"] <= 1.0 and "probe AUROC" in r.stdout
     ee = tmp_path / "ee.json"
     args = ["--split", "test", "--timing-examples", "2", "--out", str(ee), "--limit", "64"]
-    r = _rim("eval", "--checkpoint", str(best), *args, "--decoder", "early-exit", cwd=ROOT)
+    r = rim_run(capsys, "eval", "--checkpoint", str(best), *args, "--decoder", "early-exit")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(ee.read_text())
     assert res["decoder"] == "early-exit" and 1 <= res["mean_blocks"] <= 2

@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import yaml
 
 from rim.compat import onnx_exporter_saves
 
-from .conftest import TINY_RECIPE, make_setup, rim_main
+from .conftest import TINY_RECIPE, make_setup, rim_main, rim_run
 
 ROOT = Path(__file__).resolve().parents[1]
 IDLE, BUSY = (0.1, 0.1, 0.1), (50.0, 50.0, 50.0)
@@ -135,7 +133,7 @@ def test_readme_cli_table_names_every_bench_kind():
 # --------------------------------------------------------------------------- rim export
 
 
-def test_onnx_export_prints_two_lines_and_logs_the_rest(tmp_path):
+def test_onnx_export_prints_two_lines_and_logs_the_rest(tmp_path, capfd):
     """The exporter's ~25 lines (torch.onnx progress, torch.export notes, transformers
     warnings) go to OUT/onnx_export.log; the terminal gets rim's two lines."""
     for module in ("onnxruntime", "onnx", "onnxscript"):  # the extra rim[onnx]
@@ -147,12 +145,8 @@ def test_onnx_export_prints_two_lines_and_logs_the_rest(tmp_path):
     recipe.write_text(yaml.safe_dump(TINY_RECIPE))
     rim_main("train", "--config", str(recipe), "--out", str(tmp_path / "run"))
     out = tmp_path / "onnx"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "RIM_NO_PROGRESS": "1"}
     argv = ["export", "--checkpoint", str(tmp_path / "run" / "final"), "--out", str(out)]
-    done = subprocess.run(
-        [sys.executable, "-m", "rim", *argv, "--format", "onnx"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
+    done = rim_run(capfd, *argv, "--format", "onnx")  # capfd: the exporter's C++ lines too
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert len(lines) <= 2, "\n".join(lines)
