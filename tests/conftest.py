@@ -126,3 +126,17 @@ def resume_branch_and_crash(run: Path, monkeypatch, crash_at: int = 6) -> None:
             "train", "--resume", branch, "--set", "train.lr=5e-4", "--allow-change", "train.lr"
         )
     monkeypatch.setattr(Trainer, "save_resumable", original)
+
+
+# The files that train, export or launch processes, longest first (measured serially on the
+# project's CPU machine): `make test` hands a file to each xdist worker in collection order, so
+# these go first and no worker is left alone with a long file at the end. Order only.
+LONG_FILES = [
+    "test_learning.py", "test_serving.py", "test_mult.py", "test_sweep.py", "test_recipes.py",
+    "test_fsdp.py", "test_demo.py", "test_gsm8k_runs.py", "test_reliability.py",
+]  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as found

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from .conftest import rim_run
 
@@ -38,7 +39,7 @@ def trained(tmp_path_factory) -> Path:
         "--set",
         "data.train.size=2000",
         "--set",
-        "train.threads=2",
+        f"train.threads={torch.get_num_threads()}",  # 2 alone, 1 under `pytest -n`
         cwd=ROOT,
     )
     assert r.returncode == 0, r.stderr[-2000:]
