@@ -31,10 +31,11 @@ demo: $(STAMP)
 
 # One pytest worker per core (pytest-xdist), a test file per worker so that a module's
 # trained fixture is built once; most of the suite's time is process start-up and tiny
-# training runs, which one core each does as fast as two.
+# training runs, which one core each does as fast as two. Files go out in collection order
+# (tests/conftest.py puts the long ones first), not xdist's by-number-of-tests order.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest -n auto --dist loadfile
+	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
