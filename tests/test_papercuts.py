@@ -13,11 +13,8 @@ import warnings
 from pathlib import Path
 
 import pytest
-import yaml
 
-from rim.compat import onnx_exporter_saves
-
-from .conftest import TINY_RECIPE, make_setup, rim_main, rim_run
+from .conftest import make_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 IDLE, BUSY = (0.1, 0.1, 0.1), (50.0, 50.0, 50.0)
@@ -128,32 +125,6 @@ def test_readme_cli_table_names_every_bench_kind():
     command = rows[0].split("` |")[0]
     for kind in DEFAULTS:
         assert kind in command, kind
-
-
-# --------------------------------------------------------------------------- rim export
-
-
-def test_onnx_export_prints_two_lines_and_logs_the_rest(tmp_path, capfd):
-    """The exporter's ~25 lines (torch.onnx progress, torch.export notes, transformers
-    warnings) go to OUT/onnx_export.log; the terminal gets rim's two lines."""
-    for module in ("onnxruntime", "onnx", "onnxscript"):  # the extra rim[onnx]
-        pytest.importorskip(module)
-    if not onnx_exporter_saves():
-        pytest.skip("transformers < 5.23: its exporter cannot write rim's ONNX folder")
-    os.environ["RIM_NO_PROGRESS"] = "1"
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(TINY_RECIPE))
-    rim_main("train", "--config", str(recipe), "--out", str(tmp_path / "run"))
-    out = tmp_path / "onnx"
-    argv = ["export", "--checkpoint", str(tmp_path / "run" / "final"), "--out", str(out)]
-    done = rim_run(capfd, *argv, "--format", "onnx")  # capfd: the exporter's C++ lines too
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-    assert len(lines) <= 2, "\n".join(lines)
-    assert lines[-1].endswith(f'rim generate --runtime onnx --checkpoint {out} "QUESTION"')
-    assert "onnx_export.log" in lines[-1]
-    log = (out / "onnx_export.log").read_text()
-    assert "[torch.onnx]" in log and (out / "model.onnx").is_file()
 
 
 # --------------------------------------------------------------------------- rim demo

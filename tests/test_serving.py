@@ -5,6 +5,7 @@ like `rim generate`. Tiny models trained a few seconds, so their answers vary.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -158,8 +159,40 @@ def onnx_exports(runs, tmp_path_factory) -> dict[str, Path]:
         pytest.skip("transformers < 5.23: its exporter cannot write rim's ONNX folder")
     root = tmp_path_factory.mktemp("onnx")
     for name, ckpt in runs.items():
-        rim_main("export", "--checkpoint", str(ckpt), "--out", str(root / name), "--format", "onnx")
+        with terminal(root / f"{name}.terminal"):  # what a user would see, C++ lines included
+            rim_main("export", "--checkpoint", str(ckpt), "--out", str(root / name),
+                     "--format", "onnx")  # fmt: skip
     return {name: root / name for name in runs}
+
+
+@contextlib.contextmanager
+def terminal(path: Path):
+    """File descriptors 1 and 2 (and sys.stdout/err) into `path` meanwhile: a module fixture
+    cannot take `capfd`, and the exporter's C++ code writes to the descriptors."""
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "w") as f:
+        os.dup2(f.fileno(), 1), os.dup2(f.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                yield
+        finally:
+            f.flush()
+            for fd, old in zip((1, 2), saved):
+                os.dup2(old, fd), os.close(old)
+
+
+def test_onnx_export_prints_two_lines_and_logs_the_rest(onnx_exports) -> None:
+    """The exporter's ~25 lines (torch.onnx progress, torch.export notes, transformers
+    warnings) go to OUT/onnx_export.log; the terminal gets rim's two lines."""
+    out = onnx_exports["rim_llama"]
+    said = (out.parent / "rim_llama.terminal").read_text()
+    lines = [line for line in said.splitlines() if line.strip()]
+    assert len(lines) <= 2, "\n".join(lines)
+    assert lines[-1].endswith(f'rim generate --runtime onnx --checkpoint {out} "QUESTION"')
+    assert "onnx_export.log" in lines[-1]
+    log = (out / "onnx_export.log").read_text()
+    assert "[torch.onnx]" in log and (out / "model.onnx").is_file()
 
 
 @pytest.mark.parametrize("name", list(RUNS))
