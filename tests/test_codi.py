@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from rim.errors import ConfigError
 from rim.methods.codi import PROJECTION, PROJECTION_FILE
 
-from .conftest import TINY_RECIPE
+from .conftest import TINY_RECIPE, rim_main
 from .test_fidelity_codi import codi_setup
 
 
@@ -81,12 +81,6 @@ RECIPE["method"] = "codi"
 RECIPE["codi"] = {"latents": 2}
 RECIPE["train"] |= {"steps": 30, "batch_size": 8, "eval_every": 0, "save_every": 15}
 RECIPE["eval"] |= {"max_new_tokens": 3, "val_limit": 8}
-
-
-def rim_main(*args: str) -> None:
-    from rim.cli import main
-
-    main(list(args))
 
 
 @pytest.fixture(scope="module")

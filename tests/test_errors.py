@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 # the shared tiny recipe, smaller still: these runs only need to start (or fail) quickly
-from .conftest import TINY_RECIPE, recipe_file
+from .conftest import TINY_RECIPE, recipe_file, rim_main
 
 RECIPE = copy.deepcopy(TINY_RECIPE)
 RECIPE["data"]["train"]["size"], RECIPE["data"]["valid"]["size"] = 32, 8
@@ -37,12 +37,6 @@ def _quiet(monkeypatch):
 
 
 write_recipe = partial(recipe_file, RECIPE)
-
-
-def rim_main(*args: str) -> None:
-    from rim.cli import main
-
-    main(list(args))
 
 
 def fails(capsys, *args: str, warned: str | None = None) -> str:

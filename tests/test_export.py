@@ -15,19 +15,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from .conftest import TINY_RECIPE
+from .conftest import TINY_RECIPE, rim_main
 
 QUESTIONS = ["3 + 4 - 2", "9 - 1 + 5", "0 + 0 + 7", "8 - 8 + 1", "5 + 5 - 3", "2 + 9 + 9"]
 
 RECIPE = copy.deepcopy(TINY_RECIPE)
 RECIPE["train"]["log_every"] = 5
 RECIPE["eval"]["max_new_tokens"] = 6
-
-
-def rim_main(*args: str) -> None:
-    from rim.cli import main
-
-    main(list(args))
 
 
 def make_base(folder: Path) -> tuple[Path, int]:

@@ -18,7 +18,7 @@ from rim.layout import Segment
 from rim.methods import METHODS, Method, register
 from rim.methods.base import readout
 
-from .conftest import TINY_RECIPE, recipe_file
+from .conftest import TINY_RECIPE, recipe_file, rim_main
 
 THINK = "<|think|>"
 
@@ -43,12 +43,6 @@ def registered():
     register(Think)
     yield Think
     METHODS.pop(Think.name, None)
-
-
-def rim_main(*args: str) -> None:
-    from rim.cli import main
-
-    main(list(args))
 
 
 def test_a_method_defined_in_a_test_trains_and_decodes(registered, tmp_path: Path, capsys):

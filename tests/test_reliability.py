@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from .conftest import TINY_RECIPE, recipe_file
+from .conftest import TINY_RECIPE, recipe_file, rim_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,13 +63,6 @@ def finish(proc: subprocess.Popen, timeout: float = 90) -> str:
 
 
 # ------------------------------------------------------------------ multi-process
-
-
-def rim_main(*args: str) -> None:
-    """`rim ...` in this process (the CLI entry point, without a second interpreter start)."""
-    from rim.cli import main
-
-    main(list(args))
 
 
 @pytest.mark.slow
