@@ -91,8 +91,9 @@ def rim_main(*args: str) -> None:
 
 def rim_run(capsys, *args: str) -> subprocess.CompletedProcess:
     """`rim ARGS` in this process, read back as a subprocess would be: exit code, stdout,
-    stderr (`capsys`, or `capfd` where C++ code prints too). An interpreter start costs ~6 s of CPU (torch, transformers); tests that do not
-    need a process of their own (signals, launchers, a fresh allocator) use this."""
+    stderr (`capsys`, or `capfd` where C++ code prints too). An interpreter start costs ~6 s
+    of CPU (torch, transformers); tests that need no process of their own (for signals,
+    launchers, a fresh allocator) use this."""
     capsys.readouterr()
     code = 0
     try:
