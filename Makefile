@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed
 
 # A usable venv has a pip that runs; a dangling link or a half-made folder is made anew.
 # Bytecode: pip would compile all ~18,000 files of the dependencies (~2 minutes of a fresh
-# set-up); instead the ~3,600 modules a `rim` process imports are compiled once, by importing
-# them with bytecode writing on (machines that set PYTHONDONTWRITEBYTECODE=1, as this
-# project's do, would otherwise compile them from source in every process). What only some
-# tests import (onnx, lm-eval, ...) is compiled in memory when imported.
+# set-up); instead what a command imports is compiled once, on first use, by running `make`'s
+# commands with bytecode writing on: on machines that set PYTHONDONTWRITEBYTECODE=1, as this
+# project's do, every `rim` process would otherwise compile torch and transformers from source.
+# `make setup` compiles the ~3,600 modules a `rim` process imports (WARM) for later direct use.
+WRITE_BYTECODE := env -u PYTHONDONTWRITEBYTECODE
 WARM := import rim.cli, rim.trainer, rim.evaluation, rim.sweep, rim.probe, accelerate, peft, \
 	sklearn.linear_model, matplotlib.pyplot; \
 	from transformers import LlamaForCausalLM, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -21,13 +22,13 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 		echo "setting up $(VENV)"; rm -rf $(VENV) && $(PY) -m venv $(VENV); fi
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q --no-compile -c constraints-cpu.txt -e ".[dev,track,data,eval,onnx]"
-	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -c "$(WARM)"
 	touch $(STAMP)
 
 setup: $(STAMP)
+	$(WRITE_BYTECODE) $(BIN)/python -c "$(WARM)"
 
 demo: $(STAMP)
-	$(BIN)/rim demo --out runs/demo
+	$(WRITE_BYTECODE) $(BIN)/rim demo --out runs/demo
 
 # One pytest worker per core (pytest-xdist), a test file per worker so that a module's
 # trained fixture is built once; most of the suite's time is process start-up and tiny
@@ -35,7 +36,7 @@ demo: $(STAMP)
 # (tests/conftest.py puts the long ones first), not xdist's by-number-of-tests order.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder
+	$(WRITE_BYTECODE) $(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
