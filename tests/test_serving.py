@@ -5,7 +5,6 @@ like `rim generate`. Tiny models trained a few seconds, so their answers vary.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from rim.compat import onnx_exporter_saves
+from rim.onnx_export import output_to
 
 from .conftest import TINY_RECIPE, rim_main
 
@@ -159,27 +159,10 @@ def onnx_exports(runs, tmp_path_factory) -> dict[str, Path]:
         pytest.skip("transformers < 5.23: its exporter cannot write rim's ONNX folder")
     root = tmp_path_factory.mktemp("onnx")
     for name, ckpt in runs.items():
-        with terminal(root / f"{name}.terminal"):  # what a user would see, C++ lines included
+        with output_to(root / f"{name}.terminal"):  # a user's terminal, C++ lines included
             rim_main("export", "--checkpoint", str(ckpt), "--out", str(root / name),
                      "--format", "onnx")  # fmt: skip
     return {name: root / name for name in runs}
-
-
-@contextlib.contextmanager
-def terminal(path: Path):
-    """File descriptors 1 and 2 (and sys.stdout/err) into `path` meanwhile: a module fixture
-    cannot take `capfd`, and the exporter's C++ code writes to the descriptors."""
-    sys.stdout.flush(), sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with open(path, "w") as f:
-        os.dup2(f.fileno(), 1), os.dup2(f.fileno(), 2)
-        try:
-            with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-                yield
-        finally:
-            f.flush()
-            for fd, old in zip((1, 2), saved):
-                os.dup2(old, fd), os.close(old)
 
 
 def test_onnx_export_prints_two_lines_and_logs_the_rest(onnx_exports) -> None:
