@@ -282,14 +282,17 @@ def test_error_bars_stay_within_accuracy_range(y: float, sd: float | None) -> No
 
 
 class _FakeRunner:
-    """Each job trains, evaluates and finishes after a short sleep (no subprocesses)."""
+    """Each job trains, then tests (its metrics say `done`, as `rim train --test` writes
+    them before scoring) and finishes, after short sleeps (no subprocesses)."""
 
     def run(self, job):
         import time
 
-        for state in ("train", "eval"):
-            job.state = state
-            time.sleep(1.3)  # longer than the display's 1 s poll: each state is seen
+        job.state = "train"
+        time.sleep(1.3)  # longer than the display's 1 s poll: each phase is seen
+        job.out.mkdir(parents=True)
+        (job.out / "metrics.jsonl").write_text('{"step": 10}\n{"event": "done"}\n')
+        time.sleep(1.3)
         job.state, job.result = "done", {"accuracy": 0.5, "train_s": 1.0}
         return job
 

@@ -85,7 +85,7 @@ def test_gsm8k_recipe_trains_evaluates_and_resumes_exactly(
     monkeypatch.setenv("RIM_NO_PROGRESS", "1")
     recipe = ["--config", f"configs/gsm8k/gpt2_{method}.yaml", *_sets(method, shared_data)]
     ref, run = tmp_path / "ref", tmp_path / "run"
-    rim_main("train", *recipe, "--out", str(ref))
+    rim_main("train", *recipe, "--out", str(ref), "--test")  # then scores best/ on data.test
 
     original = Trainer.save_resumable
 
@@ -111,3 +111,5 @@ def test_gsm8k_recipe_trains_evaluates_and_resumes_exactly(
     rim_main("eval", "--checkpoint", str(run / "best"), "--split", "test", "--out", str(out))
     res = json.loads(out.read_text())
     assert res["n"] == 4 and 0.0 <= res["accuracy"] <= 1.0
+    tested = json.loads((ref / "test_eval.json").read_text())  # `rim train --test`'s own
+    assert tested["records"] == res["records"] and tested["accuracy"] == res["accuracy"]

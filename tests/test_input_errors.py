@@ -310,3 +310,15 @@ def test_inspect_into_a_chmod_500_folder(ckpt, tmp_path, capsys) -> None:
         assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o700)
+
+
+def test_train_test_without_a_test_split_is_refused_before_training(tmp_path, capsys):
+    """`rim train --test` scores best/ on data.test after training: a recipe without one
+    is refused at once, not after the training it would waste."""
+    run = tmp_path / "run"
+    args = ("train", "--config", str(recipe_file(RECIPE, tmp_path)), "--out", str(run))
+    line = exits(capsys, 2, *args, "--set", "data.test=null", "--test")
+    assert (
+        line == "rim: error: --test: the recipe has no data.test to score best/ on (set data.test)"
+    )
+    assert not run.exists()

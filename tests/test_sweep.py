@@ -3,6 +3,7 @@ grid run end to end (results, resume, plots)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -387,6 +388,27 @@ def test_timing_skips_runs_without_weights(tmp_path, capsys, monkeypatch):
     timing.add_timing(res, tmp_path, 1)
     assert list(asked) == ["a"] and list(res["timing"]["cells"]) == ["a"]
     assert "no best/ weights here for b: not timed" in capsys.readouterr().out
+
+
+def test_a_run_stopped_in_its_test_evaluation_is_scored_on_resume(swept, tmp_path):
+    """Training and test evaluation are one process (`rim train --test`): a job killed
+    after training, before its test_eval.json, is scored on resume, its training kept."""
+    from rim.sweep import run_sweep
+
+    out, args, first = swept
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    run = copy / "runs" / "rim" / "pairs=2" / "seed0"
+    before = json.loads((run / "test_eval.json").read_text())
+    (run / "test_eval.json").unlink()
+    weights = (run / "best" / "model.safetensors").read_bytes()
+    again = run_sweep(argparse.Namespace(**vars(args) | {"out": str(copy), "workers": 1}))
+    runs = {r["cell"]: r for r in again["runs"]}
+    assert not runs["rim/pairs=2"]["kept"] and runs["rim/pairs=4"]["kept"]
+    after = json.loads((run / "test_eval.json").read_text())
+    assert after["records"] == before["records"] and after["accuracy"] == before["accuracy"]
+    assert (run / "best" / "model.safetensors").read_bytes() == weights  # not retrained
+    assert runs["rim/pairs=2"]["accuracy"] == before["accuracy"]
 
 
 def test_a_second_sweep_reruns_nothing(swept, capsys):

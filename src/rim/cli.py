@@ -14,16 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from rim.errors import EXIT_INTERRUPTED, Preempted, RimError
-from rim.io import atomic_file, check_writable
+from rim.io import check_writable
 
 
 def _train(args: argparse.Namespace) -> None:
     from rim.assembly import load_recipe
     from rim.runs import is_main_rank
+    from rim.scoring import check_testable, score_run
     from rim.trainer import train
 
     if not args.config and not args.resume:
@@ -40,6 +40,8 @@ def _train(args: argparse.Namespace) -> None:
         if any(Path(args.out, "checkpoints").glob("step-*")):
             resume = args.out
         elif _finished_as_asked(args):
+            if args.test:  # a job stopped while its test files were scored
+                score_run(Path(args.out))
             return
         else:  # a requeued job that never checkpointed: start afresh
             args.overwrite = True
@@ -56,9 +58,13 @@ def _train(args: argparse.Namespace) -> None:
         ckpt = None
         cfg = load_recipe(args.config, args.set)
         out = args.out or f"runs/{cfg.method}"
+    if args.test:  # refused now, not after the training
+        check_testable(cfg)
     result = train(cfg, out, resume=ckpt, overwrite=args.overwrite, changes=changes)
     if is_main_rank():  # one result line from a multi-process launch
         print(json.dumps(result))
+        if args.test:  # then best/ on the test files, in this process (rim.scoring)
+            score_run(Path(out))
 
 
 def _finished_as_asked(args) -> bool:
@@ -123,6 +129,7 @@ def _eval(args: argparse.Namespace) -> None:
     from rim.evaluation import evaluate
     from rim.reasoner import Reasoner
     from rim.report import format_table
+    from rim.scoring import write_record
 
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
     check_writable(out, is_file=True)  # before the evaluation, not after it
@@ -150,10 +157,7 @@ def _eval(args: argparse.Namespace) -> None:
         res |= _selection(args, r, examples)
     if args.explain:
         res |= _explained(args, r, examples)
-    record = {k: v for k, v in res.items() if k not in ("predictions", "records")}
-    record |= {"checkpoint": str(args.checkpoint), "data": args.data or args.split}
-    record |= {"decoder": decoder, "records": [asdict(x) for x in res["records"]]}
-    atomic_file(out, json.dumps(record, indent=2))
+    write_record(res, out, str(args.checkpoint), args.data or args.split, decoder)
     print(f"wrote {out}")
 
 
@@ -372,22 +376,16 @@ def _train_parser(sub) -> None:
     )
     t.add_argument("--out", help="run folder (default runs/<method>)")
     t.add_argument("--resume", help="continue from a run folder or checkpoint")
-    _flag(
-        t,
-        "--resume-if-exists",
-        "continue --out RUN if it has a checkpoint, else start it (for requeued jobs)",
-    )
-    _flag(
-        t,
-        "--overwrite",
-        "start afresh in an existing run folder (its old outputs are removed first)",
-    )
-    _repeatable(
-        t,
-        "--allow-change",
-        "KEY",
-        "with --resume: allow this recipe key (or section) to differ (repeatable)",
-    )
+    for flag, text in [
+        ("--resume-if-exists", "continue --out RUN if it has a checkpoint, else start it "
+         "(for requeued jobs)"),
+        ("--test", "then score best/ on data.test and each data.extra_tests file, into "
+         "RUN/test_eval.json and RUN/test_eval.<file stem>.json (rim.scoring)"),
+        ("--overwrite", "start afresh in an existing run folder (its old outputs removed first)"),
+    ]:  # fmt: skip
+        _flag(t, flag, text)
+    _repeatable(t, "--allow-change", "KEY",
+                "with --resume: allow this recipe key (or section) to differ (repeatable)")  # fmt: skip
     t.set_defaults(fn=_train)
 
 

@@ -307,7 +307,7 @@ def run_demo(args, overrides: dict | None = None) -> dict:
         f"{workers} at a time on {device}; logs in {out / 'runs'}/<method>/seed<s>/train.log"
     )
     machine = describe(device).demo_dict(workers)
-    runner = Runner(device, base.eval.batch_size, resume=getattr(args, "resume", False))
+    runner = Runner(device, resume=getattr(args, "resume", False))
     run_jobs(jobs, workers, runner)
     from rim.sources import load_split
 

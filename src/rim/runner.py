@@ -1,11 +1,11 @@
 """The one job runner of `rim demo` and `rim sweep`: train, then test-evaluate, in parallel.
 
-One job = one recipe (a method's file plus `--set` overrides) and one seed: `python -m rim
-train` (checkpoint `best/` chosen on the valid split), then `python -m rim eval` of `best/`
-on the test split (and on each file of the recipe's `data.extra_tests`) in the same worker
-slot. `run_jobs` runs `workers` jobs at a time, one thread each driving its own
-subprocesses (one core per process on a CPU; on a GPU they run one after another on it,
-`pick_device`). Ctrl-C stops every running job and starts no other.
+One job = one recipe (a method's file plus `--set` overrides) and one seed, one process:
+`python -m rim train --test` trains (checkpoint `best/` chosen on the valid split), then
+scores `best/` on the test split and on each file of the recipe's `data.extra_tests`
+(rim.scoring; a process of its own per file cost a Python and torch start each).
+`run_jobs` runs `workers` jobs at a time, one thread each driving its own process (one
+core per process on a CPU; on a GPU they run one after another on it, `pick_device`). Ctrl-C stops every running job and starts no other.
 
 Resumable (`Runner(resume=True)`): a job whose folder holds a finished training of the same
 resolved recipe and its test evaluation is kept as it is; any other job goes through `rim
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from rim import progress
+from rim import progress, scoring
 from rim.errors import RimError
 from rim.progress import Status
 
@@ -119,8 +119,8 @@ def pick_device(workers: int, tag: str) -> tuple[str, int]:
 class Runner:
     """Runs jobs in `workers` threads, each driving its own subprocesses; Ctrl-C stops them."""
 
-    def __init__(self, device: str, eval_batch: int, resume: bool = False):
-        self.device, self.eval_batch, self.resume = device, eval_batch, resume
+    def __init__(self, device: str, resume: bool = False):
+        self.resume = resume
         self.procs: set[subprocess.Popen] = set()
         self.lock = threading.Lock()
         self.stopped = False
@@ -160,20 +160,12 @@ class Runner:
             shutil.rmtree(job.out, ignore_errors=True)  # a rerun never appends to old metrics
         job.out.mkdir(parents=True, exist_ok=True)
         log = job.out / "train.log"
-        job.state = "train"
-        cmd = py + ["train", "--config", str(job.recipe), "--out", str(job.out)]
+        job.state = "train"  # then "eval" once its metrics say done (`_watch`)
+        cmd = py + ["train", "--config", str(job.recipe), "--out", str(job.out), "--test"]
         cmd += ["--resume-if-exists"] if self.resume else []  # from its last checkpoint
         if self._call(cmd + [a for s in job.train_sets for a in ("--set", s)], log):
-            return self._fail(job, "training failed", log)
-        job.state = "eval"
-        tests = {"test_eval.json": ["--split", "test"]}  # data.test, then data.extra_tests
-        tests |= {f"test_eval.{k}.json": ["--data", v] for k, v in extra_tests(job).items()}
-        for name, data in tests.items():
-            cmd = py + ["eval", "--checkpoint", str(job.out / "best"), *data]
-            cmd += ["--timing-examples", "0", "--batch-size", str(self.eval_batch)]
-            cmd += ["--device", self.device, "--out", str(job.out / name)]
-            if self._call(cmd, log):
-                return self._fail(job, f"test evaluation failed ({' '.join(data)})", log)
+            what = "test evaluation failed" if _trained(job) else "training failed"
+            return self._fail(job, what, log)
         return collect(job)
 
     def _fail(self, job: Job, what: str, log: Path) -> Job:
@@ -191,7 +183,7 @@ class Runner:
 
 def collect(job: Job) -> Job:
     """A finished job's result from its folder: its test evaluation and the `done` record."""
-    res = json.loads((job.out / "test_eval.json").read_text())
+    res = json.loads((job.out / scoring.TEST_EVAL).read_text())
     records = res.pop("records", None)  # per-example records stay in test_eval.json
     if records and "per_position_accuracy" not in res:  # an evaluation from before it
         from rim.evaluation import Record, position_accuracy  # torch: only when needed
@@ -200,7 +192,8 @@ def collect(job: Job) -> Job:
         res |= {"per_position_accuracy": positions} if positions is not None else {}
     metrics = [json.loads(x) for x in (job.out / "metrics.jsonl").read_text().splitlines()]
     done = [r for r in metrics if r.get("event") == "done"][-1]
-    extra = {k: json.loads((job.out / f"test_eval.{k}.json").read_text()) for k in extra_tests(job)}
+    files = [(name, Path(path).stem) for name, path in eval_files(job).items() if path]
+    extra = {stem: json.loads((job.out / name).read_text()) for name, stem in files}
     if extra:  # data.extra_tests: accuracy on each
         res["extra_tests"] = {k: r["accuracy"] for k, r in extra.items()}
     job.result = res | {
@@ -238,8 +231,7 @@ def finished(job: Job) -> bool:
     try:
         lines = (job.out / "metrics.jsonl").read_text().splitlines()
         done = any(json.loads(x).get("event") == "done" for x in lines)
-        tests = ["test_eval.json"] + [f"test_eval.{k}.json" for k in extra_tests(job)]
-        if not (done and all((job.out / t).is_file() for t in tests)):
+        if not (done and all((job.out / t).is_file() for t in eval_files(job))):
             return False
         saved = load_recipe(job.out / "config.yaml").to_dict()
         return saved == load_recipe(job.recipe, job.train_sets).to_dict()
@@ -247,12 +239,11 @@ def finished(job: Job) -> bool:
         return False
 
 
-def extra_tests(job: Job) -> dict[str, str]:
-    """The recipe's `data.extra_tests`, by file stem (their results: test_eval.<stem>.json)."""
+def eval_files(job: Job) -> dict[str, str | None]:
+    """Its test evaluation files and what each scores (rim.scoring.eval_files)."""
     from rim.assembly import load_recipe
 
-    paths = load_recipe(job.recipe, job.train_sets).data.extra_tests
-    return {Path(p).stem: p for p in paths}
+    return scoring.eval_files(load_recipe(job.recipe, job.train_sets).data.extra_tests)
 
 
 def finished_elsewhere(job: Job, sweeps: tuple[Path, ...]) -> Path | None:
@@ -276,13 +267,29 @@ def _last_step(job: Job) -> int:
         return 0
 
 
+def _trained(job: Job) -> bool:
+    """Its metrics end with the `done` event: training finished, the test evaluation runs."""
+    try:
+        lines = (job.out / "metrics.jsonl").read_text().splitlines()
+        return bool(lines) and json.loads(lines[-1]).get("event") == "done"
+    except (OSError, ValueError):  # not written yet, or a line half written
+        return False
+
+
+def _phase(job: Job) -> str:
+    """What a job is doing, as shown: its state, `eval` once its process has trained (one
+    process trains and tests, `rim train --test`; only the job's thread sets `state`)."""
+    return "eval" if job.state == "train" and _trained(job) else job.state
+
+
 def _status(jobs: list[Job]) -> str:
     now = time.perf_counter()
     parts = []
     for j in jobs:
-        if j.state == "train":
+        phase = _phase(j)
+        if phase == "train":
             parts.append(f"{j.name} train {_last_step(j)}/{j.total_steps} {now - j.started:.0f}s")
-        elif j.state == "eval":
+        elif phase == "eval":
             parts.append(f"{j.name} test eval")
     return "running: " + (", ".join(parts) or "-")
 
@@ -347,9 +354,10 @@ def _run_jobs(
             if asked.is_set():  # SIGTERM or Ctrl-C (_stop_requests)
                 raise KeyboardInterrupt
             for j in jobs:  # state changes seen since the last poll
-                if log_on and j.state in _EVENTS and seen.get(j.name) != j.state:
-                    print(f"[{tag}] {j.name}: {_EVENTS[j.state]}", flush=True)
-                seen[j.name] = j.state
+                phase = _phase(j)
+                if log_on and phase in _EVENTS and seen.get(j.name) != phase:
+                    print(f"[{tag}] {j.name}: {_EVENTS[phase]}", flush=True)
+                seen[j.name] = phase
             for fut in finished_:
                 (tqdm.write if bar_on else print)(_finished_line(fut.result(), tag))
                 bar.update(1)

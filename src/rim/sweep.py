@@ -534,7 +534,7 @@ def run_sweep(args) -> dict:
         f"logs in {out / 'runs'}/<method>/<values>/seed<s>/train.log"
     )
     machine = describe(device).demo_dict(workers)
-    runner = Runner(device, cells[0].cfg.eval.batch_size, resume=True)
+    runner = Runner(device, resume=True)
     _execute(jobs, args, workers, runner)
     res = results(grid, cells, out, machine, _command(args))
     more = searched(grid, cells, res, out)  # the other seeds of each search's chosen value
