@@ -534,3 +534,36 @@ def test_seed_in_a_set_value_is_each_runs_own(tmp_path):
     assert job.train_sets == [
         "model.path=results/cot/seed2/best", "train.lr=0.001", "train.seed=2", "train.threads=1"
     ]  # fmt: skip
+
+
+def test_jobs_that_a_finished_job_makes_possible_join_the_queue_in_order(tmp_path):
+    """`run_jobs(more=...)`, asked after each job ends, queues what it returns (a search's
+    chosen value's other seeds) where `key` sorts it: before a costlier job queued earlier,
+    not after the whole queue."""
+    from rim.progress import Status
+    from rim.runner import Job, run_jobs
+
+    started: list[str] = []
+
+    class Recording:
+        def run(self, job):
+            started.append(job.name)
+            job.state, job.result = "done", {"accuracy": 0.0, "train_s": 0.0}
+            return job
+
+        def stop(self) -> None:
+            pass
+
+    def job(method: str, steps: int, seed: int) -> Job:
+        return Job(method, seed, tmp_path / "r.yaml", tmp_path / f"{method}{seed}", [], steps)
+
+    later = [job("rim", 10, 1)]  # made possible by rim/s0's end
+
+    def more() -> list[Job]:
+        return [later.pop()] if later and "rim/s0" in started else []
+
+    jobs = [job("rim", 10, 0), job("direct", 20, 0)]
+    run_jobs(
+        jobs, 1, Recording(), Status(every=0.0), "sweep", more, lambda j: (j.total_steps, j.seed)
+    )
+    assert started == ["rim/s0", "rim/s1", "direct/s0"]

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -306,9 +306,16 @@ _EVENTS = {"train": "training", "eval": "test evaluation"}
 
 
 def run_jobs(
-    jobs: list[Job], workers: int, runner: Runner, status: Status | None = None, tag: str = "demo"
-) -> None:
+    jobs: list[Job], workers: int, runner: Runner, status: Status | None = None,
+    tag: str = "demo", more: Callable[[], list[Job]] | None = None,
+    key: Callable[[Job], tuple] | None = None,
+) -> None:  # fmt: skip
     """Run `jobs` in a thread pool: a live bar on a terminal, plain event lines in a log.
+
+    Jobs start in the order given. `more`, asked after every job that ends, returns jobs
+    that this one made possible (a search's chosen value's other seeds, rim.sweep); they
+    join the queue, which `key` then keeps sorted (stable), so they need not wait for the
+    whole queue.
 
     In a log: one line when a job starts training, starts its test evaluation and ends,
     and a status line at most every `progress.STATUS_EVERY` s (`status`). `tag` names the
@@ -317,8 +324,31 @@ def run_jobs(
     SIGTERM (`kill`, a scheduler's preemption) stops the jobs as Ctrl-C does: each training
     process gets SIGTERM too and saves a checkpoint, none is left running on its own.
     """
+    queue = _Queue(list(jobs), more, key)
     with _stop_requests() as asked:
-        _run_jobs(jobs, workers, runner, status or Status(), tag, asked)
+        _run_jobs(queue, workers, runner, status or Status(), tag, asked)
+
+
+@dataclass
+class _Queue:
+    """The jobs of a `run_jobs` call: all of them (`shown`), those not started (`waiting`)."""
+
+    shown: list[Job]
+    more: Callable[[], list[Job]] | None
+    key: Callable[[Job], tuple] | None
+    waiting: list[Job] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.waiting = list(self.shown)
+
+    def grow(self) -> int:
+        """Add the jobs `more` returns; how many."""
+        new = self.more() if self.more else []
+        self.shown += new
+        self.waiting += new
+        if self.key:
+            self.waiting.sort(key=self.key)
+        return len(new)
 
 
 @contextlib.contextmanager
@@ -340,20 +370,21 @@ def _stop_requests() -> Iterator[threading.Event]:
 
 
 def _run_jobs(
-    jobs: list[Job], workers: int, runner: Runner, status: Status, tag: str,
+    queue: _Queue, workers: int, runner: Runner, status: Status, tag: str,
     asked: threading.Event,
 ) -> None:  # fmt: skip
     bar_on, log_on = progress.live(), progress.enabled() and not progress.live()
-    bar = tqdm(total=len(jobs), desc=tag, unit="job", disable=not bar_on, dynamic_ncols=True)
+    bar = tqdm(total=len(queue.shown), desc=tag, unit="job", disable=not bar_on, dynamic_ncols=True)
     seen: dict[str, str] = {}
-    pool = ThreadPoolExecutor(max_workers=workers)
+    pool, running, ended = ThreadPoolExecutor(max_workers=workers), set(), 0
     try:
-        pending = {pool.submit(runner.run, j) for j in jobs}
-        while pending:
-            finished_, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+        while queue.waiting or running:
+            while queue.waiting and len(running) < workers:  # the next in line
+                running.add(pool.submit(runner.run, queue.waiting.pop(0)))
+            finished_, running = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
             if asked.is_set():  # SIGTERM or Ctrl-C (_stop_requests)
                 raise KeyboardInterrupt
-            for j in jobs:  # state changes seen since the last poll
+            for j in queue.shown:  # state changes seen since the last poll
                 phase = _phase(j)
                 if log_on and phase in _EVENTS and seen.get(j.name) != phase:
                     print(f"[{tag}] {j.name}: {_EVENTS[phase]}", flush=True)
@@ -361,14 +392,17 @@ def _run_jobs(
             for fut in finished_:
                 (tqdm.write if bar_on else print)(_finished_line(fut.result(), tag))
                 bar.update(1)
+            ended += len(finished_)
+            if finished_ and queue.grow():
+                bar.total = len(queue.shown)
             if bar_on:
-                bar.set_postfix_str(_status(jobs), refresh=True)
-            elif log_on and pending and status.due():
-                done = len(jobs) - len(pending)
-                print(f"[{tag}] {done}/{len(jobs)} jobs done; {_status(jobs)}", flush=True)
+                bar.set_postfix_str(_status(queue.shown), refresh=True)
+            elif log_on and (running or queue.waiting) and status.due():
+                line = f"[{tag}] {ended}/{len(queue.shown)} jobs done; {_status(queue.shown)}"
+                print(line, flush=True)
     except BaseException as err:
-        pool.shutdown(wait=False, cancel_futures=True)  # queued jobs never start
-        runner.stop()  # running ones are terminated
+        pool.shutdown(wait=False, cancel_futures=True)
+        runner.stop()  # running jobs are terminated; waiting ones never start
         bar.close()
         if isinstance(err, KeyboardInterrupt):
             print(f"[{tag}] interrupted: running jobs stopped, no results written", file=sys.stderr)

@@ -165,12 +165,28 @@ def add_jobs(p: Planned, seeds: range, out: Path, grid: Grid) -> list[Job]:
     return new
 
 
-def searched(grid: Grid, cells: list[Planned], res: dict, out: Path) -> list[Job]:
+def follow_ups(grid: Grid, cells: list[Planned], out: Path, ended_only: bool = True) -> list[Job]:
     """After a search (a part with fewer seeds than the grid, rim.grid): the grid's other
-    seeds of each value chosen on validation (`res["best"]`), as new jobs of its cell."""
+    seeds of each value chosen on validation (`select_best`), as new jobs of its cell.
+
+    `ended_only`: only searches whose runs have all ended (done or failed), so that a
+    search still running chooses nothing yet; each search is followed up once (its chosen
+    cell then holds the grid's seeds)."""
+    if not grid.select:
+        return []
+    groups: dict[tuple, list[Planned]] = {}
+    for c in cells:
+        others = {k: v for k, v in c.values.items() if k != grid.select}
+        groups.setdefault((c.method, cell_label(others)), []).append(c)
+    ended = [
+        c
+        for group in groups.values()
+        if not ended_only or all(j.state in ("done", "failed") for g in group for j in g.jobs)
+        for c in group
+    ]
     by_name = {c.name: c for c in cells}
     new: list[Job] = []
-    for b in res.get("best", []):
+    for b in select_best([_cell_record(c) for c in ended], grid.select):
         c = by_name[b["cell"]]
         new += add_jobs(c, range(len(c.jobs), grid.seeds), out, grid)
     return new
@@ -503,16 +519,29 @@ def _write(out: Path, res: dict) -> list[Path]:
     return [out / "results.json", out / "results.md", *plots]
 
 
-def _execute(jobs: list[Job], args, workers: int, runner: Runner) -> None:
-    """Run (resuming) `jobs`; with --report-only, keep the finished ones and run nothing."""
+def _execute(grid: Grid, cells: list[Planned], args, workers: int, runner: Runner) -> None:
+    """Run (resuming) every job, and each search's follow-ups (`follow_ups`) as soon as the
+    search ends; with --report-only, keep the finished ones and run nothing."""
+    out = Path(args.out)
     if args.report_only:  # the finished runs' results (a sweep still running)
-        for j in jobs:
+        for j in [j for c in cells for j in c.jobs]:
+            keep_if_finished(j)
+        for j in follow_ups(grid, cells, out, ended_only=False):  # chosen on what finished
             keep_if_finished(j)
         return
     # cheapest first, then seed by seed: a stopped sweep has its small cells whole and one
-    # seed of every cell at a budget before a second (stable: the plan's method order)
-    order = sorted(jobs, key=lambda j: (j.total_steps, j.seed))
-    run_jobs(order, workers, runner, tag="sweep")
+    # seed of every cell at a budget before a second (stable: the plan's method order);
+    # a search's follow-ups join that order when it ends, not after the whole grid
+    order = lambda j: (j.total_steps, j.seed)  # noqa: E731
+    jobs = sorted((j for c in cells for j in c.jobs), key=order)
+
+    def more() -> list[Job]:
+        new = follow_ups(grid, cells, out)
+        for name in dict.fromkeys(j.cell for j in new):
+            print(f"[sweep] {name}: {grid.select} chosen on validation; its other seeds queued")
+        return new
+
+    run_jobs(jobs, workers, runner, tag="sweep", more=more, key=order)
 
 
 def run_sweep(args) -> dict:
@@ -535,14 +564,9 @@ def run_sweep(args) -> dict:
     )
     machine = describe(device).demo_dict(workers)
     runner = Runner(device, resume=True)
-    _execute(jobs, args, workers, runner)
+    _execute(grid, cells, args, workers, runner)
+    jobs = [j for c in cells for j in c.jobs]  # with the searches' follow-ups
     res = results(grid, cells, out, machine, _command(args))
-    more = searched(grid, cells, res, out)  # the other seeds of each search's chosen value
-    if more:
-        print(f"[sweep] {grid.select} chosen on validation: {len(more)} runs of the other seeds")
-        _execute(more, args, workers, runner)
-        jobs += more
-        res = results(grid, cells, out, machine, _command(args))
     if args.timing:  # the finished runs' TTFT, measured together (rim.timing)
         add_timing(res, out, args.timing, device)
     else:  # an earlier --timing's measurement stays, with today's accuracies
