@@ -141,3 +141,13 @@ LONG_FILES = [
 def pytest_collection_modifyitems(items: list) -> None:
     rank = {name: i for i, name in enumerate(LONG_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tmpdir_of_launched_processes(tmp_path_factory):
+    """Processes the tests start write their temporary files under pytest's own folder,
+    which pytest prunes: torchrun leaves an empty `torchelastic_*` tree per launch in the
+    system's /tmp otherwise (hundreds after a few `make test`)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmpdir")))
+        yield
