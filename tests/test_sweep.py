@@ -567,3 +567,28 @@ def test_jobs_that_a_finished_job_makes_possible_join_the_queue_in_order(tmp_pat
         jobs, 1, Recording(), Status(every=0.0), "sweep", more, lambda j: (j.total_steps, j.seed)
     )
     assert started == ["rim/s0", "rim/s1", "direct/s0"]
+
+
+def test_per_position_panels_each_name_their_methods(tmp_path, monkeypatch):
+    """A method found in one panel only (iCoT at budget 800, not yet at 1600) is named in
+    that panel's legend: a legend on the last panel alone left it unnamed."""
+    import rim.plots
+
+    figures = []
+    monkeypatch.setattr(rim.plots, "_save", lambda fig, path: figures.append(fig) or path)
+
+    def cell(method: str, budget: int) -> dict:
+        pos = {"mean": [[1.0, 0.2, 0.8]], "n": 1}
+        metrics = {"best_valid_accuracy": {"mean": 0.0}}
+        return {"method": method, "values": {"budget": budget}, "n": 1, "metrics": metrics,
+                "per_position_accuracy": pos}  # fmt: skip
+
+    res = {
+        "grid": {"axes": {"budget": "train.steps"}, "seeds": 1, "file": "g.yaml"},
+        "task": {"generator": "mult"}, "model": "llama base", "machine": {"device": "cpu"},
+        "cells": [cell("rim", 800), cell("icot", 800), cell("rim", 1600)],
+    }  # fmt: skip
+    rim.plots.plot_sweep_per_position(res, tmp_path)
+    (fig,) = figures
+    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
+    assert legends == [["rim (1 seed)", "icot (1 seed)"], ["rim (1 seed)"]]

@@ -357,8 +357,8 @@ def plot_sweep_per_position(res: dict, out: Path) -> Path | None:
         ax.set_xlabel("answer position (digit i of the product, least significant first)")
         ax.set_title(f"{axis} = {format_value(v)}" if axis else "", fontsize=10)
         ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize=8, framealpha=0.8)  # each panel: its own methods, seeds
     axes[0][0].set_ylabel("accuracy of the position on the test split")
-    axes[0][-1].legend(loc="best", fontsize=8, framealpha=0.8)
     fig.suptitle("Per-position accuracy (mean over seeds)\n" + _sweep_subtitle(res), fontsize=10)
     fig.tight_layout()
     return _save(fig, out / "per_position.png")
