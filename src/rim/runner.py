@@ -5,7 +5,8 @@ One job = one recipe (a method's file plus `--set` overrides) and one seed, one 
 scores `best/` on the test split and on each file of the recipe's `data.extra_tests`
 (rim.scoring; a process of its own per file cost a Python and torch start each).
 `run_jobs` runs `workers` jobs at a time, one thread each driving its own process (one
-core per process on a CPU; on a GPU they run one after another on it, `pick_device`). Ctrl-C stops every running job and starts no other.
+core per process on a CPU; on a GPU they run one after another on it, `pick_device`).
+Ctrl-C stops every running job and starts no other.
 
 Resumable (`Runner(resume=True)`): a job whose folder holds a finished training of the same
 resolved recipe and its test evaluation is kept as it is; any other job goes through `rim
@@ -160,7 +161,7 @@ class Runner:
             shutil.rmtree(job.out, ignore_errors=True)  # a rerun never appends to old metrics
         job.out.mkdir(parents=True, exist_ok=True)
         log = job.out / "train.log"
-        job.state = "train"  # then "eval" once its metrics say done (`_watch`)
+        job.state = "train"  # shown as "eval" once its metrics say done (`_phase`)
         cmd = py + ["train", "--config", str(job.recipe), "--out", str(job.out), "--test"]
         cmd += ["--resume-if-exists"] if self.resume else []  # from its last checkpoint
         if self._call(cmd + [a for s in job.train_sets for a in ("--set", s)], log):
