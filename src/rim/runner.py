@@ -337,7 +337,7 @@ class _Queue:
     shown: list[Job]
     more: Callable[[], list[Job]] | None
     key: Callable[[Job], tuple] | None
-    waiting: list[Job] = field(default_factory=list)
+    waiting: list[Job] = field(init=False)
 
     def __post_init__(self) -> None:
         self.waiting = list(self.shown)

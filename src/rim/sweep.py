@@ -176,8 +176,7 @@ def follow_ups(grid: Grid, cells: list[Planned], out: Path, ended_only: bool = T
         return []
     groups: dict[tuple, list[Planned]] = {}
     for c in cells:
-        others = {k: v for k, v in c.values.items() if k != grid.select}
-        groups.setdefault((c.method, cell_label(others)), []).append(c)
+        groups.setdefault(search_group(c.method, c.values, grid.select), []).append(c)
     ended = [
         c
         for group in groups.values()
@@ -258,6 +257,12 @@ def _mean(cell: dict, metric: str):
     return cell["metrics"].get(metric, {}).get("mean")
 
 
+def search_group(method: str, values: dict, axis: str) -> tuple[str, str]:
+    """The candidates one `select: axis` chooses between: a method at the same values of
+    the other axes (`select_best`, and `follow_ups`, which waits for all of them)."""
+    return method, cell_label({k: v for k, v in values.items() if k != axis})
+
+
 def select_best(cells: list[dict], axis: str) -> list[dict]:
     """Per method and values of the other axes: the `axis` value of the best mean
     validation accuracy (never the test split), and that cell's test accuracy. A tie (all at
@@ -269,8 +274,7 @@ def select_best(cells: list[dict], axis: str) -> list[dict]:
     """
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
-        others = {k: v for k, v in c["values"].items() if k != axis}
-        groups.setdefault((c["method"], cell_label(others)), []).append(c)
+        groups.setdefault(search_group(c["method"], c["values"], axis), []).append(c)
     best = []
     for (method, _), group in groups.items():
         scored = [c for c in group if c.get("valid_by_seed")]
