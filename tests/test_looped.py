@@ -55,7 +55,6 @@ def plain(model, embeds: torch.Tensor):
 
 def reference_loss(m, model, examples, stage, progress: float, state_on: bool) -> torch.Tensor:
     """RiM's loss after R loops, one example and one readout at a time."""
-    mem = m.settings.memory
     E, Lb = model.get_input_embeddings(), m.mem.block_len
     total = 0.0
     for ex in examples:
@@ -63,13 +62,7 @@ def reference_loss(m, model, examples, stage, progress: float, state_on: bool) -
         nb = sum(s.kind == "block" for s in segs)
         q = list(segs[0].ids)
         blocks = [t for s in segs[1 : nb + 1] for t in s.ids]
-        inp = E(torch.tensor([q + blocks]))  # (1, P, D)
-        out = plain(model, inp)
-        for _ in range(mem.loops):  # the whole sequence again: the question is unchanged
-            h = out.hidden_states[-1]
-            src = h[:, len(q) :] if mem.loop_input == "own" else h[:, len(q) - 1 : -1]
-            inp = torch.cat([E(torch.tensor([q])), m.depth["loop_projection"](src)], dim=1)
-            out = plain(model, inp)
+        inp, out = unrolled(m, model, q, blocks)
         for s in segs[nb + 1 :]:  # readout under block s.parent, after the last pass
             prefix = inp[:, : len(q) + s.parent * Lb]
             logits = plain(model, torch.cat([prefix, E(torch.tensor([s.ids]))], 1)).logits[0]
@@ -80,6 +73,19 @@ def reference_loss(m, model, examples, stage, progress: float, state_on: bool) -
         if state_on:
             total = total + reference_state(m, model, out, len(q), nb, ex)
     return total / len(examples)
+
+
+def unrolled(m, model, q: list[int], blocks: list[int]):
+    """(inputs, outputs) of the last of 1 + R plain runs over question and blocks."""
+    mem, E = m.settings.memory, model.get_input_embeddings()
+    inp = E(torch.tensor([q + blocks]))  # (1, P, D)
+    out = plain(model, inp)
+    for _ in range(mem.loops):  # the whole sequence again: the question is unchanged
+        h = out.hidden_states[-1]
+        src = h[:, len(q) :] if mem.loop_input == "own" else h[:, len(q) - 1 : -1]
+        inp = torch.cat([E(torch.tensor([q])), m.depth["loop_projection"](src)], dim=1)
+        out = plain(model, inp)
+    return inp, out
 
 
 def reference_state(m, model, out, q_len: int, nb: int, ex: Example) -> torch.Tensor:
@@ -288,6 +294,55 @@ def test_state_loss_learns_the_true_targets_over_shuffled_ones():
     rotated = [dataclasses.replace(e, steps=e.steps[1:] + e.steps[:1]) for e in test]
     true, shuffled = state_term(test), state_term(rotated)
     assert true < 0.5 * shuffled, (true, shuffled)
+    read = depth.state_accuracy(m, model, test)["state_accuracy_per_block"]
+    misread = depth.state_accuracy(m, model, rotated)["state_accuracy_per_block"]
+    assert min(read) == 1.0 and max(misread) == 0.0, (read, misread)
+
+
+@pytest.mark.parametrize(
+    "loops,target,pool", [(0, "last", "mean"), (0, "bag", "last"), (1, "first", "mean")]
+)
+def test_state_accuracy_is_what_a_plain_run_reads(loops, target, pool):
+    """`state_accuracy` (batched prefill, K blocks, left padding) equals the head's reading
+    of each block in a plain run per example; with training so the counts are not all 0."""
+    from rim.methods import depth
+
+    cfg = StateLossConfig(weight=1.0, target=target, tokens=2, pool=pool)
+    m, model = setup(memory__state_loss=cfg, memory__loops=loops)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(5):
+        opt.zero_grad()
+        m.loss(model, EXAMPLES, stages(m)["stage1"], 0.0, 3, CPU).backward()
+        opt.step()
+    model.eval()
+    exact, tokens = {}, {}
+    with torch.no_grad():
+        for ex in EXAMPLES:
+            q = list(m.question_ids(ex.question))
+            _, out = unrolled(m, model, q, m.prompt(ex.question)[len(q) :])
+            h = out.hidden_states[(len(out.hidden_states) - 1) // 2][0]  # (P, D)
+            for t, step in enumerate(ex.steps[:3]):
+                ids = list(m.text_ids(step))
+                Lb = m.mem.block_len
+                block = h[len(q) + t * Lb : len(q) + (t + 1) * Lb]  # (Lb, D)
+                pooled = block.mean(0) if pool == "mean" else block[-1]
+                logits = model.get_output_embeddings()(m.depth["state_head"](pooled[None]))[0]
+                if target == "bag":
+                    want = list(dict.fromkeys(ids))
+                    top = set(logits[0].topk(len(want)).indices.tolist())
+                    right = [i in top for i in want]
+                else:
+                    want = ids[:2] if target == "first" else ids[-2:]
+                    at = 0 if target == "first" else 2 - len(want)
+                    right = [int(logits[at + j].argmax()) == i for j, i in enumerate(want)]
+                exact.setdefault(t, []).append(all(right))
+                tokens.setdefault(t, []).append(sum(right) / len(right))
+    rep = depth.state_accuracy(m, model, EXAMPLES, batch_size=2)
+    mean = lambda d: [sum(d[t]) / len(d[t]) for t in sorted(d)]  # noqa: E731
+    assert rep["state_accuracy_per_block"] == pytest.approx(mean(exact))
+    assert rep["state_token_accuracy_per_block"] == pytest.approx(mean(tokens))
+    assert sum(mean(tokens)) > 0
 
 
 # ---------------------------------------------------------------- inference
@@ -431,9 +486,15 @@ def test_checkpoints_hold_the_modules_and_answer_with_their_passes(run, capsys):
     r = Reasoner.load(str(best))
     torch.testing.assert_close(r.method.depth.state_dict(), saved)
     assert json.loads((best / "rim.json").read_text())["loops"] == 1
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    valid = [x for x in logged if "valid_accuracy" in x]
+    assert {x["stage"] for x in valid} == {"stage1", "stage2"}  # every validation reads the head
+    reads = [x["valid_state_token_accuracy_per_block"] for x in valid]
+    assert all(1 <= len(r) <= 3 and all(0 <= a <= 1 for a in r) for r in reads), reads
     rim_main("eval", "--checkpoint", str(best), "--split", "valid", "--timing-examples", "1")
     res = json.loads((best / "eval.json").read_text())
     assert "per_block_accuracy" not in res  # the final decoder: looped models' default
+    assert 1 <= len(res["state_token_accuracy_per_block"]) <= 3  # what the head reads
     # 1 + R passes before the first answer token (R = 1), one per further token (+ EOS's)
     assert {x["passes"] - x["tokens"] for x in res["records"]} <= {1, 2}
     capsys.readouterr()

@@ -151,8 +151,10 @@ def _eval(args: argparse.Namespace) -> None:
         print(
             f"mean blocks {res['mean_blocks']:.2f}, prompt tokens {res['mean_prompt_tokens']:.1f}"
         )
-    if "per_block_accuracy" in res:
-        print("per block: " + " ".join(f"{a:.3f}" for a in res["per_block_accuracy"]))
+    res |= r.method.memory_report(r.model, examples, args.batch_size)  # RiM's state head
+    for key in ("per_block_accuracy", "state_accuracy_per_block", "state_token_accuracy_per_block"):
+        if key in res:
+            print(f"{key.replace('_', ' ')}: " + " ".join(f"{a:.3f}" for a in res[key]))
     if args.select:
         res |= _selection(args, r, examples)
     if args.explain:

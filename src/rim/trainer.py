@@ -364,10 +364,10 @@ class Trainer:
                 self.s.method, model, valid, e.batch_size, decoder="final", timing_examples=0,
                 progress=False,
             )  # fmt: skip
-            extra = {}
+            rep = self.s.method.memory_report(model, valid, e.batch_size)  # its own heads
             if self.s.method.grounds_steps(stage):  # is step t in block t? (grounding, over time)
-                rep = step_accuracy(self.s.method, model, valid, e.batch_size, cue=None)
-                extra = {f"valid_{k}": v for k, v in rep.items()}
+                rep |= step_accuracy(self.s.method, model, valid, e.batch_size, cue=None)
+            extra = {f"valid_{k}": v for k, v in rep.items()}
         if self.sharded:
             fsdp.reshard(self.model)
         acc = res["accuracy"]

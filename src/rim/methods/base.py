@@ -250,6 +250,11 @@ class Method:
         the trainer then logs how well each block spells its step at each validation."""
         return False
 
+    def memory_report(self, model, examples: list[Example], batch_size: int) -> dict:
+        """What the method's own heads read from its memory (RiM's state head), for the
+        trainer's validations and `rim eval`; none by default."""
+        return {}
+
     # ---- inference ----
     def prompt(self, question: str, blocks: int | None = None) -> list[int]:
         return list(self.question_ids(question))

@@ -221,3 +221,58 @@ def _item(method, row: int, offset: int, segs: list[Segment], ex: Example):
     blocks = sum(1 for s in segs if s.kind == "block")
     steps = [method.text_ids(s) for s in ex.steps]
     return row, offset + len(segs[0].ids), blocks, steps
+
+
+@torch.no_grad()
+def state_accuracy(method, model, examples: list[Example], batch_size: int = 64) -> dict:
+    """How well the state head reads step t's target from block t, at inference's prefill
+    (K blocks after the question; looped: pass R's states, as the loss reads them).
+
+    The loss alone cannot say whether a block holds its step: a falling NLL may come from
+    the head's prior over digits. Per block t (examples with >= t steps): `state_accuracy`
+    counts a block right when every target token is read (`_slots_right`),
+    `state_token_accuracy` is the share of tokens read."""
+    cfg = method.settings.memory.state_loss
+    head = module(method, "state_head")
+    lm_head = extract_model_from_parallel(model).get_output_embeddings()
+    K, Lb = method.mem.num_blocks, method.mem.block_len
+    bag = cfg.target == "bag"
+    exact: dict[int, list[bool]] = {}
+    slots: dict[int, list[float]] = {}
+    model.eval()
+    for lo in range(0, len(examples), batch_size):
+        chunk = examples[lo : lo + batch_size]
+        tgts = [step_targets(cfg, [method.text_ids(s) for s in e.steps[:K]]) for e in chunk]
+        pre = method.prefill(model, [method.prompt(e.question) for e in chunk], K * Lb)
+        layer = state_layer(cfg, len(pre.states) - 1)
+        h = pre.states[layer].reshape(len(chunk), K, Lb, -1)  # (B, K, Lb, D)
+        pooled = h.mean(2) if cfg.pool == "mean" else h[:, :, -1]  # (B, K, D)
+        w = next(head.parameters())
+        pooled = pooled.reshape(len(chunk) * K, -1).to(w.device, w.dtype)  # (B*K, D)
+        logits = lm_head(head(pooled))  # (B*K, slots, V)
+        if bag:  # its one slot's top-n tokens, n the longest step's
+            n = min(max((len(t) for ts in tgts for t in ts), default=1), logits.shape[-1])
+            guess = logits[:, 0].topk(n, -1).indices  # (B*K, n)
+        else:
+            guess = logits.argmax(-1)  # (B*K, slots)
+        guess = guess.reshape(len(chunk), K, -1).cpu()  # (B, K, slots or n)
+        for steps, g in zip(tgts, guess):
+            for t, tgt in enumerate(steps):
+                if tgt:
+                    right = _slots_right(g[t].tolist(), tgt, cfg.target)
+                    exact.setdefault(t + 1, []).append(all(right))
+                    slots.setdefault(t + 1, []).append(sum(right) / len(right))
+    return {
+        "state_accuracy_per_block": [float(np.mean(exact[t])) for t in sorted(exact)],
+        "state_token_accuracy_per_block": [float(np.mean(slots[t])) for t in sorted(slots)],
+    }
+
+
+def _slots_right(guess: list[int], tgt: tuple[int, ...], target: str) -> list[bool]:
+    """Per target token, whether the head read it: `last` right-aligns a short target and
+    `first` left-aligns it (as `targets`); `bag`: it is among the top len(bag) tokens."""
+    if target == "bag":
+        top = set(guess[: len(tgt)])
+        return [t in top for t in tgt]
+    got = guess[-len(tgt) :] if target == "last" else guess[: len(tgt)]
+    return [a == b for a, b in zip(got, tgt)]

@@ -187,6 +187,12 @@ class RiM(Method):
         """Stage 1 does; looped memory reads its last pass's blocks (no all-blocks decode)."""
         return isinstance(stage.payload, Grounding) and not self.loops
 
+    def memory_report(self, model, examples: list[Example], batch_size: int) -> dict:
+        """With a state head: how well it reads step t from block t (`depth.state_accuracy`)."""
+        if self.depth is None or "state_head" not in self.depth:
+            return {}
+        return depth.state_accuracy(self, model, examples, batch_size)
+
     def prefill(self, model, prompts: list[list[int]], keep_states: int = 0):
         if self.loops:
             return looped.prefill(self, model, prompts, keep_states)
