@@ -15,8 +15,8 @@ from rim.data import (
     dataset_stats,
     format_icot,
     generate,
-    load_split,
     mult_example,
+    native_split,
     read_examples,
     write_examples,
 )
@@ -236,17 +236,17 @@ def test_generator_config_errors(name: str, options: dict, needle: str) -> None:
         generate(name, 3, 0, **options)
 
 
-# --------------------------------------------------------------------------- load_split, stats
+# --------------------------------------------------------------------------- native_split, stats
 
 
-def test_load_split(tmp_path: Path) -> None:
-    assert load_split(generator="chain", size=10, seed=1) == generate("chain", 10, 1)
-    assert len(load_split(generator="mult", size=10, options={"digits": 2}, limit=4)) == 4
+def test_native_split(tmp_path: Path) -> None:
+    assert native_split(generator="chain", size=10, seed=1) == generate("chain", 10, 1)
+    assert len(native_split(generator="mult", size=10, options={"digits": 2}, limit=4)) == 4
     path = write_examples(generate("chain", 5, 0), tmp_path / "x.jsonl")
-    assert load_split(str(path), limit=2) == generate("chain", 2, 0)
+    assert native_split(str(path), limit=2) == generate("chain", 2, 0)
     for kwargs in ({}, {"path": str(path), "generator": "chain"}):
         with pytest.raises(ConfigError, match="data.path") as err:
-            load_split(**kwargs)
+            native_split(**kwargs)
         assert "data.generator" in str(err.value)
 
 

@@ -409,7 +409,7 @@ def _excluded_questions(exclude: list | None) -> set[str]:
                 f"got {split!r}"
             )
         try:
-            held |= {e.question for e in load_split(**split)}
+            held |= {e.question for e in native_split(**split)}
         except TypeError as err:  # an unknown key of the mapping
             raise ConfigError(f"generator 'mult': option 'exclude': {err}") from None
     return held
@@ -542,7 +542,7 @@ def generate(name: str, n: int, seed: int, **options: Any) -> list[Example]:
 # --------------------------------------------------------------------------- splits and stats
 
 
-def load_split(
+def native_split(
     path: str | None = None,
     format: str = "auto",
     generator: str | None = None,

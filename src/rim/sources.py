@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from rim import datasets_io
 from rim.config import SplitConfig
-from rim.data import FORMATS, Example, read_examples
-from rim.data import load_split as _native_split
+from rim.data import FORMATS, Example, native_split, read_examples
 from rim.errors import ConfigError, DataError
 
 
@@ -43,7 +42,7 @@ def read_path(
 def load_split(split: SplitConfig, key: str = "data.<split>") -> list[Example]:
     """One split of a recipe (`data.train`, ...): a file, a `datasets` source or a generator."""
     if split.path is None:
-        return _native_split(
+        return native_split(
             generator=split.generator, size=split.size, seed=split.seed,
             options=split.options, limit=split.limit,
         )  # fmt: skip
