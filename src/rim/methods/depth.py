@@ -234,6 +234,7 @@ def state_accuracy(method, model, examples: list[Example], batch_size: int = 64)
     `state_token_accuracy` is the share of tokens read."""
     cfg = method.settings.memory.state_loss
     head = module(method, "state_head")
+    w = next(head.parameters())  # its device and dtype, which the kept states are not in
     lm_head = extract_model_from_parallel(model).get_output_embeddings()
     K, Lb = method.mem.num_blocks, method.mem.block_len
     bag = cfg.target == "bag"
@@ -247,7 +248,6 @@ def state_accuracy(method, model, examples: list[Example], batch_size: int = 64)
         layer = state_layer(cfg, len(pre.states) - 1)
         h = pre.states[layer].reshape(len(chunk), K, Lb, -1)  # (B, K, Lb, D)
         pooled = h.mean(2) if cfg.pool == "mean" else h[:, :, -1]  # (B, K, D)
-        w = next(head.parameters())
         pooled = pooled.reshape(len(chunk) * K, -1).to(w.device, w.dtype)  # (B*K, D)
         logits = lm_head(head(pooled))  # (B*K, slots, V)
         if bag:  # its one slot's top-n tokens, n the longest step's
