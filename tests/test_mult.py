@@ -152,7 +152,14 @@ def _plan(name: str):
     return {c.name: c for c in plan(load_grid(SWEEPS / name, need_reuse=False), Path("out"))}
 
 
-def test_the_mult_grid_is_seven_methods_and_searches_rim_and_pause_lr_on_seed_0():
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def test_the_mult_grid_is_seven_methods_at_twice_the_recipes_budget():
     cells = _plan("mult.yaml")
     assert len(cells) == 2 * (5 + 2 * 3) and sum(len(c.jobs) for c in cells.values()) == 42
     for k in (4, 5):
@@ -161,35 +168,46 @@ def test_the_mult_grid_is_seven_methods_and_searches_rim_and_pause_lr_on_seed_0(
         for c in at_k.values():
             search = c.method in ("rim", "pause")
             assert [j.seed for j in c.jobs] == ([0] if search else [0, 1, 2])
-            lr = [f"train.lr={c.values['lr']}"]  # the digits axis only names the recipes' own
-            assert c.cfg.to_dict() == _recipe(k, c.method, lr).to_dict()
+            assert c.values["budget"] == 2 * BUDGET[k]
+            one = _flat(_recipe(k, c.method, [f"train.lr={c.values['lr']}"]).to_dict())
+            two = _flat(c.cfg.to_dict())
+            moved = {key for key in one if one[key] != two[key]}
+            assert "train.steps" in moved and moved <= {
+                "train.steps", "curriculum.stage1_steps", "curriculum.stage2_steps",
+                "coconut.steps_per_stage", "coconut.steps", "icot.remove_per_epoch",
+            }  # fmt: skip
+            for key in moved:  # each schedule stretched: a rate halves, a length doubles
+                assert two[key] == (one[key] / 2 if key.startswith("icot.") else 2 * one[key])
+            if c.method in ("rim", "pause", "coconut"):  # the keys their training reads
+                assert moved > {"train.steps"}
         lrs = {c.values["lr"] for c in at_k.values() if c.method == "rim"}
         assert lrs == {5e-4, 1e-3, 2e-3}
 
 
-def test_the_depth_grid_takes_4x4_and_5x5_from_the_mult_grid_recipe_for_recipe():
-    mult, depth = _plan("mult.yaml"), _plan("mult_depth.yaml")
+def test_the_depth_grid_is_the_recipes_own_budget_at_every_size():
+    """The depth sweep trains every size at its recipe's (1x) budget: its 4x4 and 5x5 runs are
+    mult_budget's 1x points, not the table's (mult.yaml, at 2x)."""
+    depth = _plan("mult_depth.yaml")
     assert {c.values["digits"] for c in depth.values()} == {2, 3, 4, 5}
     assert {c.method for c in depth.values()} == {"direct", "cot", "rim"}
-    for name, c in depth.items():
-        if c.values["digits"] in (4, 5):  # `reuse` finds these runs in results/mult
-            assert c.cfg.to_dict() == mult[name].cfg.to_dict()
-            assert [j.seed for j in c.jobs] == [j.seed for j in mult[name].jobs]
+    for c in depth.values():
+        k, lr = c.values["digits"], [f"train.lr={c.values['lr']}"]
+        assert c.cfg.to_dict() == _recipe(k, c.method, lr).to_dict()
+        assert [j.seed for j in c.jobs] == ([0] if c.method == "rim" else [0, 1, 2])
 
 
 def test_the_grids_dry_run_lists_every_run(capsys):
     from rim.cli import parser
     from rim.sweep import run_sweep
 
-    for name, runs in (
-        ("mult.yaml", "22 cells, 42 runs"),
-        ("mult_depth.yaml", "20 cells, 36 runs"),
-    ):
+    for name, runs, row in (
+        ("mult.yaml", "22 cells, 42 runs", "| rim/digits=4,budget=1600,lr=0.002 | 0 (search) | 1600 |"),
+        ("mult_depth.yaml", "20 cells, 36 runs", "| rim/digits=4,lr=0.002 | 0 (search) | 800 |"),
+    ):  # fmt: skip
         argv = ["sweep", "--config", str(SWEEPS / name), "--out", "/nonexistent", "--dry-run"]
         assert run_sweep(parser().parse_args(argv)) == {}
         out = capsys.readouterr().out
-        assert runs in out and "then 8 runs more" in out
-        assert "| rim/digits=4,lr=0.002 | 0 (search) | 800 |" in out
+        assert runs in out and "then 8 runs more" in out and row in out
 
 
 # --------------------------------------------------------------------------- tiny, run
