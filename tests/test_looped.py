@@ -3,7 +3,8 @@
 Off, both leave RiM's loss and gradients bit for bit; on, the loss and gradients equal an
 unrolled reference written here (per example, plain causal runs with `inputs_embeds`, no
 mask, no cache, default positions); the state loss separates the true step-to-block targets
-from shuffled ones after a few steps; looped models decode with the final decoder only."""
+from shuffled ones after a few steps; looped models decode with the final and all-blocks
+decoders (branch k as a model given k blocks), not with a probe."""
 
 from __future__ import annotations
 
@@ -348,11 +349,11 @@ def test_state_accuracy_is_what_a_plain_run_reads(loops, target, pool):
 # ---------------------------------------------------------------- inference
 
 
-def reference_greedy(m, model, question: str, n: int) -> list[int]:
+def reference_greedy(m, model, question: str, n: int, blocks: int | None = None) -> list[int]:
     """Prefill, R loops, then n greedy tokens, each a plain run of the whole sequence."""
     mem, E = m.settings.memory, model.get_input_embeddings()
     q = list(m.question_ids(question))
-    inp = E(torch.tensor([m.prompt(question)]))
+    inp = E(torch.tensor([m.prompt(question, blocks)]))
     for _ in range(mem.loops):
         h = plain(model, inp).hidden_states[-1]
         src = h[:, len(q) :] if mem.loop_input == "own" else h[:, len(q) - 1 : -1]
@@ -383,16 +384,38 @@ def test_final_decoder_runs_prefill_loops_and_greedy(loops, loop_input):
     assert out.passes == [1 + loops + 3 - 1] * len(qs)
 
 
-def test_block_decoders_refuse_a_looped_model_in_one_line():
+@pytest.mark.parametrize("loops,loop_input", [(1, "own"), (2, "previous")])
+def test_all_blocks_decoder_answers_as_a_model_given_k_blocks(loops, loop_input):
+    """Branch k of the all-blocks decoder (one prefill, R passes, one shared cache) writes
+    the tokens of a plain run given only blocks 1..k, looped R times; the step readouts of
+    stage 1 (`rim.explain.step_accuracy`, the trainer's grounding curve) read the same."""
     from rim.decoders import decode, default_for
+    from rim.methods.registry import build
+
+    over = {"memory__loops": loops, "memory__loop_input": loop_input, "memory__blocks": 3}
+    cfg, tok, model, _ = make_setup(**over, eval__max_new_tokens=3)
+    m = build(cfg, tok, eos_id=-1)  # an EOS no token has: every row decodes 3 tokens
+    model = m.attach(model)
+    torch.nn.init.normal_(m.depth["loop_projection"].weight, 0.0, 0.5)
+    assert default_for(m) == "all-blocks"
+    qs = [e.question for e in EXAMPLES]  # different lengths: left padding
+    out = decode(m, model, qs, "all-blocks")
+    assert out.rows_per_question == 3 and out.passes == [1 + loops + 3 - 1] * 9
+    with torch.no_grad():
+        for i, q in enumerate(qs):
+            for k in (1, 2, 3):
+                assert out.tokens[3 * i + k - 1] == reference_greedy(m, model, q, 3, k), (q, k)
+    assert out.tokens[2::3] == decode(m, model, qs).tokens  # after block K: the final decoder
+
+
+def test_probe_and_explain_refuse_a_looped_model_in_one_line():
+    from rim.decoders import decode
     from rim.explain import explain
     from rim.probe import block_states
 
     m, model = setup(memory__loops=1, curriculum__explain_weight=0.5)
-    assert default_for(m) == "final"
-    for name in ("all-blocks", "early-exit"):
-        with pytest.raises(RimError, match=f"--decoder {name}: memory.loops is 1"):
-            decode(m, model, ["6 + 6"], name)
+    with pytest.raises(RimError, match="--decoder early-exit: memory.loops is 1"):
+        decode(m, model, ["6 + 6"], "early-exit")
     with pytest.raises(RimError, match="probe: memory.loops is 1"):
         block_states(m, model, EXAMPLES)
     with pytest.raises(RimError, match="--explain: memory.loops is 1"):
@@ -491,16 +514,18 @@ def test_checkpoints_hold_the_modules_and_answer_with_their_passes(run, capsys):
     assert {x["stage"] for x in valid} == {"stage1", "stage2"}  # every validation reads the head
     reads = [x["valid_state_token_accuracy_per_block"] for x in valid]
     assert all(1 <= len(r) <= 3 and all(0 <= a <= 1 for a in r) for r in reads), reads
+    grounding = [x for x in valid if x["stage"] == "stage1"]  # the readouts after pass R
+    assert grounding and all("valid_step_accuracy_per_block" in x for x in grounding)
     rim_main("eval", "--checkpoint", str(best), "--split", "valid", "--timing-examples", "1")
     res = json.loads((best / "eval.json").read_text())
-    assert "per_block_accuracy" not in res  # the final decoder: looped models' default
+    assert len(res["per_block_accuracy"]) == 3  # all-blocks: the default for looped ones too
     assert 1 <= len(res["state_token_accuracy_per_block"]) <= 3  # what the head reads
     # 1 + R passes before the first answer token (R = 1), one per further token (+ EOS's)
     assert {x["passes"] - x["tokens"] for x in res["records"]} <= {1, 2}
     capsys.readouterr()
     for argv in (
         ["export", "--checkpoint", str(best), "--out", str(run / "exported")],
-        ["generate", "--checkpoint", str(best), "--decoder", "all-blocks", "3 + 4"],
+        ["generate", "--checkpoint", str(best), "--decoder", "early-exit", "3 + 4"],
     ):
         with pytest.raises(SystemExit):
             rim_main(*argv)

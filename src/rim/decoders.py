@@ -45,6 +45,7 @@ class Decoder:
     run: Callable[[Request], Decoded]
     needs_blocks: bool = False  # only for methods with memory blocks
     summary: str = ""
+    looped: bool = False  # also for looped memory (`memory.loops` > 0)
 
 
 DECODERS: dict[str, Decoder] = {}
@@ -62,26 +63,25 @@ def get(name: str, method=None, key: str = "--decoder") -> Decoder:
     dec = DECODERS[name]
     if method is not None and dec.needs_blocks and not method.uses_blocks:
         raise RimError(f"{key} {name}: method {method.name} has no memory blocks")
-    if method is not None and name != "final":
+    if method is not None and not dec.looped:
         refuse_looped(method, f"{key} {name}")
     return dec
 
 
 def refuse_looped(method, what: str) -> None:
-    """One line for what reads the blocks one prefill at a time: a looped model's blocks are
-    only what the last of its 1 + R passes left (the final decoder)."""
+    """One line for what reads the blocks one at a time or probes their states: a looped
+    model's blocks are what its 1 + R passes left (the final and all-blocks decoders)."""
     loops = getattr(method, "loops", 0)
     if loops:
         raise RimError(
-            f"{what}: memory.loops is {loops}: a looped model answers after its last pass "
-            "over all K blocks only (use the final decoder)"
+            f"{what}: memory.loops is {loops}: a looped model is read after its last pass "
+            "(use the final or all-blocks decoder)"
         )
 
 
 def default_for(method) -> str:
-    """Evaluation's default: every block's answer for block methods (not looped ones), else
-    the final one."""
-    return "all-blocks" if method.uses_blocks and not getattr(method, "loops", 0) else "final"
+    """Evaluation's default: every block's answer for block methods, else the final one."""
+    return "all-blocks" if method.uses_blocks else "final"
 
 
 def _final(req: Request) -> Decoded:
@@ -96,11 +96,13 @@ def _all_blocks(req: Request) -> Decoded:
     return all_blocks_greedy(
         req.model, req.questions, m.mem.blocks(req.blocks), m.mem.block_len, m.pad_id,
         m.eos_id, m.max_new_tokens(), req.clock, req.start, req.keep_states,
+        first_pass=m.first_pass(req.model),
     )  # fmt: skip
 
 
-register(Decoder("final", _final, summary="the answer after all K blocks (deployed)"))
-register(Decoder("all-blocks", _all_blocks, True, "the answer after every block, one prefill"))
+ALL_BLOCKS = "the answer after every block, one prefill"
+register(Decoder("final", _final, summary="the answer after all K blocks (deployed)", looped=True))
+register(Decoder("all-blocks", _all_blocks, True, ALL_BLOCKS, looped=True))
 
 
 @torch.no_grad()

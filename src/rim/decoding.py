@@ -88,6 +88,25 @@ def prefill(model, prompts: list[list[int]], pad_id: int, keep_states: int = 0) 
     return Prefill(cache_of(out), mask, logits, pos[:, -1] + 1, 1, kept_states(out, keep_states))
 
 
+# all_blocks_greedy's first pass: (ids, mask, positions, block ends, states to keep) ->
+# (cache, (B, K, V) logits of every block's last token, kept states, forward passes spent)
+FirstPass = Callable[..., tuple]
+
+
+def one_pass(model) -> FirstPass:
+    """The first pass of a one-prefill method: one forward over question and blocks."""
+
+    def run(ids, mask, pos, ends, keep: int):
+        first = int(ends[0])  # logits from block 1's last token on, not over the question
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, **with_cache(DynamicCache()),
+            use_cache=True, output_hidden_states=bool(keep), logits_to_keep=ids.shape[1] - first,
+        )  # fmt: skip
+        return cache_of(out), out.logits[:, ends - first].float(), kept_states(out, keep), 1
+
+    return run
+
+
 @torch.no_grad()
 def all_blocks_greedy(
     model,
@@ -101,6 +120,7 @@ def all_blocks_greedy(
     start: float = 0.0,
     keep_states: bool = False,
     cue: int | None = None,
+    first_pass: FirstPass | None = None,
 ) -> Decoded:
     """The answer after every block from one prefill and ONE shared KV cache (row b*K + k-1).
 
@@ -109,7 +129,8 @@ def all_blocks_greedy(
     1..k and its own earlier tokens only, with positions continuing after block k. Branch k's
     first token comes from block k's last token in the prefill, or, with `cue` (explain
     mode's token), from the cue fed to every branch first (one more pass, not returned).
-    No cache is copied.
+    No cache is copied. `first_pass`: how the prefill runs (`one_pass`, or a looped model's
+    1 + R passes, whose blocks are causal too: block k's last state sees blocks 1..k only).
     """
     device = _device(model)
     K = len(blocks) // block_len
@@ -117,24 +138,13 @@ def all_blocks_greedy(
     pos = positions(mask)
     B, P = ids.shape
     ends = torch.tensor([P - 1 - (K - k) * block_len for k in range(1, K + 1)], device=device)
-    keep = (K - 1) * block_len + 1  # logits from block 1's last token on, not over the question
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=pos,
-        **with_cache(DynamicCache()),
-        use_cache=True,
-        output_hidden_states=keep_states,
-        logits_to_keep=keep,
-    )
-    logits = out.logits[:, ends - (P - keep)].float()  # (B, K, V)
-    states = kept_states(out, len(blocks) if keep_states else 0)  # (B, K * block_len, D) each
+    run = first_pass or one_pass(model)
+    cache, logits, states, base = run(ids, mask, pos, ends, len(blocks) if keep_states else 0)
     cols = torch.arange(P, device=device)
     seen = mask.bool()[:, None, :] & (cols[None, None, :] <= ends[None, :, None])  # (B, K, P)
-    branches = _Branches(model, cache_of(out), seen, pos[:, ends] + 1)  # next positions (B, K)
-    base = 1
+    branches = _Branches(model, cache, seen, pos[:, ends] + 1)  # next positions (B, K)
     if cue is not None:
-        logits, base = branches.step(torch.full((B, K), cue, device=device)), 2
+        logits, base = branches.step(torch.full((B, K), cue, device=device)), base + 1
     track = _Tracker(B * K, base, eos_id)
     for step in range(max_new_tokens):
         nxt = logits.argmax(-1)  # (B, K)

@@ -45,6 +45,7 @@ def explain(
     out = all_blocks_greedy(
         model, ids, method.mem.blocks(blocks), method.mem.block_len, method.pad_id,
         method.eos_id, method.common.cot_max_new_tokens, cue=cue,
+        first_pass=method.first_pass(model),
     )  # fmt: skip
     texts = [t.strip() for t in method.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)]
     K = out.rows_per_question

@@ -271,6 +271,11 @@ class Method:
         """The state greedy decoding starts from; `keep_states`: see `rim.decoding.prefill`."""
         return prefill(model, prompts, self.pad_id, keep_states)
 
+    def first_pass(self, model):
+        """How the all-blocks decoder's prefill runs (`rim.decoding.FirstPass`); None: one
+        forward over question and blocks."""
+        return None
+
     def answer_tokens(self, generated: list[int]) -> list[int]:
         """The answer part of `generated`: after the marker for CoT-like methods (none = no answer)."""
         start = self.answer_start(generated)

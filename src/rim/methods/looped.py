@@ -14,7 +14,8 @@ crop serves all rows; the readouts (RiM's curriculum, unchanged: `RiM.segments`)
 under the LAST pass's blocks and run in that pass, under the tree mask of `rim.layout`
 (placed at those columns), so readout k sees the question, blocks 1..k of pass R and
 itself. At inference the prefill plus R passes leave the cache of `x ++ m_1..m_K` (pass R)
-and the first answer token's logits: 1 + R passes before greedy decoding.
+and the first answer token's logits: 1 + R passes before greedy decoding; the all-blocks
+decoder reads every block's answer (and stage 1's step readouts) from that one cache.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from transformers import DynamicCache
 
 from rim.compat import cache_of, with_cache
 from rim.data import Example
-from rim.decoding import Prefill, kept_states, left_pad, positions
+from rim.decoding import FirstPass, Prefill, kept_states, left_pad, positions
 from rim.layout import IGNORE, allowed, pack, weighted_nll
 from rim.methods import depth
 from rim.methods.base import labelled_head
@@ -172,31 +173,58 @@ def loss(method, model, examples: list[Example], stage, progress: float, num_exa
     return total + depth.state_loss(model, head, cfg, out.hidden_states[layer], tg, num_examples)
 
 
+def _rows(model, ids: torch.Tensor, mask: torch.Tensor, N: int) -> Rows:
+    """Inference's rows: left-padded prompts ending in N block tokens, plain causal attention."""
+    (B, P), device = ids.shape, ids.device
+    dtype = next(model.parameters()).dtype
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+    seen = (mask.bool()[:, None, :] & causal) | torch.eye(P, dtype=torch.bool, device=device)
+    mask4 = torch.zeros(B, 1, P, P, dtype=dtype, device=device)
+    mask4.masked_fill_(~seen[:, None], torch.finfo(dtype).min)
+    return Rows(ids, positions(mask), None, None, mask4, P - N, N)
+
+
+def _run(method, model, rows: Rows, where: torch.Tensor, keep_states: int):
+    mem = method.settings.memory
+    proj = depth.module(method, "loop_projection")
+    own = mem.loop_input == "own"
+    return passes(model, proj, mem.loops, own, rows, where, bool(keep_states))
+
+
 @torch.no_grad()
 def prefill(method, model, prompts: list[list[int]], keep_states: int = 0) -> Prefill:
     """`x ++ m_1..m_k` then R passes over the blocks: 1 + R passes, the cache of pass R.
 
     Every prompt ends with the same k blocks (`RiM.prompt`), so left padding makes every
     question end at column Q - 1 and one crop serves all rows."""
-    mem = method.settings.memory
     N = _block_tokens(method, prompts)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    ids, mask = left_pad(prompts, method.pad_id, device)  # (B, P)
-    (B, P), Q = ids.shape, ids.shape[1] - N
-    pos = positions(mask)
-    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-    seen = (mask.bool()[:, None, :] & causal) | torch.eye(P, dtype=torch.bool, device=device)
-    mask4 = torch.zeros(B, 1, P, P, dtype=dtype, device=device)
-    mask4.masked_fill_(~seen[:, None], torch.finfo(dtype).min)
-    where = torch.zeros(B, N, dtype=torch.bool, device=device)
+    ids, mask = left_pad(prompts, method.pad_id, next(model.parameters()).device)  # (B, P)
+    rows = _rows(model, ids, mask, N)
+    where = torch.zeros(ids.shape[0], N, dtype=torch.bool, device=ids.device)
     where[:, -1] = True  # the last block token predicts the first answer token
-    rows = Rows(ids, pos, None, None, mask4, Q, N)
-    own = mem.loop_input == "own"
-    proj = depth.module(method, "loop_projection")
-    out = passes(model, proj, mem.loops, own, rows, where, bool(keep_states))
+    out = _run(method, model, rows, where, keep_states)
     states = kept_states(out, keep_states)
-    return Prefill(cache_of(out), mask, out.logits.float(), pos[:, -1] + 1, 1 + mem.loops, states)
+    passes_ = 1 + method.settings.memory.loops
+    return Prefill(cache_of(out), mask, out.logits.float(), rows.pos[:, -1] + 1, passes_, states)
+
+
+def first_pass(method, model) -> FirstPass:
+    """`rim.decoding.all_blocks_greedy`'s first pass for a looped model: the prefill and R
+    passes, every block's last token read from pass R. A block's state in every pass sees
+    only the question and the blocks up to it (causal, and its input is its own or its
+    predecessor's state), so branch k answers as a model given k blocks would (tested)."""
+
+    def run(ids, mask, pos, ends, keep: int):
+        B, P = ids.shape
+        N = P - int(ends[0]) - 1 + method.mem.block_len  # all K blocks' tokens
+        rows = _rows(model, ids, mask, N)
+        where = torch.zeros(B, N, dtype=torch.bool, device=ids.device)
+        where[:, ends - rows.Q] = True
+        out = _run(method, model, rows, where, keep)
+        logits = out.logits.float().view(B, len(ends), -1)  # (B, K, V), row-major
+        return cache_of(out), logits, kept_states(out, keep), 1 + method.settings.memory.loops
+
+    return run
 
 
 def _block_tokens(method, prompts: list[list[int]]) -> int:

@@ -184,8 +184,8 @@ class RiM(Method):
         return not self.loops and not self._state_on(stage)
 
     def grounds_steps(self, stage: Stage) -> bool:
-        """Stage 1 does; looped memory reads its last pass's blocks (no all-blocks decode)."""
-        return isinstance(stage.payload, Grounding) and not self.loops
+        """Stage 1 does (looped memory: read after the last pass, as trained)."""
+        return isinstance(stage.payload, Grounding)
 
     def memory_report(self, model, examples: list[Example], batch_size: int) -> dict:
         """With a state head: how well it reads step t from block t (`depth.state_accuracy`)."""
@@ -197,6 +197,9 @@ class RiM(Method):
         if self.loops:
             return looped.prefill(self, model, prompts, keep_states)
         return super().prefill(model, prompts, keep_states)
+
+    def first_pass(self, model):
+        return looped.first_pass(self, model) if self.loops else None
 
     def attach(self, model, checkpoint: Path | None = None):
         m = self.settings.memory
