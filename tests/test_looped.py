@@ -531,3 +531,34 @@ def test_checkpoints_hold_the_modules_and_answer_with_their_passes(run, capsys):
             rim_main(*argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "memory.loops" in err[0], err  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_training_checkpoint_loads_for_inference(run, tmp_path):
+    """`RUN/checkpoints/step-N` is a model too (`rim eval --checkpoint` reads any saved step):
+    the last one answers as `final/` (the same weights, the loop projection and state head
+    included); one without its tokenizer, or sharded, is refused in one line."""
+    import shutil
+
+    from rim.checkpoint import STATE_FILE
+    from rim.manifest import write_manifest
+    from rim.reasoner import Reasoner
+
+    ckpt = sorted((run / "checkpoints").glob("step-*"))[-1]
+    a, b = Reasoner.load(str(ckpt)), Reasoner.load(str(run / "final"))
+    torch.testing.assert_close(a.method.depth.state_dict(), b.method.depth.state_dict())
+    qs = [e.question for e in EXAMPLES]
+    assert a.generate(qs, decoder="all-blocks") == b.generate(qs, decoder="all-blocks")
+    rim_main("eval", "--checkpoint", str(ckpt), "--split", "valid", "--timing-examples", "0")
+    assert len(json.loads((ckpt / "eval.json").read_text())["per_block_accuracy"]) == 3
+    for broken, problem in (("no_tok", "without its tokenizer"), ("sharded", r"sharded \(FSDP\)")):
+        copy = shutil.copytree(ckpt, tmp_path / broken)
+        if broken == "no_tok":
+            for f in copy.glob("tokenizer*"):
+                f.unlink()
+        else:
+            state = json.loads((copy / STATE_FILE).read_text()) | {"sharded": True}
+            (copy / STATE_FILE).write_text(json.dumps(state))
+        write_manifest(copy, None)
+        with pytest.raises(RimError, match=f"--checkpoint {copy}: a .*{problem}"):
+            Reasoner.load(str(copy))

@@ -3,6 +3,7 @@
     cfg = load_recipe("configs/toy/llama_rim.yaml", ["train.lr=1e-3"])
     setup = assemble(cfg)                      # for training (rim.trainer.Trainer)
     model, tok, method, cfg = from_checkpoint("runs/x/best")   # for inference
+    from_checkpoint("runs/x/checkpoints/step-00000500")          # any saved step, too
 
 The method is built first (`rim.methods.build` registers its special tokens), so that the
 model is created or resized for the final vocabulary and LoRA knows the new token rows.
@@ -10,6 +11,7 @@ model is created or resized for the final vocabulary and LoRA knows the new toke
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +20,11 @@ import numpy as np
 import torch
 
 from rim import methods
+from rim.checkpoint import STATE_FILE, load_weights
 from rim.config import Config, load_config
 from rim.data import Example
 from rim.errors import ConfigError, RimError
+from rim.manifest import verify_folder
 from rim.methods import Method
 from rim.model import (
     build_model,
@@ -77,6 +81,20 @@ def _tokenizer(cfg: Config, train: list[Example]):
     return build_tokenizer(texts)
 
 
+def build(cfg: Config, tok, method: Method) -> torch.nn.Module:
+    """The recipe's model before training: built from its config (or `model.path`), resized
+    for the method's tokens, LoRA-wrapped unless `full_finetune`, the method's modules on."""
+    if cfg.model.path is None:
+        max_pos = cfg.data.max_length or 1024
+        model = build_model(cfg.model, vocab_size=len(tok), max_positions=max_pos)
+    else:
+        model = load_pretrained(cfg.model)
+    resize_for(model, tok)
+    if cfg.model.path is not None and not cfg.model.full_finetune:
+        model = wrap_lora(model, cfg.model, list(method.tokens.new))
+    return method.attach(model)  # method-owned modules (CODI's projection)
+
+
 def assemble(cfg: Config, log=print) -> Setup:
     """Data, tokenizer, method and model for `cfg` (no training state)."""
     if cfg.train.threads:
@@ -87,14 +105,7 @@ def assemble(cfg: Config, log=print) -> Setup:
     valid = load_split(d.valid, "data.valid")
     tok = _tokenizer(cfg, train)
     method = methods.build(cfg, tok)  # registers the method's tokens
-    if cfg.model.path is None:
-        model = build_model(cfg.model, vocab_size=len(tok), max_positions=d.max_length or 1024)
-    else:
-        model = load_pretrained(cfg.model)
-    resize_for(model, tok)
-    if cfg.model.path is not None and not cfg.model.full_finetune:
-        model = wrap_lora(model, cfg.model, list(method.tokens.new))
-    model = method.attach(model)  # method-owned modules (CODI's projection)
+    model = build(cfg, tok, method)
     method.pretokenize(train + valid)  # every string once, in batch calls (rim.tokenized)
     train = check_lengths(method, model, train, cfg, "data.train")
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -134,9 +145,35 @@ def check_lengths(method: Method, model, examples: list[Example], cfg: Config, k
 
 def from_checkpoint(checkpoint: str | Path, device: str = "cpu", verify: bool | None = None):
     """(model, tokenizer, method, recipe) of a saved checkpoint, the method's own modules
-    attached to the model; `verify`: see `rim.model.load_checkpoint`."""
+    attached to the model; `verify`: see `rim.model.load_checkpoint`. A resumable one
+    (`RUN/checkpoints/step-N`) too: `from_training_checkpoint`."""
+    if (Path(checkpoint) / STATE_FILE).is_file():
+        return from_training_checkpoint(Path(checkpoint), device, verify)
     model, tok, meta = load_checkpoint(checkpoint, device, verify)
     cfg = load_config(Path(checkpoint) / "config.yaml")
     cfg.method = meta.get("method", cfg.method)
     method = methods.build(cfg, tok)
     return method.attach(model, Path(checkpoint)), tok, method, cfg
+
+
+def from_training_checkpoint(folder: Path, device: str = "cpu", verify: bool | None = None):
+    """A resumable checkpoint read for inference: the recipe's model (`build`) with the
+    checkpoint's trainable weights, its tokenizer and recipe. So `rim eval` reads any step
+    of a run (the end of grounding, say), not only `best/` and `final/`."""
+    verify_folder(folder, verify)
+    if json.loads((folder / STATE_FILE).read_text()).get("sharded"):
+        raise RimError(
+            f"--checkpoint {folder}: a sharded (FSDP) training checkpoint; resume it "
+            "(rim train --resume) or load the run's best/ or final/"
+        )
+    if not (folder / "tokenizer_config.json").is_file():
+        raise RimError(
+            f"--checkpoint {folder}: a training checkpoint without its tokenizer (written "
+            "before rim saved one there); load the run's best/ or final/"
+        )
+    cfg = load_recipe(folder / "config.yaml")
+    tok = load_tokenizer(folder)
+    method = methods.build(cfg, tok)
+    model = build(cfg, tok, method)
+    load_weights(model, folder / "weights.safetensors", "--checkpoint")
+    return model.to(device).eval(), tok, method, cfg

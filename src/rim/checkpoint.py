@@ -90,6 +90,7 @@ class Parts:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: object | None = None
     sharded: bool = False  # FSDP: every process writes its own shard
+    tokenizer: object | None = None  # saved beside the weights: `rim eval` can read step N
 
 
 # ---------------------------------------------------------------- weights and RNG
@@ -114,7 +115,9 @@ def _unreadable(file: Path, err: Exception) -> RimError:
     return RimError(f"{file}: cannot read ({str(err).splitlines()[0][:200]})")
 
 
-def _load_weights(model, file: Path) -> None:
+def load_weights(model, file: Path, key: str = "--resume") -> None:
+    """The checkpoint's trainable weights into `model` (the same names and shapes, or one
+    line naming `key` and the checkpoint)."""
     try:
         saved = safetensors.torch.load_file(file)
     except Exception as err:  # SafetensorError, OSError: a damaged or missing file
@@ -123,7 +126,7 @@ def _load_weights(model, file: Path) -> None:
     if set(saved) != set(params):
         extra, missing = sorted(set(saved) - set(params)), sorted(set(params) - set(saved))
         raise RimError(
-            f"--resume {file.parent}: its weights do not fit the model of this recipe "
+            f"{key} {file.parent}: its weights do not fit the model of this recipe "
             f"(missing {missing[:2]}, unexpected {extra[:2]})"
         )
     with torch.no_grad():
@@ -131,7 +134,7 @@ def _load_weights(model, file: Path) -> None:
             mine = local(p)
             if mine.shape != saved[name].shape:
                 raise RimError(
-                    f"--resume {file.parent}: {name} has shape {tuple(saved[name].shape)}, "
+                    f"{key} {file.parent}: {name} has shape {tuple(saved[name].shape)}, "
                     f"the model of this recipe {tuple(mine.shape)}"
                 )
             mine.copy_(saved[name])
@@ -385,6 +388,8 @@ def save_state(out: Path, state: TrainState, parts: Parts, cfg: Config) -> Path:
         record = state.saved() | {"num_processes": acc.num_processes, "sharded": parts.sharded}
         try:
             save_config(cfg, tmp / "config.yaml")
+            if parts.tokenizer is not None:
+                parts.tokenizer.save_pretrained(tmp)
             write_bytes(tmp / STATE_FILE, json.dumps(record, indent=2).encode())
             write_manifest(tmp, state.run_id)  # written last: complete
             shutil.rmtree(final, ignore_errors=True)
@@ -546,7 +551,7 @@ def load_state(folder: Path, out: Path, parts: Parts) -> Restored:
         was, now = ("with" if x else "without" for x in (saved.get("sharded"), parts.sharded))
         raise RimError(f"--resume {ckpt}: saved {was} FSDP, resumed {now} (launch it as before)")
     sfx = _suffix(parts)
-    _load_weights(acc.unwrap_model(parts.model), ckpt / f"weights{sfx}.safetensors")
+    load_weights(acc.unwrap_model(parts.model), ckpt / f"weights{sfx}.safetensors")
     opt_state = _read_optimizer(ckpt / f"optimizer{sfx}.safetensors")
     _restore_rng(ckpt / f"rng-{acc.process_index}.safetensors")
     names = set(TrainState.SAVED) - {"branch"}  # a resume starts a new branch

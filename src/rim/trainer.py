@@ -387,7 +387,9 @@ class Trainer:
 
     # ---- resumable checkpoints (rim.checkpoint) ----
     def _parts(self) -> Parts:
-        return Parts(self.acc, self.model, self.optimizer, self.scheduler, self.sharded)
+        return Parts(
+            self.acc, self.model, self.optimizer, self.scheduler, self.sharded, self.s.tokenizer
+        )
 
     def _train_s(self) -> float:
         """Seconds of training in this run: this process's, plus its checkpoint's (the work
