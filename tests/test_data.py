@@ -162,6 +162,7 @@ def test_generators_deterministic(name: str) -> None:
         ("mult", {"digits": 5}, " + "),
         ("mult", {"digits_a": 3, "digits_b": 1}, " + "),
         ("mult", {"digits": 4, "steps": "partial"}, " + "),
+        ("mult", {"digits": 4, "steps": "columns"}, " + "),
         ("chain", {}, " "),
         ("chain", {"terms": 2, "max_value": 9}, " "),
     ],
@@ -182,6 +183,40 @@ def test_mult_options() -> None:
     odd = generate("mult", 5, seed=0, digits_a=2, digits_b=3)[0]
     a, b = odd.question.split(" * ")
     assert len(a.split()) == 2 and len(b.split()) == 3 and len(odd.answer.split()) == 5
+
+
+def _number(reversed_digits: str) -> int:
+    return int(reversed_digits.replace(" ", "")[::-1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 5), st.data())
+def test_mult_column_steps_carry_to_the_product(da: int, db: int, data) -> None:
+    """Column t is the sum of a_i * b_j over i + j = t (no carry): every column at the same
+    width, and the columns, carried, give the product."""
+    a = data.draw(st.integers(10 ** (da - 1), 10**da - 1))
+    b = data.draw(st.integers(10 ** (db - 1), 10**db - 1))
+    ex = mult_example(a, b, da, db, "columns")
+    assert len(ex.steps) == da + db - 1 and len({len(s) for s in ex.steps}) == 1
+    assert sum(_number(s) * 10**t for t, s in enumerate(ex.steps)) == a * b == _number(ex.answer)
+    ai, bj = str(a)[::-1], str(b)[::-1]
+    t = data.draw(st.integers(0, da + db - 2))
+    pairs = [(i, t - i) for i in range(da) if 0 <= t - i < db]
+    assert _number(ex.steps[t]) == sum(int(ai[i]) * int(bj[j]) for i, j in pairs)
+
+
+@pytest.mark.parametrize("k", [4, 5])
+def test_mult_questions_of_a_file_with_another_chain(data: Path, k: int) -> None:
+    """`questions: FILE` takes the file's questions in order: with iCoT's steps, the file
+    itself; with column steps, its questions and answers."""
+    path = data / f"{k}_by_{k}_mult" / "test_bigbench.txt"
+    shipped = read_examples(path)
+    assert generate("mult", 1000, seed=9, digits=k, questions=str(path)) == shipped
+    cols = generate("mult", 50, seed=9, digits=k, steps="columns", questions=str(path))
+    assert [(e.question, e.answer) for e in cols] == [(e.question, e.answer) for e in shipped[:50]]
+    assert {len(e.steps) for e in cols} == {2 * k - 1}
+    with pytest.raises(ConfigError, match="option 'questions': 1001 > 1000 lines"):
+        generate("mult", 1001, seed=9, digits=k, questions=str(path))
 
 
 def test_chain_values() -> None:

@@ -35,12 +35,12 @@ ACCELERATE = [p for p in ALL_YAML if p.parent.name == "accelerate"]  # accelerat
 SWEEPS = [p for p in ALL_YAML if p.parent.name == "sweeps"]  # grid files of `rim sweep`
 RIM_YAML = [p for p in ALL_YAML if p not in ACCELERATE + SWEEPS]
 # a recipe names its method; bases and model layers (base.yaml, llama1b.yaml, 4x4.yaml) do not;
-# configs/mult/small_* train from scratch, no pretrained weights (tests/test_mult.py)
+# configs/mult/small_* and columns_* train from scratch, no pretrained weights (tests/test_mult.py)
 RECIPES = [
     p
     for t in TASKS
     for p in sorted((CONFIGS / t).glob("*.yaml"))
-    if "method" in _raw(p) and not p.name.startswith("small_")
+    if "method" in _raw(p) and not p.name.startswith(("small_", "columns_"))
 ]
 
 

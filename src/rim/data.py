@@ -326,19 +326,30 @@ def mult_example(
 
     Step i is `a * b_i` padded to `digits_a + 1` digits and shifted by i zeros; with
     `steps="full"` every step but the first and last also shows the running sum in `( ... )`.
+    `steps="columns"` (ours, not iCoT's) writes column sums instead: step t is the sum of
+    `a_i * b_j` over i + j = t, before any carry, so every step is computable from the
+    question alone and the answer is their carried sum.
 
     >>> format_icot(mult_example(2967, 6361))[:44]
     '7 6 9 2 * 1 6 3 6||7 6 9 2 0 + 0 2 0 8 7 1 ('
+    >>> mult_example(12, 34, steps="columns").steps  # 2*4, 2*3 + 1*4, 1*3: 8 + 10*10 + 3*100
+    ('8 0 0', '0 1 0', '3 0 0')
     """
     da = digits_a or len(str(a))
     db = digits_b or len(str(b))
     bs = [int(c) for c in reversed(str(b).zfill(db))]
-    out = []
-    for i, d in enumerate(bs):
-        step = _digits(a * d * 10**i, da + 1 + i)
-        if steps == "full" and 0 < i < db - 1:
-            step += f" ( {_digits(a * (b % 10 ** (i + 1)), da + 1 + i)} )"
-        out.append(step)
+    if steps == "columns":
+        ai = [int(c) for c in reversed(str(a).zfill(da))]
+        col = [sum(ai[i] * bs[t - i] for i in range(max(0, t - db + 1), min(da, t + 1)))
+               for t in range(da + db - 1)]  # fmt: skip
+        out = [_digits(c, len(str(81 * min(da, db)))) for c in col]
+    else:
+        out = []
+        for i, d in enumerate(bs):
+            step = _digits(a * d * 10**i, da + 1 + i)
+            if steps == "full" and 0 < i < db - 1:
+                step += f" ( {_digits(a * (b % 10 ** (i + 1)), da + 1 + i)} )"
+            out.append(step)
     question = f"{_digits(a, da)} * {_digits(b, db)}"
     return Example(question, tuple(out), _digits(a * b, da + db), " + ")
 
@@ -359,21 +370,30 @@ def _gen_mult(
     digits_b: int | None = None,
     steps: str = "full",
     exclude: list | None = None,
+    questions: str | None = None,
 ) -> list[Example]:
     """k-by-k products; operands have exactly k digits (the files never start with a 0).
 
     `exclude`: splits (a file path, or a `data.<split>` mapping: `{path: ...}` or
     `{generator: mult, size, seed, options}`) whose questions are never drawn, so a train
     set shares no question with the valid and test splits it is scored on; a drawn
-    excluded product is drawn again.
+    excluded product is drawn again. `questions`: a file whose first n questions are taken
+    in order instead of drawn, their chains rebuilt with `steps` (a shipped test split
+    with column steps: the same questions and answers, scored as the file is).
     """
     da = _positive("mult", "digits_a", digits if digits_a is None else digits_a)
     db = _positive("mult", "digits_b", digits if digits_b is None else digits_b)
     _positive("mult", "digits", digits)
-    if steps not in ("full", "partial"):
+    if steps not in ("full", "partial", "columns"):
         raise ConfigError(
-            f"generator 'mult': option 'steps' must be 'full' or 'partial', got {steps!r}"
+            f"generator 'mult': option 'steps' must be full, partial or columns, got {steps!r}"
         )
+    if questions is not None:
+        fixed = [[int("".join(reversed(w.split()))) for w in e.question.split(" * ")]
+                 for e in native_split(path=questions)]  # fmt: skip
+        if n > len(fixed):
+            raise ConfigError(f"generator 'mult': option 'questions': {n} > {len(fixed)} lines")
+        return [mult_example(a, b, da, db, steps) for a, b in fixed[:n]]
     held = _excluded_questions(exclude)
     if sum(_drawable(q, da, db) for q in held) >= 81 * 10 ** (da + db - 2):  # every a * b
         raise ConfigError("generator 'mult': option 'exclude' leaves no product to draw")
