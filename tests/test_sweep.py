@@ -429,6 +429,29 @@ def test_a_second_sweep_reruns_nothing(swept, capsys):
     assert "3 of 3 runs finished before, kept" in capsys.readouterr().out
 
 
+def test_only_trains_the_matching_cells_and_the_table_lists_all(swept, tmp_path, capsys):
+    from rim.cli import parser
+    from rim.sweep import run_sweep
+
+    _, args, _ = swept
+    argv = ["sweep", "--config", args.config, "--out", str(tmp_path / "o"), "--only", "direct/*"]
+    run_sweep(parser().parse_args([*argv, "--dry-run"]))
+    plan = capsys.readouterr().out
+    assert "| direct/pairs=4 |" in plan and "rim/" not in plan and "1 cells, 1 runs" in plan
+    res = run_sweep(parser().parse_args(argv))
+    assert [p.parent.parent.name for p in (tmp_path / "o" / "runs").rglob("train.log")] == [
+        "pairs=4"
+    ]
+    assert sorted(c["cell"] for c in res["cells"]) == [
+        "direct/pairs=4",
+        "rim/pairs=2",
+        "rim/pairs=4",
+    ]
+    assert [r["cell"] for r in res["runs"] if r.get("accuracy") is not None] == ["direct/pairs=4"]
+    with pytest.raises(ConfigError, match=r"--only rim/pairs=9: no cell of .*grid.yaml matches it"):
+        run_sweep(parser().parse_args([*argv[:-1], "rim/pairs=9"]))
+
+
 def test_a_grid_takes_the_runs_another_sweep_finished(swept, tmp_path, capsys):
     """Two grids sharing a point train it once: `reuse` names the other sweep's --out, and
     its finished run of the same recipe and seed is taken from there, nothing trained."""

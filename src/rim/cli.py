@@ -506,13 +506,10 @@ def _sweep_parser(sub) -> None:
     s.add_argument("--workers", type=int, default=2, help="parallel training processes")
     _flag(s, "--dry-run", "print the cells and their budgets; run nothing")
     _flag(s, "--report-only", "write the tables and plots of the finished runs; run nothing")
-    s.add_argument(
-        "--timing",
-        type=int,
-        default=0,
-        metavar="N",
-        help="time TTFT of every cell's best/ together on N test questions (rim.timing)",
-    )
+    what = "time TTFT of every cell's best/ together on N test questions (rim.timing)"
+    s.add_argument("--timing", type=int, default=0, metavar="N", help=what)
+    what = "train only the cells whose name matches (fnmatch: 'rim/*'); the table lists all"
+    _repeatable(s, "--only", "PATTERN", what)
     s.set_defaults(fn=_sweep)
 
 

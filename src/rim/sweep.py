@@ -3,15 +3,16 @@
     rim sweep --config configs/sweeps/width.yaml --out results/width
     rim sweep --config configs/sweeps/width.yaml --out results/width --dry-run   # the plan only
     rim sweep --config G.yaml --out D --set train.steps=20 --workers 2        # a smoke run
+    rim sweep --config G.yaml --out D --only 'rim/*' --only '*digits=4*'      # part of it
 
 The grid file (`rim.grid`) names the recipes, methods, seeds and axes. Every run goes
 through the demo's runner (`rim.runner`): `rim train`, then `rim eval --split test` of
 `best/` (and of each `data.extra_tests` file), `--workers` at a time. A search (a grid part
 with fewer seeds than the grid, rim.grid) runs first; then the grid's other seeds of the
-`select` value chosen on validation, in the same command. Always resumable: a finished run of the same resolved recipe
-is kept as it is, an unfinished one continues from its last checkpoint; so a stopped sweep is
-restarted by running the same command again, and adding a value to an axis runs only the
-new cells. Latency only with `--timing N` (rim.timing), kept by later runs without it.
+`select` value chosen on validation, in the same command. Always resumable: a finished run
+of the same resolved recipe is kept, an unfinished one continues from its last checkpoint;
+adding a value to an axis runs only the new cells; `--only` trains the matching cells only.
+Latency only with `--timing N` (rim.timing), kept by later runs without it.
 
 Writes to --out: results.json (every run; per cell the mean, s.d. and n of each metric;
 `best`, the value of the `select` axis chosen on validation), results.md (one table),
@@ -26,6 +27,7 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
 from rim.config import Config
@@ -537,15 +539,21 @@ def _execute(grid: Grid, cells: list[Planned], args, workers: int, runner: Runne
     # seed of every cell at a budget before a second (stable: the plan's method order);
     # a search's follow-ups join that order when it ends, not after the whole grid
     order = lambda j: (j.total_steps, j.seed)  # noqa: E731
-    jobs = sorted((j for c in cells for j in c.jobs), key=order)
+    jobs = sorted((j for c in cells for j in c.jobs if _chosen(j.cell, args)), key=order)
 
     def more() -> list[Job]:
-        new = follow_ups(grid, cells, out)
+        new = [j for j in follow_ups(grid, cells, out) if _chosen(j.cell, args)]
         for name in dict.fromkeys(j.cell for j in new):
             print(f"[sweep] {name}: {grid.select} chosen on validation; its other seeds queued")
         return new
 
     run_jobs(jobs, workers, runner, tag="sweep", more=more, key=order)
+
+
+def _chosen(cell: str, args) -> bool:
+    """Whether `--only` lets this cell train (no `--only`: every cell)."""
+    only = getattr(args, "only", None)
+    return not only or any(fnmatch(cell, pattern) for pattern in only)
 
 
 def run_sweep(args) -> dict:
@@ -556,16 +564,17 @@ def run_sweep(args) -> dict:
     grid = load_grid(args.config, need_reuse=not args.dry_run)
     out = Path(args.out)
     cells = plan(grid, out, args.set)
+    for pattern in getattr(args, "only", None) or []:  # one line, not an empty sweep
+        if not any(fnmatch(c.name, pattern) for c in cells):
+            raise ConfigError(f"--only {pattern}: no cell of {args.config} matches it")
     if args.dry_run:
-        print_plan(cells, grid)
+        print_plan([c for c in cells if _chosen(c.name, args)], grid)
         return {}
-    jobs = [j for c in cells for j in c.jobs]
+    n = sum(len(c.jobs) for c in cells)
     device, workers = pick_device(args.workers, "sweep")
     out.mkdir(parents=True, exist_ok=True)
-    print(
-        f"[sweep] {len(jobs)} runs ({len(cells)} cells), {workers} at a time on {device}; "
-        f"logs in {out / 'runs'}/<method>/<values>/seed<s>/train.log"
-    )
+    at = f"{workers} at a time on {device}; logs in {out / 'runs'}/<method>/<values>/seed<s>"
+    print(f"[sweep] {n} runs ({len(cells)} cells), {at}/train.log")
     machine = describe(device).demo_dict(workers)
     runner = Runner(device, resume=True)
     _execute(grid, cells, args, workers, runner)
@@ -582,10 +591,8 @@ def run_sweep(args) -> dict:
     if res.get("best"):
         print("\n" + best_table(res))
     kept = sum(j.kept for j in jobs)
-    print(
-        f"\n[sweep] {res['wall_s']:.0f}s ({kept} of {len(jobs)} runs finished before, kept); wrote "
-        + ", ".join(map(str, written))
-    )
+    done = f"{kept} of {len(jobs)} runs finished before, kept"
+    print(f"\n[sweep] {res['wall_s']:.0f}s ({done}); wrote " + ", ".join(map(str, written)))
     if args.report_only and kept < len(jobs):
         print(f"[sweep] --report-only: {len(jobs) - kept} run(s) not finished, not run")
     if res["failed"]:
