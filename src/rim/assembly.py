@@ -11,7 +11,6 @@ model is created or resized for the final vocabulary and LoRA knows the new toke
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from rim import methods
-from rim.checkpoint import STATE_FILE, load_weights
+from rim.checkpoint import STATE_FILE, load_weights, read_state
 from rim.config import Config, load_config
 from rim.data import Example
 from rim.errors import ConfigError, RimError
@@ -161,7 +160,7 @@ def from_training_checkpoint(folder: Path, device: str = "cpu", verify: bool | N
     checkpoint's trainable weights, its tokenizer and recipe. So `rim eval` reads any step
     of a run (the end of grounding, say), not only `best/` and `final/`."""
     verify_folder(folder, verify)
-    if json.loads((folder / STATE_FILE).read_text()).get("sharded"):
+    if read_state(folder).get("sharded"):
         raise RimError(
             f"--checkpoint {folder}: a sharded (FSDP) training checkpoint; resume it "
             "(rim train --resume) or load the run's best/ or final/"

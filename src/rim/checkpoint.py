@@ -511,7 +511,8 @@ def truncate_metrics(file: Path, step: int) -> None:
         atomic_file(file, "".join(split_metrics(file, step)[0]))
 
 
-def _read_state(ckpt: Path) -> dict:
+def read_state(ckpt: Path) -> dict:
+    """A checkpoint's trainer_state.json, checked (one line naming the file if not)."""
     file = ckpt / STATE_FILE
     try:
         state = json.loads(file.read_bytes())
@@ -541,7 +542,7 @@ def load_state(folder: Path, out: Path, parts: Parts) -> Restored:
     checkpoint supersedes the old lineage (`supersede`). A collective call."""
     acc = parts.acc
     ckpt = latest(Path(folder))
-    saved = _read_state(ckpt)
+    saved = read_state(ckpt)
     if saved["num_processes"] != acc.num_processes:
         raise RimError(
             f"--resume {ckpt}: saved with {saved['num_processes']} processes, "
