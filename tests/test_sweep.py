@@ -452,6 +452,29 @@ def test_only_trains_the_matching_cells_and_the_table_lists_all(swept, tmp_path,
         run_sweep(parser().parse_args([*argv[:-1], "rim/pairs=9"]))
 
 
+def test_a_new_axis_renames_cells_and_their_finished_runs_are_kept(swept, tmp_path, capsys):
+    """A part with a new axis gives every cell a longer name (`rim/pairs=2` ->
+    `rim/pairs=2,lr=...`); the runs finished under the old names are found and kept."""
+    from rim.cli import parser
+    from rim.sweep import run_sweep
+
+    out, args, first = swept
+    copy = shutil.copytree(out, tmp_path / "out")
+    spec = yaml.safe_load(Path(args.config).read_text())
+    spec["grid"].append({"methods": ["direct"], **spec["grid"][1], "train.lr": [0.5]})
+    path = _grid_file(tmp_path, **spec)
+    argv = ["sweep", "--config", str(path), "--out", str(copy), "--only", "rim/*"]
+    res = run_sweep(parser().parse_args(argv))
+    rim_runs = [r for r in res["runs"] if r["method"] == "rim"]
+    assert {r["cell"] for r in rim_runs} == {"rim/pairs=2,lr=0.001", "rim/pairs=4,lr=0.001"}
+    assert (
+        all(r["kept"] for r in rim_runs)
+        and not (copy / "runs" / "rim" / "pairs=2,lr=0.001").exists()
+    )
+    before = {r["cell"]: r["accuracy"] for r in first["runs"] if r["method"] == "rim"}
+    assert sorted(r["accuracy"] for r in rim_runs) == sorted(before.values())
+
+
 def test_a_grid_takes_the_runs_another_sweep_finished(swept, tmp_path, capsys):
     """Two grids sharing a point train it once: `reuse` names the other sweep's --out, and
     its finished run of the same recipe and seed is taken from there, nothing trained."""

@@ -153,15 +153,15 @@ def plan(grid: Grid, out: Path, cli_sets: list[str] | None = None) -> list[Plann
 
 def add_jobs(p: Planned, seeds: range, out: Path, grid: Grid) -> list[Job]:
     """`p`'s jobs of these seeds (appended to `p.jobs`); a run of the same recipe and seed
-    that another sweep finished (`reuse`) is taken from there."""
+    finished elsewhere (`reuse`; or here, under a name since changed by a new axis) is kept."""
     folder = out / "runs" / p.method / cell_label(p.values)
     steps = total_steps(p.cfg)
     new = [
         Job(p.method, s, p.recipe, folder / f"seed{s}", p.sets, steps, values=p.values)
         for s in seeds
     ]
-    for j in new if grid.reuse else ():
-        if not finished(j) and (there := finished_elsewhere(j, grid.reuse)):
+    for j in new:
+        if not finished(j) and (there := finished_elsewhere(j, (out, *grid.reuse))):
             j.out, j.reused = there, True
     p.jobs += new
     return new
