@@ -225,19 +225,30 @@ def keep_if_finished(job: Job) -> bool:
     return True
 
 
-def finished(job: Job) -> bool:
-    """A job folder with its test evaluations and a finished training of the job's recipe."""
-    from rim.assembly import load_recipe
-
+def finished(job: Job, recipe: dict | None = None) -> bool:
+    """A job folder with its test evaluations and a finished training of the job's recipe.
+    `recipe`: the job's resolved recipe (`wanted`), when a caller checks many folders."""
     try:
         lines = (job.out / "metrics.jsonl").read_text().splitlines()
-        done = any(json.loads(x).get("event") == "done" for x in lines)
-        if not (done and all((job.out / t).is_file() for t in eval_files(job))):
+        if not any(json.loads(x).get("event") == "done" for x in lines):
             return False
-        saved = load_recipe(job.out / "config.yaml").to_dict()
-        return saved == load_recipe(job.recipe, job.train_sets).to_dict()
+        recipe = recipe if recipe is not None else wanted(job)
+        tests = scoring.eval_files(recipe["data"].get("extra_tests") or [])
+        if not all((job.out / t).is_file() for t in tests):
+            return False
+        from rim.assembly import load_recipe
+
+        return load_recipe(job.out / "config.yaml").to_dict() == recipe
     except (OSError, ValueError, RimError):
         return False
+
+
+def wanted(job: Job) -> dict:
+    """The job's recipe resolved (overrides and train sets applied), as a saved run's
+    config.yaml reads back: what a finished folder must hold to count as this job."""
+    from rim.assembly import load_recipe
+
+    return load_recipe(job.recipe, job.train_sets).to_dict()
 
 
 def eval_files(job: Job) -> dict[str, str | None]:
@@ -249,10 +260,15 @@ def eval_files(job: Job) -> dict[str, str | None]:
 
 def finished_elsewhere(job: Job, sweeps: tuple[Path, ...]) -> Path | None:
     """A run folder of another sweep (its --out) holding a finished run of the job's recipe
-    and seed, or None: where two grids share a point, its runs are trained once."""
+    and seed, or None: where two grids share a point, its runs are trained once. The job's
+    recipe is resolved once, not once per candidate folder."""
+    try:
+        recipe = wanted(job)
+    except (OSError, ValueError, RimError):
+        return None
     for sweep in sweeps:
         for run in sorted((sweep / "runs" / job.method).glob(f"**/seed{job.seed}")):
-            if run.resolve() != job.out.resolve() and finished(replace(job, out=run)):
+            if run.resolve() != job.out.resolve() and finished(replace(job, out=run), recipe):
                 return run
     return None
 
