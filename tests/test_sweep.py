@@ -452,6 +452,22 @@ def test_only_trains_the_matching_cells_and_the_table_lists_all(swept, tmp_path,
         run_sweep(parser().parse_args([*argv[:-1], "rim/pairs=9"]))
 
 
+def test_only_takes_a_run_pattern_too(tmp_path):
+    """`--only 'rim/*/s0'` trains seed 0 of the matching cells only; a cell pattern takes
+    every seed, and the dry-run plan shows a cell that one of its runs matches."""
+    from rim.runner import Job
+    from rim.sweep import Planned, _chosen
+
+    jobs = [Job("rim", s, tmp_path, tmp_path, [], 10, values={"pairs": 4}) for s in (0, 1)]
+    pick = lambda only: [j.name for j in jobs if _chosen(j, only)]  # noqa: E731
+    both = ["rim/pairs=4/s0", "rim/pairs=4/s1"]
+    assert pick(None) == pick(["rim/*"]) == pick(["rim/pairs=4"]) == both
+    assert pick(["rim/*/s0"]) == ["rim/pairs=4/s0"] and pick(["*/s1"]) == ["rim/pairs=4/s1"]
+    assert pick(["rim/*/s2"]) == pick(["direct/*"]) == []
+    cell = Planned("rim", {"pairs": 4}, [], None, tmp_path, 2, jobs)
+    assert _chosen(cell, ["rim/*/s1"]) and not _chosen(cell, ["rim/*/s2"])
+
+
 def test_a_new_axis_renames_cells_and_their_finished_runs_are_kept(swept, tmp_path, capsys):
     """A part with a new axis gives every cell a longer name (`rim/pairs=2` ->
     `rim/pairs=2,lr=...`); the runs finished under the old names are found and kept."""

@@ -508,7 +508,7 @@ def _sweep_parser(sub) -> None:
     _flag(s, "--report-only", "write the tables and plots of the finished runs; run nothing")
     what = "time TTFT of every cell's best/ together on N test questions (rim.timing)"
     s.add_argument("--timing", type=int, default=0, metavar="N", help=what)
-    what = "train only the cells whose name matches (fnmatch: 'rim/*'); the table lists all"
+    what = "train only the cells or runs whose name matches (fnmatch: 'rim/*', 'rim/*/s0')"
     _repeatable(s, "--only", "PATTERN", what)
     s.set_defaults(fn=_sweep)
 

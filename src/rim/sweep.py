@@ -3,7 +3,7 @@
     rim sweep --config configs/sweeps/width.yaml --out results/width
     rim sweep --config configs/sweeps/width.yaml --out results/width --dry-run   # the plan only
     rim sweep --config G.yaml --out D --set train.steps=20 --workers 2        # a smoke run
-    rim sweep --config G.yaml --out D --only 'rim/*' --only '*digits=4*'      # part of it
+    rim sweep --config G.yaml --out D --only 'rim/*' --only '*digits=4*/s0'   # part of it
 
 The grid file (`rim.grid`) names the recipes, methods, seeds and axes. Every run goes
 through the demo's runner (`rim.runner`): `rim train`, then `rim eval --split test` of
@@ -538,11 +538,11 @@ def _execute(grid: Grid, cells: list[Planned], args, workers: int, runner: Runne
     # cheapest first, then seed by seed: a stopped sweep has its small cells whole and one
     # seed of every cell at a budget before a second (stable: the plan's method order);
     # a search's follow-ups join that order when it ends, not after the whole grid
-    order = lambda j: (j.total_steps, j.seed)  # noqa: E731
-    jobs = sorted((j for c in cells for j in c.jobs if _chosen(j.cell, args)), key=order)
+    order, only = (lambda j: (j.total_steps, j.seed)), getattr(args, "only", None)
+    jobs = sorted((j for c in cells for j in c.jobs if _chosen(j, only)), key=order)
 
     def more() -> list[Job]:
-        new = [j for j in follow_ups(grid, cells, out) if _chosen(j.cell, args)]
+        new = [j for j in follow_ups(grid, cells, out) if _chosen(j, only)]
         for name in dict.fromkeys(j.cell for j in new):
             print(f"[sweep] {name}: {grid.select} chosen on validation; its other seeds queued")
         return new
@@ -550,10 +550,10 @@ def _execute(grid: Grid, cells: list[Planned], args, workers: int, runner: Runne
     run_jobs(jobs, workers, runner, tag="sweep", more=more, key=order)
 
 
-def _chosen(cell: str, args) -> bool:
-    """Whether `--only` lets this cell train (no `--only`: every cell)."""
-    only = getattr(args, "only", None)
-    return not only or any(fnmatch(cell, pattern) for pattern in only)
+def _chosen(job: Job | Planned, only: list[str] | None) -> bool:
+    """Whether `--only` lets it train: a pattern matches its cell or a run (`rim/*/s0`)."""
+    names = [job.name] + ([job.cell] if isinstance(job, Job) else [j.name for j in job.jobs])
+    return not only or any(fnmatch(n, p) for n in names for p in only)
 
 
 def run_sweep(args) -> dict:
@@ -565,10 +565,10 @@ def run_sweep(args) -> dict:
     out = Path(args.out)
     cells = plan(grid, out, args.set)
     for pattern in getattr(args, "only", None) or []:  # one line, not an empty sweep
-        if not any(fnmatch(c.name, pattern) for c in cells):
+        if not any(_chosen(c, [pattern]) for c in cells):
             raise ConfigError(f"--only {pattern}: no cell of {args.config} matches it")
     if args.dry_run:
-        print_plan([c for c in cells if _chosen(c.name, args)], grid)
+        print_plan([c for c in cells if _chosen(c, getattr(args, "only", None))], grid)
         return {}
     n = sum(len(c.jobs) for c in cells)
     device, workers = pick_device(args.workers, "sweep")
