@@ -498,9 +498,9 @@ def print_plan(cells: list[Planned], grid: Grid) -> None:
             f"[sweep] then {sum(searches.values())} runs more: seeds up to {grid.seeds - 1} of "
             f"the {grid.select} chosen on validation by each of {len(searches)} searches"
         )
-    reused = [j for j in jobs if j.reused]
-    if reused:
-        print(f"[sweep] {len(reused)} of them finished in another sweep (reuse), taken from there")
+    if reused := [j for j in jobs if j.reused]:
+        print(f"[sweep] {len(reused)} of them finished elsewhere, kept there: a `reuse` folder "
+              "or this one under a cell name an axis has since changed")  # fmt: skip
     missing = [f for f in grid.reuse if not (f / "runs").is_dir()]
     if missing:  # a plan before the reused sweep has run (training refuses it)
         print(f"[sweep] reuse: nothing in {', '.join(map(str, missing))} yet")
