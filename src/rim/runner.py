@@ -233,8 +233,7 @@ def finished(job: Job, recipe: dict | None = None) -> bool:
         if not any(json.loads(x).get("event") == "done" for x in lines):
             return False
         recipe = recipe if recipe is not None else wanted(job)
-        tests = scoring.eval_files(recipe["data"].get("extra_tests") or [])
-        if not all((job.out / t).is_file() for t in tests):
+        if not all((job.out / t).is_file() for t in eval_files(job, recipe)):
             return False
         from rim.assembly import load_recipe
 
@@ -251,21 +250,17 @@ def wanted(job: Job) -> dict:
     return load_recipe(job.recipe, job.train_sets).to_dict()
 
 
-def eval_files(job: Job) -> dict[str, str | None]:
-    """Its test evaluation files and what each scores (rim.scoring.eval_files)."""
-    from rim.assembly import load_recipe
+def eval_files(job: Job, recipe: dict | None = None) -> dict[str, str | None]:
+    """Its test evaluation files and what each scores (rim.scoring.eval_files); `recipe`:
+    `wanted(job)` when the caller has it."""
+    recipe = recipe if recipe is not None else wanted(job)
+    return scoring.eval_files(recipe["data"].get("extra_tests") or [])
 
-    return scoring.eval_files(load_recipe(job.recipe, job.train_sets).data.extra_tests)
 
-
-def finished_elsewhere(job: Job, sweeps: tuple[Path, ...]) -> Path | None:
+def finished_elsewhere(job: Job, sweeps: tuple[Path, ...], recipe: dict) -> Path | None:
     """A run folder of another sweep (its --out) holding a finished run of the job's recipe
-    and seed, or None: where two grids share a point, its runs are trained once. The job's
-    recipe is resolved once, not once per candidate folder."""
-    try:
-        recipe = wanted(job)
-    except (OSError, ValueError, RimError):
-        return None
+    (`recipe`: `wanted(job)`, resolved once by the caller) and seed, or None: where two
+    grids share a point, its runs are trained once."""
     for sweep in sweeps:
         for run in sorted((sweep / "runs" / job.method).glob(f"**/seed{job.seed}")):
             if run.resolve() != job.out.resolve() and finished(replace(job, out=run), recipe):

@@ -53,6 +53,7 @@ from rim.runner import (
     pick_device,
     run_jobs,
     total_steps,
+    wanted,
 )
 from rim.timing import add_timing, keep_timing, timing_table
 
@@ -154,14 +155,14 @@ def plan(grid: Grid, out: Path, cli_sets: list[str] | None = None) -> list[Plann
 def add_jobs(p: Planned, seeds: range, out: Path, grid: Grid) -> list[Job]:
     """`p`'s jobs of these seeds (appended to `p.jobs`); a run of the same recipe and seed
     finished elsewhere (`reuse`; or here, under a name since changed by a new axis) is kept."""
-    folder = out / "runs" / p.method / cell_label(p.values)
-    steps = total_steps(p.cfg)
+    folder, steps = out / "runs" / p.method / cell_label(p.values), total_steps(p.cfg)
     new = [
         Job(p.method, s, p.recipe, folder / f"seed{s}", p.sets, steps, values=p.values)
         for s in seeds
     ]
-    for j in new:
-        if not finished(j) and (there := finished_elsewhere(j, (out, *grid.reuse))):
+    for j in new:  # its recipe resolved once, for its own folder and every candidate
+        want = wanted(j)
+        if not finished(j, want) and (there := finished_elsewhere(j, (out, *grid.reuse), want)):
             j.out, j.reused = there, True
     p.jobs += new
     return new
@@ -501,8 +502,7 @@ def print_plan(cells: list[Planned], grid: Grid) -> None:
     if reused := [j for j in jobs if j.reused]:
         print(f"[sweep] {len(reused)} of them finished elsewhere, kept there: a `reuse` folder "
               "or this one under a cell name an axis has since changed")  # fmt: skip
-    missing = [f for f in grid.reuse if not (f / "runs").is_dir()]
-    if missing:  # a plan before the reused sweep has run (training refuses it)
+    if missing := [f for f in grid.reuse if not (f / "runs").is_dir()]:  # training refuses it
         print(f"[sweep] reuse: nothing in {', '.join(map(str, missing))} yet")
 
 
